@@ -1,0 +1,241 @@
+"""The torch.fx adapter: `FxGraph` wraps a GraphModule from `symbolic_trace` or `torch.export`."""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from qgraph.ir import ops
+
+_COMPUTE = ("call_module", "call_function", "call_method")
+# Positional index of BatchNorm constants in the aten / functional forms.
+_BN_ARGS = {"weight": 1, "bias": 2, "running_mean": 3, "running_var": 4}
+_GUARD_MODULES = ("_guards_fn",)
+
+
+class FxGraph:
+    """A `GraphView` over a `torch.fx.GraphModule`.
+
+    ``frontend`` is ``"fx"`` (symbolic_trace: layers are ``call_module`` nodes) or ``"export"``
+    (torch.export: ATen ``call_function`` nodes with ``get_attr`` constants).
+    """
+
+    def __init__(self, gm: fx.GraphModule, *, frontend: str, example_inputs: tuple = (), name: str = "model"):
+        self.gm = gm
+        self.frontend = frontend
+        self.example_inputs = tuple(example_inputs)
+        self.name_ = name
+        self.properties: set[str] = set()
+
+    # --- structure -------------------------------------------------------------------------
+    @property
+    def graph(self) -> fx.Graph:
+        return self.gm.graph
+
+    def nodes(self) -> list[fx.Node]:
+        return [n for n in self.gm.graph.nodes if n.op in _COMPUTE and not self._is_guard(n)]
+
+    def input_nodes(self) -> list[fx.Node]:
+        return [n for n in self.gm.graph.nodes if n.op == "placeholder"]
+
+    def output_node(self) -> fx.Node:
+        return next(n for n in reversed(self.gm.graph.nodes) if n.op == "output")
+
+    def find(self, name: str) -> fx.Node:
+        for n in self.gm.graph.nodes:
+            if n.name == name:
+                return n
+        raise KeyError(name)
+
+    def _is_guard(self, node: fx.Node) -> bool:
+        return node.op == "call_module" and node.target in _GUARD_MODULES
+
+    def module_of(self, node: fx.Node) -> nn.Module | None:
+        return self.gm.get_submodule(node.target) if node.op == "call_module" else None
+
+    def op_type(self, node: fx.Node) -> str:
+        if node.op == "call_module":
+            return ops.canonical_module_name(self.gm.get_submodule(node.target))
+        if node.op == "call_function":
+            return ops.canonical_function_name(node.target)
+        if node.op == "call_method":
+            return ops.METHOD_OPS.get(node.target, f"method::{node.target}")
+        return {"placeholder": "Input", "output": "Output", "get_attr": "Constant"}[node.op]
+
+    def name(self, node: fx.Node) -> str:
+        return node.name
+
+    def qualname(self, node: fx.Node) -> str:
+        if node.op == "call_module":
+            return str(node.target)
+        stack = node.meta.get("nn_module_stack")
+        if stack:
+            path = _clean_module_path(list(stack.values())[-1][0])
+            if path:
+                return path
+        return node.name
+
+    def inputs(self, node: fx.Node) -> list[fx.Node]:
+        return [a for a in node.all_input_nodes if a.op != "get_attr"]
+
+    def users(self, node: fx.Node) -> list[fx.Node]:
+        return list(node.users)
+
+    def meta(self, node: fx.Node) -> dict[str, Any]:
+        return node.meta
+
+    # --- constants -------------------------------------------------------------------------
+    def _const_arg_index(self, node: fx.Node, role: str) -> int | None:
+        op = self.op_type(node)
+        if op == "BatchNormalization":
+            return _BN_ARGS.get(role)
+        if role == "weight":
+            return ops.WEIGHT_INPUT_INDEX.get(op)
+        if role == "bias":
+            return ops.BIAS_INPUT_INDEX.get(op)
+        return None
+
+    def param(self, node: fx.Node, role: str) -> torch.Tensor | None:
+        if node.op == "call_module":
+            value = getattr(self.gm.get_submodule(node.target), role, None)
+            return value if isinstance(value, torch.Tensor) else None
+        if node.op != "call_function":
+            return None
+        idx = self._const_arg_index(node, role)
+        if self.op_type(node) == "Gemm" and "addmm" in str(node.target):
+            idx = {"weight": 2, "bias": 0}.get(role)
+        if idx is None or idx >= len(node.args):
+            return None
+        arg = node.args[idx]
+        if isinstance(arg, fx.Node) and arg.op == "get_attr":
+            return _get_attr(self.gm, arg.target)
+        return None
+
+    def set_param(self, node: fx.Node, role: str, value: torch.Tensor) -> None:
+        value = value.detach()
+        if node.op == "call_module":
+            mod = self.gm.get_submodule(node.target)
+            if isinstance(getattr(mod, role, None), nn.Parameter) or role in ("weight", "bias"):
+                setattr(mod, role, nn.Parameter(value, requires_grad=False))
+            else:
+                setattr(mod, role, value)
+            return
+        idx = self._const_arg_index(node, role)
+        if idx is None:
+            raise KeyError(f"{self.op_type(node)} node {node.name} has no constant input {role!r}")
+        args = list(node.args)
+        while len(args) <= idx:
+            args.append(None)
+        arg = args[idx]
+        if isinstance(arg, fx.Node) and arg.op == "get_attr" and len(arg.users) == 1:
+            _set_attr(self.gm, arg.target, value)
+            return
+        attr = self._fresh_attr(f"{node.name}_{role}")
+        _set_attr(self.gm, attr, value)
+        with self.gm.graph.inserting_before(node):
+            args[idx] = self.gm.graph.get_attr(attr)
+        node.args = tuple(args)
+
+    def constant_attr(self, name_hint: str, value: torch.Tensor) -> str:
+        """Register a new constant on the module and return its attribute name."""
+        attr = self._fresh_attr(name_hint)
+        _set_attr(self.gm, attr, value)
+        return attr
+
+    def _fresh_attr(self, hint: str) -> str:
+        base = "".join(c if c.isalnum() or c == "_" else "_" for c in hint)
+        name, i = base, 0
+        while hasattr(self.gm, name):
+            i += 1
+            name = f"{base}_{i}"
+        return name
+
+    def literal_arg(self, node: fx.Node, index: int, default: Any = None) -> Any:
+        return node.args[index] if index < len(node.args) else default
+
+    # --- shapes ----------------------------------------------------------------------------
+    def shape(self, node: fx.Node) -> tuple | None:
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            return tuple(d if isinstance(d, int) else str(d) for d in val.shape)
+        tm = node.meta.get("tensor_meta")
+        if tm is not None and hasattr(tm, "shape"):
+            return tuple(tm.shape)
+        return None
+
+    def dtype(self, node: fx.Node) -> torch.dtype | None:
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            return val.dtype
+        tm = node.meta.get("tensor_meta")
+        return getattr(tm, "dtype", None)
+
+    def propagate_shapes(self, *inputs: Any) -> None:
+        """Record output shapes/dtypes in node meta (``tensor_meta``) by running the graph once."""
+        from torch.fx.passes.shape_prop import ShapeProp
+
+        with torch.no_grad():
+            ShapeProp(self.gm).propagate(*(inputs or self.example_inputs))
+
+    # --- edits -----------------------------------------------------------------------------
+    def replace_all_uses(self, old: fx.Node, new: fx.Node) -> None:
+        old.replace_all_uses_with(new)
+
+    def erase(self, node: fx.Node) -> None:
+        self.gm.graph.erase_node(node)
+
+    def recompile(self) -> None:
+        self.gm.graph.lint()
+        self.gm.recompile()
+
+    def copy(self) -> FxGraph:
+        """A deep copy (module, constants and node meta)."""
+        other = FxGraph(copy.deepcopy(self.gm), frontend=self.frontend, example_inputs=self.example_inputs,
+                        name=self.name_)
+        other.properties = set(self.properties)
+        return other
+
+    # --- execution / printing ----------------------------------------------------------------
+    def __call__(self, *inputs: Any) -> Any:
+        return self.gm(*inputs)
+
+    def __str__(self) -> str:
+        from qgraph.ir.printer import format_graph
+
+        return format_graph(self)
+
+
+def _clean_module_path(path: str) -> str:
+    # torch.export records e.g. "L['self'].encoder.layer[0].attention" in some versions.
+    path = path.replace("L['self'].", "").replace("L['self']", "")
+    out = []
+    for part in path.replace("[", ".").replace("]", "").split("."):
+        if part:
+            out.append(part.strip("'\""))
+    return ".".join(out)
+
+
+def _get_attr(root: nn.Module, target: str) -> Any:
+    obj: Any = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _set_attr(root: nn.Module, target: str, value: torch.Tensor) -> None:
+    *path, last = target.split(".")
+    owner: Any = root
+    for part in path:
+        owner = getattr(owner, part)
+    if isinstance(getattr(owner, last, None), nn.Parameter) or isinstance(value, nn.Parameter):
+        owner.register_parameter(last, nn.Parameter(value.detach(), requires_grad=False))
+    elif isinstance(owner, nn.Module):
+        if last in owner._buffers or not hasattr(owner, last):
+            owner.register_buffer(last, value)
+        else:
+            setattr(owner, last, value)
+    else:
+        setattr(owner, last, value)
