@@ -59,12 +59,13 @@ class GraphView(Protocol):
 
 
 def weighted_nodes(graph: GraphView, op_types: Iterable[str] | None = None) -> list[Any]:
-    """Nodes with a constant weight input, optionally filtered by canonical op name."""
-    wanted = set(op_types) if op_types is not None else None
+    """Nodes of weighted ops (Gemm, MatMul, Conv, Gather by default) whose weight is a constant."""
+    from qgraph.ir.ops import WEIGHTED_OPS
+
+    wanted = set(op_types) if op_types is not None else WEIGHTED_OPS
     out = []
     for node in graph.nodes():
-        op = graph.op_type(node)
-        if wanted is not None and op not in wanted:
+        if graph.op_type(node) not in wanted:
             continue
         if graph.param(node, "weight") is not None:
             out.append(node)
