@@ -21,6 +21,7 @@ from qgraph.pass_base import Pass, PassResult
 from qgraph.pass_manager import PassManager
 from qgraph.pipeline import format_pipeline, parse_pipeline
 from qgraph.registry import register_analysis, register_pass, registered_passes
+from qgraph.target import Target, list_targets, load_target
 
 __version__ = "0.1.0"
 
@@ -28,5 +29,5 @@ __all__ = [
     "CalibrationError", "DumpIRInstrument", "ExportError", "FxGraph", "GraphView", "KernelError", "Pass",
     "PassContext", "PassInstrument", "PassManager", "PassOrderError", "PassResult", "PipelineError",
     "QGraphError", "SpecError", "TargetError", "TimingInstrument", "TraceError", "VerifyInstrument",
-    "format_pipeline", "parse_pipeline", "register_analysis", "register_pass", "registered_passes", "trace",
+    "format_pipeline", "parse_pipeline", "register_analysis", "register_pass", "registered_passes", "trace", "Target", "list_targets", "load_target",
 ]
