@@ -3,6 +3,7 @@
 Trace a model into the IR, run a pass pipeline (canonicalize, annotate, calibrate, optimize
 weights, fake-quant, lower) driven by a declarative target, and export or run the result.
 """
+from qgraph.api import QuantizedModel, quantize
 from qgraph.context import PassContext
 from qgraph.errors import (
     CalibrationError,
@@ -29,5 +30,5 @@ __all__ = [
     "CalibrationError", "DumpIRInstrument", "ExportError", "FxGraph", "GraphView", "KernelError", "Pass",
     "PassContext", "PassInstrument", "PassManager", "PassOrderError", "PassResult", "PipelineError",
     "QGraphError", "SpecError", "TargetError", "TimingInstrument", "TraceError", "VerifyInstrument",
-    "format_pipeline", "parse_pipeline", "register_analysis", "register_pass", "registered_passes", "trace", "Target", "list_targets", "load_target",
+    "format_pipeline", "parse_pipeline", "register_analysis", "register_pass", "registered_passes", "trace", "quantize", "QuantizedModel", "Target", "list_targets", "load_target",
 ]

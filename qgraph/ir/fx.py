@@ -166,6 +166,17 @@ class FxGraph:
             return tuple(tm.shape)
         return None
 
+    def dynamic_dims(self) -> list[set[int]]:
+        """Per graph input, the dims that may differ from the example (symbolic in the trace)."""
+        out = []
+        for node, example in zip(self.input_nodes(), self.example_inputs):
+            val = node.meta.get("val")
+            if isinstance(val, torch.Tensor):
+                out.append({i for i, d in enumerate(val.shape) if not isinstance(d, int)})
+            else:
+                out.append({0} if isinstance(example, torch.Tensor) and example.dim() > 0 else set())
+        return out
+
     def dtype(self, node: fx.Node) -> torch.dtype | None:
         val = node.meta.get("val")
         if isinstance(val, torch.Tensor):
@@ -181,6 +192,15 @@ class FxGraph:
             ShapeProp(self.gm).propagate(*(inputs or self.example_inputs))
 
     # --- edits -----------------------------------------------------------------------------
+    def wrap_input(self, node: fx.Node, idx: int, target: Any, extra_args: tuple = ()) -> fx.Node:
+        """Insert ``target(producer, *extra_args)`` between input ``idx`` of ``node`` and its producer."""
+        producer = self.inputs(node)[idx]
+        with self.gm.graph.inserting_before(node):
+            new = self.gm.graph.call_function(target, (producer, *extra_args))
+        new.meta.update({k: v for k, v in producer.meta.items() if k in ("val", "tensor_meta")})
+        node.replace_input_with(producer, new)
+        return new
+
     def replace_all_uses(self, old: fx.Node, new: fx.Node) -> None:
         old.replace_all_uses_with(new)
 
@@ -239,3 +259,46 @@ def _set_attr(root: nn.Module, target: str, value: torch.Tensor) -> None:
             setattr(owner, last, value)
     else:
         setattr(owner, last, value)
+
+
+class _Tap(nn.Module):
+    """Identity that hands the value flowing through it to a callback (calibration taps)."""
+
+    def __init__(self, callback):
+        super().__init__()
+        self.callback = callback
+
+    def forward(self, x):
+        self.callback(x)
+        return x
+
+
+def _collect(graph: FxGraph, requests: list[tuple[fx.Node, int]], batches, on_value) -> int:
+    """Run ``batches`` through the graph, calling ``on_value(i, tensor)`` with input ``idx`` of each
+    requested ``(node, idx)``. Temporary tap nodes are removed afterwards. Returns the batch count."""
+    taps = []
+    try:
+        for i, (node, idx) in enumerate(requests):
+            producer = graph.inputs(node)[idx]
+            name = graph._fresh_attr(f"_qgraph_tap_{i}")
+            graph.gm.add_submodule(name, _Tap(lambda t, i=i: on_value(i, t.detach())))
+            with graph.gm.graph.inserting_before(node):
+                tap = graph.gm.graph.call_module(name, (producer,))
+            node.replace_input_with(producer, tap)
+            taps.append((tap, producer, name))
+        graph.gm.recompile()
+        count = 0
+        with torch.no_grad():
+            for batch in batches:
+                graph(*batch)
+                count += 1
+        return count
+    finally:
+        for tap, producer, name in taps:
+            tap.replace_all_uses_with(producer)
+            graph.gm.graph.erase_node(tap)
+            delattr(graph.gm, name)
+        graph.gm.recompile()
+
+
+FxGraph.collect = _collect

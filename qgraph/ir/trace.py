@@ -25,6 +25,7 @@ def trace(
     dynamic_batch: bool = True,
     name: str | None = None,
     copy_model: bool = True,
+    dynamic_shapes: Any = None,
 ) -> FxGraph:
     """Capture ``model`` into the IR.
 
@@ -32,7 +33,8 @@ def trace(
     ``"export"`` uses ``torch.export`` (ATen graph; the path for Hugging Face models);
     ``"auto"`` tries fx, then export. With ``dynamic_batch`` the graph accepts other batch sizes than
     the example's (dim 0 of every tensor input). ``copy_model`` traces a deep copy, so passes
-    never change the caller's module (symbolic_trace shares submodules with it).
+    never change the caller's module (symbolic_trace shares submodules with it). ``dynamic_shapes``
+    (torch.export form) replaces the dynamic-batch default, e.g. to make sequence length dynamic too.
     """
     if not isinstance(model, nn.Module):
         raise TraceError(f"trace() needs a torch.nn.Module, got {type(model).__name__}")
@@ -49,8 +51,8 @@ def trace(
     try:
         if frontend == "fx":
             return _trace_fx(model, example_inputs, dynamic_batch, name)
-        if frontend == "export":
-            return _trace_export(model, example_inputs, dynamic_batch, name)
+        if frontend == "export" or dynamic_shapes is not None:
+            return _trace_export(model, example_inputs, dynamic_batch, name, dynamic_shapes)
         try:
             return _trace_fx(model, example_inputs, dynamic_batch, name)
         except TraceError as fx_error:
@@ -95,9 +97,9 @@ def _batch_dims(example_inputs: tuple, batch: Any) -> tuple:
     return tuple({0: batch} if isinstance(t, torch.Tensor) and t.dim() > 0 else None for t in example_inputs)
 
 
-def _trace_export(model: nn.Module, example_inputs: tuple, dynamic_batch: bool, name: str) -> FxGraph:
-    dynamic_shapes = None
-    if dynamic_batch and any(isinstance(t, torch.Tensor) and t.dim() > 0 for t in example_inputs):
+def _trace_export(model: nn.Module, example_inputs: tuple, dynamic_batch: bool, name: str,
+                  dynamic_shapes: Any = None) -> FxGraph:
+    if dynamic_shapes is None and dynamic_batch and any(isinstance(t, torch.Tensor) and t.dim() > 0 for t in example_inputs):
         dynamic_shapes = _batch_dims(example_inputs, torch.export.Dim.AUTO)
     try:
         ep = torch.export.export(model, example_inputs, dynamic_shapes=dynamic_shapes, strict=False)

@@ -1,0 +1,134 @@
+"""annotate: attach a QSpec annotation to every quantizable node, from the target and the options.
+
+Per node, in order of precedence: a per-node strategy entry (``ctx.config["strategy"]``: qualname or
+node name → `Annotation`), the skip list (stays float), the options, the target's defaults.
+Weighted ops (Gemm, MatMul with a constant weight, Conv) get a weight spec and, unless the scheme is
+weight-only, an input-activation spec; embeddings (Gather) get a weight-only spec.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from qgraph.errors import PipelineError, SpecError
+from qgraph.ir.graph_view import ANNOTATION_KEY
+from qgraph.pass_base import Pass, PassResult
+from qgraph.quant.qspec import Annotation, QSpec
+from qgraph.registry import register_pass
+from qgraph.target import load_target
+
+LAYER_OPS = ("Gemm", "MatMul", "Conv")
+
+
+@register_pass("annotate", ensures=("annotated",))
+class Annotate(Pass):
+    """Decide each quantizable node's weight/activation QSpecs."""
+
+    @dataclass(frozen=True)
+    class Options:
+        scheme: Optional[Literal["uniform", "bcq"]] = None
+        bits: Optional[int] = None
+        granularity: Optional[Literal["tensor", "channel", "group"]] = None
+        group_size: Optional[int] = None
+        method: Literal["greedy", "alternating", "weighted"] = "weighted"
+        offset: bool = False
+        act_bits: Optional[int] = None
+        act_observer: Optional[str] = None
+        embeddings: bool = True
+        embedding_bits: Optional[int] = None
+        skip: tuple[str, ...] = ()
+
+    def run(self, graph, ctx) -> PassResult:
+        target = ctx.target if ctx.target is not None else load_target("generic")
+        if isinstance(target, str):
+            target = ctx.target = load_target(target)
+        o = self.options
+        weight_spec = self._weight_spec(target)
+        act_spec = self._activation_spec(target, weight_spec)
+        strategy = ctx.config.get("strategy") or {}
+        skip = [re.compile(p) for p in o.skip]
+        notes: list[str] = []
+        annotated = 0
+        for node in graph.nodes():
+            op = graph.op_type(node)
+            if op not in LAYER_OPS and op != "Gather":
+                continue
+            w = graph.param(node, "weight")
+            if w is None or not w.is_floating_point():
+                continue
+            key = graph.qualname(node)
+            if key in strategy or graph.name(node) in strategy:
+                ann = strategy.get(key, strategy.get(graph.name(node)))
+                ann = ann if isinstance(ann, Annotation) else Annotation.from_dict(ann)
+            elif any(p.fullmatch(key) or p.fullmatch(graph.name(node)) for p in skip):
+                ann = Annotation(fallback_float=True)
+            elif op == "Gather":
+                if not o.embeddings:
+                    continue
+                spec = target.defaults.embedding or QSpec.uniform(8, granularity="channel")
+                if o.embedding_bits is not None:
+                    spec = spec.replace(bits=o.embedding_bits)
+                ann = Annotation(weight=spec)
+            else:
+                spec = _fit_to_weight(weight_spec, tuple(w.shape), key, notes)
+                ann = Annotation(weight=spec, inputs={0: act_spec} if act_spec is not None else {})
+            graph.meta(node)[ANNOTATION_KEY] = ann
+            annotated += 1
+        ctx.report.setdefault("annotate", {})["notes"] = notes
+        return PassResult(graph, modified=annotated > 0, preserved=frozenset({"*"}),
+                          stats={"annotated": annotated, "weight": str(weight_spec),
+                                 "activation": str(act_spec) if act_spec else "float"})
+
+    def _weight_spec(self, target) -> QSpec:
+        o = self.options
+        try:
+            if o.scheme == "bcq":
+                spec = QSpec.bcq(o.bits or 3, group_size=o.group_size, method=o.method, bcq_offset=o.offset)
+                if o.granularity == "channel":
+                    spec = spec.replace(granularity="channel", group_size=None)
+                return spec
+            spec = target.defaults.weight
+            changes = {}
+            if o.bits is not None:
+                changes["bits"] = o.bits
+            if o.granularity is not None:
+                changes["granularity"] = o.granularity
+                changes["group_size"] = o.group_size if o.granularity == "group" else None
+            elif o.group_size is not None:
+                changes.update(granularity="group", group_size=o.group_size)
+            return spec.replace(**changes) if changes else spec
+        except SpecError as e:
+            raise PipelineError(f"pass 'annotate': options describe no valid weight quantization: {e}") from None
+
+    def _activation_spec(self, target, weight_spec: QSpec) -> QSpec | None:
+        o = self.options
+        if o.act_bits == 0 or weight_spec.scheme == "bcq" and not o.act_bits:
+            return None
+        base = target.defaults.activation
+        if o.act_bits is None:
+            # Only quantize activations when the target has a kernel taking them with these weights.
+            if base is None or target.kernel_for("Gemm", weight_spec, base) in (None, "float") or \
+                    target.kernel_for("Gemm", weight_spec, base).endswith("weight_only"):
+                return None
+            spec = base
+        else:
+            spec = (base or QSpec.uniform(8)).replace(bits=o.act_bits)
+        if o.act_observer is not None:
+            try:
+                spec = spec.replace(observer=o.act_observer)
+            except SpecError as e:
+                raise PipelineError(f"pass 'annotate' option 'act_observer': {e}") from None
+        return spec
+
+
+def _fit_to_weight(spec: QSpec, shape: tuple[int, ...], name: str, notes: list[str]) -> QSpec:
+    """A group spec whose group size does not divide this weight's rows falls back to per-channel."""
+    try:
+        spec.check_tensor(shape)
+        return spec
+    except SpecError:
+        if spec.granularity != "group":
+            raise
+        notes.append(f"{name}: group_size {spec.group_size} does not divide rows of {list(shape)}; per-channel")
+        return spec.replace(granularity="channel", group_size=None)

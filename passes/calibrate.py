@@ -1,0 +1,65 @@
+"""calibrate: run calibration data through the graph and attach activation qparams."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from qgraph.errors import CalibrationError
+from qgraph.ir.graph_view import ANNOTATION_KEY
+from qgraph.ir.inputs import batches
+from qgraph.pass_base import Pass, PassResult
+from qgraph.progress import progress
+from qgraph.registry import register_pass
+
+QPARAMS_KEY = "qgraph.qparams"
+
+
+@register_pass("calibrate", after=("annotate",), requires=("annotated",), ensures=("calibrated",))
+class Calibrate(Pass):
+    """Observe each annotated activation over the calibration batches; store (scale, zero point)."""
+
+    @dataclass(frozen=True)
+    class Options:
+        method: Optional[str] = None
+        p: float = 99.99
+        max_batches: Optional[int] = None
+
+    def run(self, graph, ctx) -> PassResult:
+        requests, specs = [], []
+        for node in graph.nodes():
+            ann = graph.meta(node).get(ANNOTATION_KEY)
+            if ann is None:
+                continue
+            for idx, spec in sorted(ann.inputs.items()):
+                requests.append((node, idx))
+                specs.append(spec)
+        if not requests:
+            return PassResult(graph, modified=False, preserved=frozenset({"*"}), stats={"observed": 0})
+        if ctx.calibration is None:
+            raise CalibrationError("calibrate needs data: pass calib=[batch, ...] to qgraph.quantize (or set "
+                                   "PassContext.calibration); annotate with act_bits=0 for weight-only quantization")
+        observers = [self._observer(spec) for spec in specs]
+
+        def on_value(i, t):
+            observers[i].observe(t)
+
+        data = batches(ctx.calibration, graph, self.options.max_batches)
+        total = self.options.max_batches
+        if total is None and hasattr(ctx.calibration, "__len__"):
+            total = len(ctx.calibration)
+        bar = progress(data, total=total, desc="calibrate", enabled=ctx.progress, unit="batch")
+        count = graph.collect(requests, bar, on_value)
+        if count == 0:
+            raise CalibrationError("calibration data is empty: give at least one batch")
+        for (node, idx), spec, obs in zip(requests, specs, observers):
+            scale, zp = obs.qparams(spec)
+            graph.meta(node).setdefault(QPARAMS_KEY, {})[f"input{idx}"] = (scale, zp)
+        return PassResult(graph, modified=True, preserved=frozenset({"*"}),
+                          stats={"observed": len(requests), "batches": count})
+
+    def _observer(self, spec):
+        from qgraph.quant.observers import make_observer
+
+        name = self.options.method or spec.observer
+        opts = {"percentile": self.options.p} if name == "percentile" else {}
+        return make_observer(name, **opts)

@@ -1,0 +1,52 @@
+"""insert-fq: simulate the chosen quantization in float.
+
+Weights are replaced by their dequantized values (BCQ by Σ α·B (+z)); each quantized activation input
+gets a ``fake_quantize_per_tensor_affine`` node with its calibrated qparams.
+"""
+from __future__ import annotations
+
+import torch
+
+from qgraph.errors import PipelineError, SpecError
+from qgraph.ir.graph_view import ANNOTATION_KEY
+from qgraph.pass_base import Pass, PassResult
+from qgraph.passes.calibrate import QPARAMS_KEY
+from qgraph.passes.quantize_weights import QWEIGHT_KEY, dequantized
+from qgraph.registry import register_pass
+
+FQ_KEY = "qgraph.fake_quant"
+
+
+@register_pass("insert-fq", after=("quantize-weights", "calibrate"), requires=("annotated",),
+               ensures=("fake-quantized",))
+class InsertFakeQuant(Pass):
+    def run(self, graph, ctx) -> PassResult:
+        weights = acts = 0
+        for node in list(graph.nodes()):
+            ann = graph.meta(node).get(ANNOTATION_KEY)
+            if ann is None or graph.meta(node).get(FQ_KEY):
+                continue
+            if ann.weight is not None:
+                q = graph.meta(node).get(QWEIGHT_KEY)
+                if q is None:
+                    raise PipelineError(f"insert-fq: node {graph.name(node)} has a weight spec but no quantized "
+                                        f"weight; run 'quantize-weights' before 'insert-fq'")
+                w = graph.param(node, "weight")
+                graph.set_param(node, "weight", dequantized(q, w))
+                weights += 1
+            qparams = graph.meta(node).get(QPARAMS_KEY, {})
+            for idx, spec in sorted(ann.inputs.items()):
+                if f"input{idx}" not in qparams:
+                    raise PipelineError(f"insert-fq: activation input {idx} of {graph.name(node)} has no qparams; "
+                                        f"run 'calibrate' before 'insert-fq'")
+                if spec.granularity != "tensor":
+                    raise SpecError(f"insert-fq simulates per-tensor activations only; {graph.name(node)} input "
+                                    f"{idx} is {spec}")
+                scale, zp = qparams[f"input{idx}"]
+                graph.wrap_input(node, idx, torch.fake_quantize_per_tensor_affine,
+                                 (float(scale), int(zp), spec.qmin, spec.qmax))
+                acts += 1
+            graph.meta(node)[FQ_KEY] = True
+        if weights or acts:
+            graph.recompile()
+        return PassResult(graph, modified=bool(weights or acts), stats={"weights": weights, "activations": acts})

@@ -1,0 +1,70 @@
+"""The public entry point: `qgraph.quantize`."""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.nn as nn
+
+from qgraph.context import PassContext
+from qgraph.ir.trace import trace
+from qgraph.pass_manager import PassManager
+from qgraph.target import Target, load_target
+
+CANONICALIZE = "fold-bn,dce,fuse-activation"
+DEFAULT_PIPELINE = f"{CANONICALIZE},annotate,calibrate,quantize-weights,insert-fq"
+
+
+class QuantizedModel(nn.Module):
+    """A quantized model: callable like the original, with its graph, target, pipeline and report."""
+
+    def __init__(self, graph: Any, target: Target, pipeline: str, report: dict[str, Any]):
+        super().__init__()
+        self.graph = graph
+        self.gm = graph.gm
+        self.target = target
+        self.pipeline = pipeline
+        self.report = report
+
+    def forward(self, *args: Any) -> Any:
+        return self.gm(*args)
+
+    def __str__(self) -> str:
+        return str(self.graph)
+
+
+def quantize(
+    model: nn.Module,
+    example_inputs: tuple | torch.Tensor,
+    *,
+    target: str | Target = "x86-avx2",
+    calib: Iterable[Any] | None = None,
+    pipeline: str | Sequence[Any] | None = None,
+    strategy: dict[str, Any] | None = None,
+    progress: bool = True,
+    frontend: str = "auto",
+    instruments: Sequence[Any] = (),
+) -> QuantizedModel:
+    """Trace ``model``, run the quantization pipeline for ``target`` and return the quantized model.
+
+    ``calib``: calibration batches (tensors, tuples, or dicts by input name); ``pipeline``: pass
+    pipeline text (default: canonicalize, annotate, calibrate, quantize-weights, insert-fq);
+    ``strategy``: per-node annotations (qualname → Annotation) that override the defaults.
+    """
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    tgt = load_target(target) if not isinstance(target, Target) else target
+    graph = trace(model, tuple(example_inputs), frontend=frontend)
+    text = pipeline if pipeline is not None else DEFAULT_PIPELINE
+    pm = PassManager(text if isinstance(text, str) else list(text))
+    if calib is None and any(p.name == "calibrate" for p in pm.passes):
+        calib = [tuple(example_inputs)]
+        warnings.warn("qgraph.quantize: no calib data given; calibrating on the example inputs only",
+                      stacklevel=2)
+    ctx = PassContext(target=tgt, config={"progress": progress, "strategy": strategy or {}},
+                      calibration=calib, instruments=list(instruments))
+    result = pm.run(graph, ctx)
+    ctx.report["pipeline"] = str(pm)
+    ctx.report["stats"] = result.stats
+    return QuantizedModel(result.graph, tgt, str(pm), ctx.report)
