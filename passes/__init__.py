@@ -1,7 +1,9 @@
 """Built-in passes, one per module; importing this package registers them all."""
+import qgraph.analyses  # noqa: F401  (registers the built-in analyses)
 from qgraph.passes import (  # noqa: F401
     annotate,
     calibrate,
+    check_target,
     dce,
     fold_bn,
     fuse_activation,

@@ -44,18 +44,20 @@ def quantize(
     strategy: dict[str, Any] | None = None,
     progress: bool = True,
     frontend: str = "auto",
+    dynamic_shapes: Any = None,
     instruments: Sequence[Any] = (),
 ) -> QuantizedModel:
     """Trace ``model``, run the quantization pipeline for ``target`` and return the quantized model.
 
     ``calib``: calibration batches (tensors, tuples, or dicts by input name); ``pipeline``: pass
     pipeline text (default: canonicalize, annotate, calibrate, quantize-weights, insert-fq);
-    ``strategy``: per-node annotations (qualname → Annotation) that override the defaults.
+    ``strategy``: per-node annotations (qualname → Annotation) that override the defaults;
+    ``dynamic_shapes``: torch.export dynamic shapes (default: dynamic batch only).
     """
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     tgt = load_target(target) if not isinstance(target, Target) else target
-    graph = trace(model, tuple(example_inputs), frontend=frontend)
+    graph = trace(model, tuple(example_inputs), frontend=frontend, dynamic_shapes=dynamic_shapes)
     text = pipeline if pipeline is not None else DEFAULT_PIPELINE
     pm = PassManager(text if isinstance(text, str) else list(text))
     if calib is None and any(p.name == "calibrate" for p in pm.passes):

@@ -10,6 +10,16 @@ def _shape_text(shape: tuple | None) -> str:
     return "?" if shape is None else "[" + ",".join(str(d) for d in shape) + "]"
 
 
+def format_annotation(ann: Any) -> str:
+    if getattr(ann, "fallback_float", False):
+        return "float (fallback)"
+    parts = [f"w={ann.weight}"] if getattr(ann, "weight", None) is not None else []
+    parts += [f"in{i}={s}" for i, s in sorted(getattr(ann, "inputs", {}).items())]
+    if getattr(ann, "output", None) is not None:
+        parts.append(f"out={ann.output}")
+    return " ".join(parts) or str(ann)
+
+
 def format_graph(graph: Any) -> str:
     nodes = graph.nodes()
     lines = [f"graph {getattr(graph, 'name_', 'model')} (frontend={graph.frontend}, {len(nodes)} nodes)"]
@@ -29,7 +39,7 @@ def format_graph(graph: Any) -> str:
         extras = []
         ann = meta.get(ANNOTATION_KEY)
         if ann is not None:
-            extras.append(str(ann))
+            extras.append(format_annotation(ann))
         if meta.get(FUSION_KEY):
             extras.append(f"fused:{meta[FUSION_KEY]}")
         if extras:

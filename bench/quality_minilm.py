@@ -1,0 +1,88 @@
+"""Sentence-embedding fidelity of quantized all-MiniLM-L6-v2 on real Shakespeare lines.
+
+For each method: mean cosine similarity of the sentence embeddings to fp32, and the wall time of
+quantization. Calibration and evaluation sentences come from disjoint plays.
+
+    python bench/quality_minilm.py [--quick] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from _records import Records, markdown_table  # noqa: E402
+
+import qgraph  # noqa: E402
+from qgraph.data.text import calibration_plays, evaluation_plays, sentences  # noqa: E402
+from qgraph.models.minilm import dynamic_shapes, encode, load_minilm  # noqa: E402
+
+CANON = "fold-bn,dce,fuse-activation"
+METHODS = {
+    "W8A8": f"{CANON},annotate{{bits=8,act_bits=8}},calibrate,quantize-weights,insert-fq",
+    "W4-g128": f"{CANON},annotate{{bits=4,group_size=128,act_bits=0}},quantize-weights,insert-fq",
+    "RTN-3-g128": f"{CANON},annotate{{bits=3,group_size=128,act_bits=0}},quantize-weights,insert-fq",
+    "BCQ-3-greedy": f"{CANON},annotate{{scheme=bcq,bits=3,group_size=128,method=greedy}},quantize-weights,insert-fq",
+    "BCQ-3-alternating": f"{CANON},annotate{{scheme=bcq,bits=3,group_size=128,method=alternating}},quantize-weights,insert-fq",
+    "BCQ-3-weighted": f"{CANON},annotate{{scheme=bcq,bits=3,group_size=128,method=weighted}},quantize-weights,insert-fq",
+    "RTN-2-g128": f"{CANON},annotate{{bits=2,group_size=128,act_bits=0}},quantize-weights,insert-fq",
+    "BCQ-2-greedy": f"{CANON},annotate{{scheme=bcq,bits=2,group_size=128,method=greedy}},quantize-weights,insert-fq",
+    "BCQ-2-alternating": f"{CANON},annotate{{scheme=bcq,bits=2,group_size=128,method=alternating}},quantize-weights,insert-fq",
+    "BCQ-2-weighted": f"{CANON},annotate{{scheme=bcq,bits=2,group_size=128,method=weighted}},quantize-weights,insert-fq",
+}
+QUICK = ("W8A8", "BCQ-3-weighted")
+
+
+def embed(model, tok, texts, batch=32):
+    outs = []
+    with torch.no_grad():
+        for i in range(0, len(texts), batch):
+            enc = encode(texts[i:i + batch], tok, max_length=64)
+            outs.append(model(enc["input_ids"], enc["attention_mask"]))
+    return torch.cat(outs)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="W8A8 and BCQ-3 weighted only, fewer sentences")
+    ap.add_argument("--json", metavar="PATH", help="write records (case, metric, value) as JSON")
+    ap.add_argument("--methods", nargs="*", help=f"subset of: {', '.join(METHODS)}")
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    n_eval, n_calib = (64, 32) if args.quick else (256, 64)
+    model, tok = load_minilm()
+    eval_texts = sentences(evaluation_plays(), n_eval, seed=1)
+    calib_texts = sentences(calibration_plays(), n_calib, seed=2)
+    calib = [encode(calib_texts[i:i + 16], tok, max_length=64) for i in range(0, len(calib_texts), 16)]
+    calib = [(b["input_ids"], b["attention_mask"]) for b in calib]
+    ref = embed(model, tok, eval_texts)
+    example = calib[0]
+    records, rows = Records(), []
+    names = args.methods or (QUICK if args.quick else list(METHODS))
+    for name in names:
+        start = time.perf_counter()
+        q = qgraph.quantize(model, example, target="x86-avx2", calib=calib, pipeline=METHODS[name],
+                            dynamic_shapes=dynamic_shapes(), progress=False)
+        seconds = time.perf_counter() - start
+        cos = F.cosine_similarity(embed(q, tok, eval_texts), ref, dim=-1)
+        rows.append([name, float(cos.mean()), float(cos.min()), round(seconds, 2)])
+        records.add(f"minilm {name}", "cosine", float(cos.mean()))
+        records.add(f"minilm {name}", "seconds", seconds)
+        print(f"{name:<20} cos={cos.mean():.5f} min={cos.min():.5f} {seconds:.1f}s", file=sys.stderr)
+    print(f"\nall-MiniLM-L6-v2, {n_eval} evaluation sentences (calibration: {n_calib} from other plays); "
+          f"embeddings of Gather layers int8 per row in every row\n")
+    print(markdown_table(["method", "mean cosine to fp32", "min cosine", "quantize s"], rows))
+    records.write(args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
