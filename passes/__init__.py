@@ -8,5 +8,8 @@ from qgraph.passes import (  # noqa: F401
     fold_bn,
     fuse_activation,
     insert_fq,
+    lower_bcq,
+    lower_embedding,
     quantize_weights,
+    verify,
 )

@@ -9,7 +9,7 @@ _KEEP_MODULES = ("_guards_fn",)
 
 @register_pass("dce")
 class DeadCodeElimination(Pass):
-    """Erase side-effect-free nodes without users; drop unused submodules."""
+    """Erase side-effect-free nodes without users; drop submodules and constants nothing refers to."""
 
     def run(self, graph, ctx) -> PassResult:
         gm = graph.gm
@@ -22,7 +22,24 @@ class DeadCodeElimination(Pass):
 
         gm.graph.eliminate_dead_code(is_impure_node=impure)
         removed = before - len(gm.graph.nodes)
-        if removed:
-            gm.delete_all_unused_submodules()
+        tensors_before = _stored_tensors(gm)
+        gm.delete_all_unused_submodules()
+        _drop_unreferenced_root_tensors(gm)
+        freed = tensors_before - _stored_tensors(gm)
+        if removed or freed:
             graph.recompile()
-        return PassResult(graph, modified=removed > 0, stats={"removed": removed})
+        return PassResult(graph, modified=bool(removed or freed), stats={"removed": removed, "freed_tensors": freed})
+
+
+def _stored_tensors(gm) -> int:
+    return sum(1 for _ in gm.parameters()) + sum(1 for _ in gm.buffers())
+
+
+def _drop_unreferenced_root_tensors(gm) -> None:
+    used = {str(n.target).split(".")[0] for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
+    for name in list(gm._parameters):
+        if name not in used:
+            del gm._parameters[name]
+    for name in list(gm._buffers):
+        if name not in used:
+            del gm._buffers[name]

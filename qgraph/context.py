@@ -14,7 +14,8 @@ class PassContext:
     ``target``: a `qgraph.targets` Target (or None); ``config``: free-form global options
     (e.g. ``{"progress": False}``); ``calibration``: an iterable of input tuples; ``instruments``:
     `PassInstrument` objects called around every pass; ``report``: where passes leave findings
-    (lowering report, per-layer errors) for the user.
+    (lowering report, per-layer errors) for the user; ``artifacts``: objects passes hand to later
+    passes (e.g. the fake-quant simulation graph that ``verify`` compares the lowered graph with).
     """
 
     target: Any = None
@@ -23,6 +24,7 @@ class PassContext:
     instruments: list[Any] = field(default_factory=list)
     report: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
+    artifacts: dict[str, Any] = field(default_factory=dict, repr=False)
     _analyses: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property

@@ -201,6 +201,19 @@ class FxGraph:
         node.replace_input_with(producer, new)
         return new
 
+    def replace_with_module(self, node: fx.Node, module: nn.Module, name_hint: str,
+                            inputs: list[fx.Node] | None = None) -> fx.Node:
+        """Swap ``node`` for a call of ``module`` on ``inputs`` (default: its first tensor input)."""
+        args = inputs if inputs is not None else self.inputs(node)[:1]
+        name = self._fresh_attr(name_hint)
+        self.gm.add_submodule(name, module)
+        with self.gm.graph.inserting_before(node):
+            new = self.gm.graph.call_module(name, tuple(args))
+        new.meta.update({k: v for k, v in node.meta.items()})
+        node.replace_all_uses_with(new)
+        self.gm.graph.erase_node(node)
+        return new
+
     def replace_all_uses(self, old: fx.Node, new: fx.Node) -> None:
         old.replace_all_uses_with(new)
 
