@@ -33,9 +33,14 @@ class QuantizeWeights(Pass):
             ann = graph.meta(node).get(ANNOTATION_KEY)
             if ann is not None and ann.weight is not None and QWEIGHT_KEY not in graph.meta(node):
                 todo.append((node, ann.weight))
+        layers = ctx.report.setdefault("layers", [])
         for node, spec in progress(todo, desc="quantize-weights", enabled=ctx.progress, unit="layer"):
-            graph.meta(node)[QWEIGHT_KEY] = quantize_tensor(graph.param(node, "weight"), spec,
-                                                            clip_search=self.options.clip_search, p=self.options.p)
+            w = graph.param(node, "weight").detach()
+            q = quantize_tensor(w, spec, clip_search=self.options.clip_search, p=self.options.p)
+            graph.meta(node)[QWEIGHT_KEY] = q
+            err = float((dequantized(q, w) - w).norm() / w.norm().clamp_min(1e-30))
+            layers.append({"node": graph.qualname(node), "op": graph.op_type(node), "spec": str(spec),
+                           "rel_weight_err": err, "fp32_bytes": w.numel() * 4, "bytes": int(q.nbytes)})
         return PassResult(graph, modified=bool(todo), preserved=frozenset({"*"}), stats={"quantized": len(todo)})
 
 

@@ -14,18 +14,34 @@ from qgraph.target import Target, load_target
 
 CANONICALIZE = "fold-bn,dce,fuse-activation"
 DEFAULT_PIPELINE = f"{CANONICALIZE},annotate,calibrate,quantize-weights,insert-fq"
+LOWERING_PASSES = ("lower-bcq", "lower-embedding", "lower-int8", "lower-weight-only")
+
+
+def lowering_pipeline(annotate_options: str = "", *, fallback: bool = False, verify_tol: float | None = None) -> str:
+    """The full pipeline that lowers to real kernels: canonicalize, annotate, check-target, calibrate,
+    quantize-weights, insert-fq, every registered lower-* pass, dce, verify."""
+    from qgraph.registry import registered_passes
+
+    lowerings = [p for p in LOWERING_PASSES if p in registered_passes()]
+    annotate = f"annotate{{{annotate_options}}}" if annotate_options else "annotate"
+    check = "check-target{fallback=true}" if fallback else "check-target"
+    verify = f"verify{{tol={verify_tol!r}}}" if verify_tol is not None else "verify"
+    return ",".join([CANONICALIZE, annotate, check, "calibrate", "quantize-weights", "insert-fq", *lowerings,
+                     "dce", verify])
 
 
 class QuantizedModel(nn.Module):
     """A quantized model: callable like the original, with its graph, target, pipeline and report."""
 
-    def __init__(self, graph: Any, target: Target, pipeline: str, report: dict[str, Any]):
+    def __init__(self, graph: Any, target: Target, pipeline: str, report: dict[str, Any],
+                 artifacts: dict[str, Any] | None = None):
         super().__init__()
         self.graph = graph
         self.gm = graph.gm
         self.target = target
         self.pipeline = pipeline
         self.report = report
+        self.artifacts = artifacts or {}
 
     def forward(self, *args: Any) -> Any:
         return self.gm(*args)
@@ -69,4 +85,4 @@ def quantize(
     result = pm.run(graph, ctx)
     ctx.report["pipeline"] = str(pm)
     ctx.report["stats"] = result.stats
-    return QuantizedModel(result.graph, tgt, str(pm), ctx.report)
+    return QuantizedModel(result.graph, tgt, str(pm), ctx.report, ctx.artifacts)

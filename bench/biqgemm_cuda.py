@@ -1,0 +1,246 @@
+"""GPU BiQGEMM (Triton, layout cuda-lut8) against torch fp16/bf16 F.linear and torch int4 weight-only matmul.
+
+Shapes are real LLM layers (out × in); x is fp16 for BiQGEMM and fp16/bf16 for the baselines. Every case is
+timed two ways in one process: `triton.testing.do_bench` (L2 flushed before each call, median) and a CUDA
+graph replaying the call over enough weight copies to overflow L2 (median per call). Bandwidth is the bytes
+a call must move (weights + scales + x + y) over its time, as a % of a device-to-device copy measured in the
+same run. Errors are max|y − y_ref| / max|y_ref| against x·Ŵᵀ in fp32 from the dequantized weight.
+
+    python bench/biqgemm_cuda.py [--quick] [--json out.json]
+
+`run(args)` is what ``bench/biqgemm.py --device cuda`` calls; without CUDA it prints why and exits 2.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+from functools import partial
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch
+import torch.nn.functional as F
+from _records import Records, markdown_table
+
+SHAPES = [(4096, 4096), (11008, 4096), (14336, 4096), (28672, 8192)]
+BATCHES = [1, 2, 4, 8, 16, 32]
+BITS = [2, 3, 4]
+QUICK = {"shapes": [(11008, 4096)], "batches": [1, 16], "bits": [3, 4]}
+INT4_GROUP = 128
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="11008x4096 at batch 1 and 16, q=3 and 4 (< 60 s)")
+    ap.add_argument("--json", metavar="PATH", help="write records (case, metric, value) as JSON")
+    ap.add_argument("--group-size", type=int, default=128, help="BCQ α group size (default 128)")
+    ap.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph timings")
+    return ap
+
+
+# ----------------------------------------------------------------------------------------------- timing
+def _bench_flushed(fn) -> float:
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
+
+
+def _bench_graph(fns: list, reps: int = 20) -> float:
+    """Median µs per call of ``fns`` (one per weight copy) captured back to back in one CUDA graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for f in fns:  # warm up (and compile) outside the capture
+            f()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for f in fns:
+            f()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / len(fns))
+    return statistics.median(times)
+
+
+def copy_bandwidth(nbytes: int = 1 << 30) -> tuple[float, float]:
+    """(µs, GB/s) of a device-to-device copy of ``nbytes``; GB/s counts the bytes read and written."""
+    src = torch.empty(nbytes // 2, dtype=torch.float16, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    us = _bench_flushed(partial(dst.copy_, src))
+    return us, 2 * nbytes / (us * 1e-6) / 1e9
+
+
+def _copies_for(nbytes: int) -> int:
+    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)
+    return max(1, min(64, math.ceil(2 * l2 / max(nbytes, 1))))
+
+
+# ----------------------------------------------------------------------------------------------- weights
+def _random_bcq(m: int, k: int, q: int, group: int):
+    from qgraph.quant.bcq_weight import BCQWeight
+
+    g = -(-k // group)
+    return BCQWeight(
+        planes=torch.randint(0, 256, (q, m, -(-k // 8)), dtype=torch.uint8, device="cuda"),
+        alpha=torch.rand(q, m, g, device="cuda") * (0.5 ** torch.arange(q, device="cuda"))[:, None, None] * 0.02,
+        offset=torch.randn(m, g, device="cuda") * 1e-3,
+        shape=(m, k),
+        group_size=group,
+    )
+
+
+def _int4_baseline(w_fp: torch.Tensor):
+    """A closure ``x_bf16 -> y`` over torch's int4 weight-only kernel, or None where this build lacks it."""
+    try:
+        m, k = w_fp.shape
+        wg = w_fp.float().reshape(m, k // INT4_GROUP, INT4_GROUP)
+        lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
+        scale = ((hi - lo) / 15).clamp_min(1e-8)
+        q = ((wg - lo) / scale).round().clamp(0, 15).to(torch.int32).reshape(m, k)
+        zero = lo + 8 * scale  # torch's convention: w = (q - 8) * scale + zero
+        sz = torch.stack([scale.squeeze(-1), zero.squeeze(-1)], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
+        packed_u8 = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
+        wq = torch._convert_weight_to_int4pack(packed_u8, 8)
+
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            return torch._weight_int4pack_mm(x, wq, INT4_GROUP, sz)
+
+        deq = ((q.float().reshape(m, -1, INT4_GROUP) - 8) * scale + zero).reshape(m, k)
+        x = torch.randn(4, k, device="cuda", dtype=torch.bfloat16)
+        ref = x.float() @ deq.T
+        err = ((fn(x).float() - ref).abs().max() / ref.abs().max()).item()
+        if err > 5e-2:
+            print(f"# int4 baseline disagrees with its own dequantization (rel err {err:.2e}); dropped")
+            return None
+        return fn
+    except (RuntimeError, AttributeError, NotImplementedError) as e:
+        print(f"# torch int4 weight-only matmul unavailable here ({type(e).__name__}: {str(e)[:120]}); skipped")
+        return None
+
+
+# ----------------------------------------------------------------------------------------------- the run
+def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
+
+
+def _baselines(x: torch.Tensor, w16: torch.Tensor, int4, graphs: bool) -> dict[str, float]:
+    """Median µs of torch fp16 / bf16 F.linear, int4 weight-only (where available) and fp16 in a CUDA graph."""
+    xb, wbf = x.to(torch.bfloat16), w16.to(torch.bfloat16)
+    base = {"fp16": _bench_flushed(partial(F.linear, x, w16)), "bf16": _bench_flushed(partial(F.linear, xb, wbf))}
+    if int4 is not None:
+        base["int4"] = _bench_flushed(partial(int4, xb))
+    if graphs:
+        ws = [w16] + [w16.clone() for _ in range(_copies_for(w16.numel() * 2) - 1)]
+        base["fp16 cudagraph"] = _bench_graph([partial(F.linear, x, w) for w in ws])
+    return base
+
+
+def _bench_bcq(rec, biqgemm_triton, pack_cuda, x, m, k, q, group, bw, base, graphs) -> list[str]:
+    """Time every applicable algorithm for one (shape, batch, q); returns the Markdown row."""
+    n = x.shape[0]
+    w = _random_bcq(m, k, q, group)
+    packed, alpha, offset = pack_cuda(w)
+    ref = x.float() @ w.dequantize().T
+    nbytes = (packed.numel() + alpha.numel() + offset.numel()) * 4 + (x.numel() + n * m) * 2
+
+    def pct(us: float) -> float:
+        return 100 * nbytes / (us * 1e-6) / 1e9 / bw
+
+    times, errs = {}, {}
+    for algo in ["lut", "decode", "dot"] if n <= 8 else ["dot"]:
+        def call(algo=algo):
+            return biqgemm_triton(x, packed, alpha, offset, None, m, k, group, algo=algo)
+
+        case = f"{m}x{k} b{n} q{q} biqgemm-{algo}"
+        errs[algo] = _rel_err(call(), ref)
+        times[algo] = us = _bench_flushed(call)
+        rec.add(case, "median_us", us)
+        rec.add(case, "max_rel_err", errs[algo])
+        rec.add(case, "pct_bandwidth", pct(us))
+        rec.add(case, "speedup_vs_fp16", base["fp16"] / us)
+        if "int4" in base:
+            rec.add(case, "speedup_vs_int4", base["int4"] / us)
+    best = min(times, key=times.get)
+    g_us = float("nan")
+    if graphs:
+        copies = [(packed, alpha, offset)] + [
+            (packed.clone(), alpha.clone(), offset.clone()) for _ in range(_copies_for(nbytes) - 1)
+        ]
+        g_us = _bench_graph([
+            lambda p=p, a=a, o=o: biqgemm_triton(x, p, a, o, None, m, k, group, algo=best) for p, a, o in copies
+        ])
+        case = f"{m}x{k} b{n} q{q} biqgemm-{best} cudagraph"
+        rec.add(case, "median_us", g_us)
+        rec.add(case, "speedup_vs_fp16", base["fp16 cudagraph"] / g_us)
+        rec.add(case, "pct_bandwidth", pct(g_us))
+    nan = float("nan")
+    us = times[best]
+    cells = [times.get("lut", nan), times.get("decode", nan), times["dot"], g_us, base["fp16"], base["bf16"],
+             base.get("int4", nan)]
+    return [f"{m}x{k} b{n} q{q}", best, f"{us:.1f}", *(f"{v:.1f}" for v in cells), f"{base['fp16'] / us:.2f}",
+            f"{base.get('int4', nan) / us:.2f}", f"{pct(us):.0f}", f"{errs[best]:.1e}"]
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    """Run the GPU benchmark; returns the records (also written to ``args.json``). Exits 2 without CUDA."""
+    if not torch.cuda.is_available():
+        print("biqgemm_cuda: no CUDA device visible to torch; the GPU benchmark needs one (exit 2)")
+        raise SystemExit(2)
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        print("biqgemm_cuda: triton is not installed (pip install 'qgraph[gpu]') (exit 2)")
+        raise SystemExit(2) from None
+    from qgraph.kernels.triton_biqgemm import biqgemm_triton, pack_cuda
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    quick = getattr(args, "quick", False)
+    group = getattr(args, "group_size", 128) or 128
+    graphs = not getattr(args, "no_graphs", False)
+    shapes = QUICK["shapes"] if quick else SHAPES
+    batches = QUICK["batches"] if quick else BATCHES
+    bits = QUICK["bits"] if quick else BITS
+
+    rec = Records()
+    copy_us, bw = copy_bandwidth()
+    dev = torch.cuda.get_device_name(0)
+    print(f"# {dev}: device-to-device copy {bw:.0f} GB/s; BCQ group {group}; x fp16")
+    rec.add("copy d2d 1GiB", "median_us", copy_us, gbs=bw, device=dev)
+    rows = []
+    for m, k in shapes:
+        torch.manual_seed(0)
+        w16 = (torch.randn(m, k, device="cuda") * 0.02).to(torch.float16)
+        int4 = _int4_baseline(w16) if k % INT4_GROUP == 0 else None
+        for n in batches:
+            x = torch.randn(n, k, device="cuda", dtype=torch.float16)
+            base = _baselines(x, w16, int4, graphs)
+            for name, us in base.items():
+                rec.add(f"{m}x{k} b{n} {name}", "median_us", us)
+            for q in bits:
+                rows.append(_bench_bcq(rec, biqgemm_triton, pack_cuda, x, m, k, q, group, bw, base, graphs))
+            torch.cuda.empty_cache()
+    header = ["case", "best", "best µs", "lut µs", "decode µs", "dot µs", "graph µs", "fp16 µs", "bf16 µs",
+              "int4 µs", "×fp16", "×int4", "% copy BW", "max rel err"]
+    print(markdown_table(header, rows))
+    rec.write(getattr(args, "json", None))
+    return rec.items
+
+
+def main(argv: list[str] | None = None) -> int:
+    run(_parser().parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,256 @@
+"""The ``qgraph`` command: lower, targets, passes, inspect.
+
+Exit codes: 0 success; 2 wrong usage; 3 bad input (model, target, pipeline, calibration data);
+4 the lowered model failed verification; 1 an unexpected internal error.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import tomllib
+import traceback
+from pathlib import Path
+from typing import Any
+
+EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INPUT, EXIT_VERIFY = 0, 1, 2, 3, 4
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2
+        self.exit(EXIT_USAGE, f"qgraph: error: {message} (see qgraph {self.prog.split()[-1]} --help)\n"
+                  if " " in self.prog else f"qgraph: error: {message} (see qgraph --help)\n")
+
+
+def _say(args: argparse.Namespace, msg: str) -> None:
+    if not getattr(args, "quiet", False):
+        print(msg, file=sys.stderr)
+
+
+def _annotate_options(args: argparse.Namespace) -> str:
+    opts = []
+    for flag, key in (("scheme", "scheme"), ("bits", "bits"), ("group_size", "group_size"), ("method", "method"),
+                      ("act_bits", "act_bits")):
+        v = getattr(args, flag, None)
+        if v is not None:
+            opts.append(f"{key}={v}")
+    return ",".join(opts)
+
+
+def _pipeline_text(args: argparse.Namespace) -> str:
+    from qgraph.api import lowering_pipeline
+
+    if args.pipeline and args.config:
+        raise _UsageError("give --pipeline or --config, not both")
+    if args.config:
+        from qgraph.errors import PipelineError
+
+        try:
+            cfg = tomllib.loads(Path(args.config).read_text())
+        except FileNotFoundError:
+            raise PipelineError(f"config file {args.config} does not exist") from None
+        except tomllib.TOMLDecodeError as e:
+            raise PipelineError(f"config file {args.config} is not valid TOML: {e}") from None
+        if "pipeline" not in cfg or not isinstance(cfg["pipeline"], str):
+            raise PipelineError(f"config file {args.config} needs a string key 'pipeline'")
+        if "target" in cfg and args.target_default:
+            args.target = cfg["target"]
+        return cfg["pipeline"]
+    if args.pipeline:
+        return args.pipeline
+    return lowering_pipeline(_annotate_options(args), fallback=args.fallback)
+
+
+class _UsageError(Exception):
+    pass
+
+
+def cmd_lower(args: argparse.Namespace) -> int:
+    import qgraph
+    from qgraph.model_source import load_calibration, load_model_source
+    from qgraph.report import write_report
+
+    t0 = time.perf_counter()
+    text = _pipeline_text(args)
+    qgraph.PassManager(text)  # validate the pipeline before loading anything heavy
+    target = qgraph.load_target(args.target)
+    _say(args, f"qgraph: loading {args.model}")
+    source = load_model_source(args.model)
+    calib = load_calibration(args.calib, source) if args.calib else source.calibration
+    _say(args, f"qgraph: lowering {source.name} for {target.name}: {text}")
+    q = qgraph.quantize(source.module, source.example_inputs, target=target, calib=calib, pipeline=text,
+                        dynamic_shapes=source.dynamic_shapes, progress=not args.quiet)
+    out = Path(args.out or f"qgraph-out/{source.name}-{target.name}")
+    _say(args, f"qgraph: writing report to {out}/")
+    report_path = write_report(q, out, title=f"qgraph: {source.name} for {target.name}", measure=not args.no_measure)
+    from qgraph.artifact import save_artifact
+
+    save_artifact(q, out / "model", source=args.model)
+    layers = q.report.get("layers", [])
+    fp32 = sum(r["fp32_bytes"] for r in layers)
+    qb = sum(r["bytes"] for r in layers)
+    verify = q.report.get("verify", {})
+    summary = {
+        "model": source.name, "target": target.name, "pipeline": q.pipeline, "out": str(out),
+        "report": str(report_path), "artifact": str(out / "model"),
+        "weight_bytes": qb, "fp32_weight_bytes": fp32,
+        "lowered": sum(r["status"] == "lowered" for r in q.report.get("lowering", [])),
+        "float": sum(r["status"] == "float" for r in q.report.get("lowering", [])),
+        "verify_output_rel_err": verify.get("output_rel_err"), "first_divergent": verify.get("first_divergent"),
+        "latency_rank_correlation": q.report.get("latency_rank_correlation"),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        size = f"{qb / 1e6:.2f} MB vs {fp32 / 1e6:.2f} MB fp32" if fp32 else "no weights quantized"
+        print(f"lowered {source.name} for {target.name}: {summary['lowered']} layers on real kernels, "
+              f"{summary['float']} float; weights {size}; report {report_path}")
+    if verify.get("first_divergent") is not None and args.strict:
+        print(f"qgraph: error: verify: first divergent node {verify['first_divergent']}", file=sys.stderr)
+        return EXIT_VERIFY
+    return EXIT_OK
+
+
+def cmd_targets(args: argparse.Namespace) -> int:
+    import qgraph
+
+    if args.action == "list":
+        rows = [qgraph.load_target(n) for n in qgraph.list_targets()]
+        if args.json:
+            print(json.dumps([{"name": t.name, "description": t.description} for t in rows]))
+        else:
+            for t in rows:
+                print(f"{t.name:<18} {t.description}")
+        return EXIT_OK
+    if not args.name:
+        raise _UsageError(f"'targets {args.action}' needs a target name or a .toml path")
+    t = qgraph.load_target(args.name)
+    if args.action == "validate":
+        print(f"{args.name}: valid target {t.name!r} ({len(t.kernels)} kernel rules)")
+        return EXIT_OK
+    info = {"name": t.name, "description": t.description, "bcq": t.supports_bcq,
+            "defaults": {"weight": str(t.defaults.weight), "activation": str(t.defaults.activation)},
+            "kernels": [{"ops": k.ops, "scheme": k.scheme, "weight_bits": k.weight_bits,
+                         "activation_bits": k.activation_bits, "kernel": k.kernel} for k in t.kernels],
+            "fusions": t.fusions, "cost": {"memory_bandwidth_gbps": t.cost.memory_bandwidth_gbps,
+                                           "macs_per_second": t.cost.macs_per_second,
+                                           "lut_lookups_per_second": t.cost.lut_lookups_per_second,
+                                           "call_overhead_us": t.cost.call_overhead_us}}
+    print(json.dumps(info, indent=None if args.json else 1))
+    return EXIT_OK
+
+
+def cmd_passes(args: argparse.Namespace) -> int:
+    from qgraph.pass_base import describe_options
+    from qgraph.registry import registered_passes
+
+    rows = []
+    for name, cls in registered_passes().items():
+        doc = (cls.__doc__ or "").strip().splitlines()
+        rows.append({"name": name, "options": describe_options(cls.Options), "doc": doc[0] if doc else "",
+                     "after": list(cls.after), "requires": sorted(cls.requires_properties)})
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        for r in rows:
+            print(f"{r['name']:<18} {r['doc']}\n{'':<18} options: {r['options']}")
+    return EXIT_OK
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import qgraph
+    from qgraph.model_source import load_model_source
+
+    source = load_model_source(args.model)
+    if args.pipeline:
+        q = qgraph.quantize(source.module, source.example_inputs, target=args.target, calib=source.calibration,
+                            pipeline=args.pipeline, dynamic_shapes=source.dynamic_shapes, progress=False)
+        print(q.graph)
+    else:
+        print(qgraph.trace(source.module, source.example_inputs, dynamic_shapes=source.dynamic_shapes))
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="qgraph", description="Post-training quantization compiler.")
+    p.add_argument("--version", action="version", version="qgraph 0.1.0")
+    sub = p.add_subparsers(dest="command", parser_class=_Parser)
+
+    lo = sub.add_parser("lower", help="quantize a model and lower it to real kernels for a target")
+    lo.add_argument("model", help="bundled name (minilm, smollm2, mobilenetv2) or path/to/file.py:factory")
+    lo.add_argument("--target", default=None, help="target name or .toml path (default x86-avx2)")
+    lo.add_argument("--calib", help="calibration data: .pt/.npy tensor file, .txt file or image folder")
+    lo.add_argument("--pipeline", help="pass pipeline text (default: the full lowering pipeline)")
+    lo.add_argument("--config", help="TOML file with 'pipeline' (and optional 'target')")
+    lo.add_argument("--scheme", choices=["uniform", "bcq"])
+    lo.add_argument("--bits", type=int)
+    lo.add_argument("--group-size", type=int, dest="group_size")
+    lo.add_argument("--method", choices=["greedy", "alternating", "weighted"])
+    lo.add_argument("--act-bits", type=int, dest="act_bits", help="activation bits (0: weight-only)")
+    lo.add_argument("--fallback", action="store_true", help="keep nodes the target cannot run in float")
+    lo.add_argument("--out", help="output folder (default qgraph-out/<model>-<target>)")
+    lo.add_argument("--no-measure", action="store_true", help="skip measuring per-node latency")
+    lo.add_argument("--strict", action="store_true", help="exit 4 when lowered and simulated outputs diverge")
+    lo.add_argument("--quiet", action="store_true", help="no progress output")
+    lo.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    lo.set_defaults(func=cmd_lower)
+
+    tg = sub.add_parser("targets", help="list, show or validate target specs")
+    tg.add_argument("action", choices=["list", "show", "validate"], nargs="?", default="list")
+    tg.add_argument("name", nargs="?")
+    tg.add_argument("--json", action="store_true")
+    tg.set_defaults(func=cmd_targets)
+
+    ps = sub.add_parser("passes", help="list registered passes with their options")
+    ps.add_argument("--json", action="store_true")
+    ps.set_defaults(func=cmd_passes)
+
+    ins = sub.add_parser("inspect", help="print a model's graph (optionally after a pipeline)")
+    ins.add_argument("model")
+    ins.add_argument("--pipeline")
+    ins.add_argument("--target", default="x86-avx2")
+    ins.set_defaults(func=cmd_inspect)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    if args.command == "lower":
+        args.target_default = args.target is None
+        args.target = args.target or "x86-avx2"
+        if args.quiet:
+            os.environ["QGRAPH_QUIET"] = "1"
+    from qgraph.errors import QGraphError
+
+    try:
+        return args.func(args)
+    except _UsageError as e:
+        print(f"qgraph: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except QGraphError as e:
+        first = str(e).strip().splitlines()
+        print(f"qgraph: error: {first[0]}", file=sys.stderr)
+        for line in first[1:]:
+            print(f"  {line.strip()}", file=sys.stderr)
+        return EXIT_INPUT
+    except KeyboardInterrupt:
+        print("qgraph: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # an internal error: one line, the traceback only on request
+        print(f"qgraph: internal error: {type(e).__name__}: {e} (set QGRAPH_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        if os.environ.get("QGRAPH_DEBUG"):
+            traceback.print_exc()
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,377 @@
+"""The BiQGEMM CPU kernel: ctypes binding of ``_biqgemm_cpu`` (plain C ABI, see ``csrc/biqgemm.h``) and the
+offline ``"cpu-lut4"`` packing.
+
+Layout ``cpu-lut4`` (``Mt = ceil(M/32)`` row tiles; each α-group of K is padded to ``gp = roundup(group_size, 32)``
+columns, ``NB = G·gp/32`` blocks of 32 columns, so no block straddles two groups):
+- ``packed``: uint8 ``[Mt, NB, q, 128]``; byte ``[t, b, i, 32p + r]`` holds row ``32t + r``'s bits of plane i for
+  columns ``8p .. 8p+7`` of block b: the low nibble is the μ=4 key of columns ``8p..8p+3``, the high nibble
+  that of ``8p+4..8p+7`` (LSB = first column, 1 ↔ +1). Padding rows and columns are 0.
+- ``alpha``: float32 ``[Mt, G, q, 32]``; ``offset``: float32 ``[Mt, G, 32]`` or None (0 in padding rows).
+
+Modes:
+- ``"exact"``: fp32 tables; matches `biqgemm_reference` to fp32 rounding (tests: ≤ 1e-5 relative, where
+  relative error is ``max|y − y_ref| / max|y_ref|`` over the whole output).
+- ``"fast"``: each block's eight 16-entry tables are quantized to int8 with one scale
+  ``s_b = max_chunk Σ|x_c| / 127`` (a scale per 32 activations) and looked up 32 rows per ``vpshufb``.
+  Every entry is off by at most ``s_b/2``, so per output element (see `fast_error_bound`)
+  ``|y − y_exact| ≤ Σ_b 4·s_b·Σ_i |α_{i,g(b)}|`` (8 lookups per block and plane; z·Σx and bias are exact),
+  which is also ``≤ (4/127)·‖x‖₁·max_g Σ_i |α_{i,g}|``. Rounding errors are independent, so on random data
+  the error is far below this worst case: measured max relative error ≈ 3e-3 for Gaussian x and weights,
+  K = 4096 (the bench reports it per case; tests assert ≤ 1e-2 there and the elementwise bound always).
+
+x may be any float dtype among fp32/bf16/fp16 and any contiguity (it is made a contiguous fp32 copy when it
+is not one already); the packed tensors must be contiguous CPU tensors of the layout above.
+``QGRAPH_BIQGEMM_ISA=scalar|avx2|avx512vbmi`` forces a code path (read on every call).
+"""
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import math
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from qgraph.errors import KernelError
+from qgraph.quant.bcq_weight import BCQWeight, pack_signs, unpack_signs
+
+LAYOUT = "cpu-lut4"
+TILE_ROWS = 32
+BLOCK_K = 32
+ABI_VERSION = 1
+ISAS = ("scalar", "avx2", "avx512vbmi")
+MODES = {"exact": 0, "fast": 1}
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+_i64, _int, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+
+
+@lru_cache(maxsize=1)
+def _lib() -> ctypes.CDLL:
+    spec = importlib.util.find_spec("qgraph.kernels._biqgemm_cpu")
+    if spec is None or not spec.origin:
+        raise KernelError(
+            "the BiQGEMM CPU extension is not built; run `pip install --no-build-isolation -e .` in the "
+            "qgraph checkout (needs a C++17 compiler with OpenMP)"
+        )
+    lib = ctypes.CDLL(spec.origin)
+    sigs = {
+        "qg_biqgemm_abi_version": (_int, []),
+        "qg_biqgemm_isa": (ctypes.c_char_p, []),
+        "qg_biqgemm_isa_supported": (_int, [ctypes.c_char_p]),
+        "qg_biqgemm_set_num_threads": (None, [_int]),
+        "qg_biqgemm_packed_bytes": (_i64, [_i64, _i64, _int, _i64]),
+        "qg_biqgemm_alpha_floats": (_i64, [_i64, _i64, _int, _i64]),
+        "qg_biqgemm_offset_floats": (_i64, [_i64, _i64, _i64]),
+        "qg_biqgemm_pack": (_int, [_ptr, _i64, _i64, _int, _i64, _ptr]),
+        "qg_biqgemm_pack_alpha": (_int, [_ptr, _i64, _i64, _int, _i64, _ptr]),
+        "qg_biqgemm_pack_offset": (_int, [_ptr, _i64, _i64, _i64, _ptr]),
+        "qg_biqgemm_f32": (_int, [_ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _int, _i64, _int, _ptr]),
+    }
+    for name, (res, args) in sigs.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = res, args
+    if lib.qg_biqgemm_abi_version() != ABI_VERSION:
+        raise KernelError(
+            f"the built BiQGEMM extension has ABI {lib.qg_biqgemm_abi_version()}, this Python expects "
+            f"{ABI_VERSION}; rebuild with `pip install --no-build-isolation -e .`"
+        )
+    return lib
+
+
+def available() -> bool:
+    """Whether the compiled CPU kernel can be loaded."""
+    try:
+        _lib()
+    except (KernelError, OSError):
+        return False
+    return True
+
+
+def _check_isa_env() -> None:
+    want = os.environ.get("QGRAPH_BIQGEMM_ISA", "")
+    if not want:
+        return
+    if want not in ISAS:
+        raise KernelError(f"QGRAPH_BIQGEMM_ISA={want!r} is not one of {ISAS}; unset it or pick one of those")
+    if not _lib().qg_biqgemm_isa_supported(want.encode()):
+        raise KernelError(
+            f"QGRAPH_BIQGEMM_ISA={want!r} but this CPU cannot run that path; supported: {supported_isas()}"
+        )
+
+
+def isa() -> str:
+    """The code path the kernel takes now: ``"avx512vbmi"`` (untested here), ``"avx2"`` or ``"scalar"``."""
+    _check_isa_env()
+    return _lib().qg_biqgemm_isa().decode()
+
+
+def supported_isas() -> tuple[str, ...]:
+    return tuple(n for n in ISAS if _lib().qg_biqgemm_isa_supported(n.encode()))
+
+
+_threads_set = [0]
+
+
+def _sync_threads() -> None:
+    n = torch.get_num_threads()
+    if n != _threads_set[0]:
+        _lib().qg_biqgemm_set_num_threads(n)
+        _threads_set[0] = n
+
+
+# ------------------------------------------------------------------------------------------ geometry
+@dataclass(frozen=True)
+class Geometry:
+    """Sizes of the ``cpu-lut4`` layout for an ``M × K`` matrix with ``group_size``."""
+
+    m: int
+    k: int
+    group_size: int
+
+    @property
+    def tiles(self) -> int:
+        return -(-self.m // TILE_ROWS)
+
+    @property
+    def groups(self) -> int:
+        return -(-self.k // self.group_size)
+
+    @property
+    def group_padded(self) -> int:
+        return -(-self.group_size // BLOCK_K) * BLOCK_K
+
+    @property
+    def blocks(self) -> int:
+        return self.groups * self.group_padded // BLOCK_K
+
+    def packed_shape(self, q: int) -> tuple[int, int, int, int]:
+        return (self.tiles, self.blocks, q, 4 * TILE_ROWS)
+
+    def alpha_shape(self, q: int) -> tuple[int, int, int, int]:
+        return (self.tiles, self.groups, q, TILE_ROWS)
+
+    def offset_shape(self) -> tuple[int, int, int]:
+        return (self.tiles, self.groups, TILE_ROWS)
+
+
+@dataclass(frozen=True, eq=False)
+class CpuPackedWeight:
+    """A `BCQWeight` repacked for the CPU kernel (layout ``cpu-lut4``)."""
+
+    packed: torch.Tensor
+    alpha: torch.Tensor
+    offset: torch.Tensor | None
+    shape: tuple[int, int]
+    group_size: int
+    layout: str = LAYOUT
+
+    @property
+    def bits(self) -> int:
+        return int(self.alpha.shape[2])
+
+    @property
+    def nbytes(self) -> int:
+        n = self.packed.numel() + self.alpha.numel() * 4
+        return n + (0 if self.offset is None else self.offset.numel() * 4)
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        return self.packed, self.alpha, self.offset
+
+
+def pack(w: BCQWeight) -> CpuPackedWeight:
+    """Repack a `BCQWeight` (any device; the result is on CPU) into the ``cpu-lut4`` layout."""
+    if not isinstance(w, BCQWeight):
+        raise KernelError(f"pack() takes a BCQWeight, got {type(w).__name__}")
+    lib = _lib()
+    m, k = w.shape
+    q, gs = w.bits, w.group_size
+    geo = Geometry(m, k, gs)
+    planes = w.planes.detach().cpu().contiguous()
+    alpha = w.alpha.detach().cpu().to(torch.float32).contiguous()
+    packed = torch.empty(geo.packed_shape(q), dtype=torch.uint8)
+    alpha_p = torch.empty(geo.alpha_shape(q), dtype=torch.float32)
+    assert packed.numel() == lib.qg_biqgemm_packed_bytes(m, k, q, gs)
+    assert alpha_p.numel() == lib.qg_biqgemm_alpha_floats(m, k, q, gs)
+    rc = lib.qg_biqgemm_pack(planes.data_ptr(), m, k, q, gs, packed.data_ptr())
+    rc |= lib.qg_biqgemm_pack_alpha(alpha.data_ptr(), m, k, q, gs, alpha_p.data_ptr())
+    offset_p = None
+    if w.offset is not None:
+        offset = w.offset.detach().cpu().to(torch.float32).contiguous()
+        offset_p = torch.empty(geo.offset_shape(), dtype=torch.float32)
+        rc |= lib.qg_biqgemm_pack_offset(offset.data_ptr(), m, k, gs, offset_p.data_ptr())
+    if rc != 0:
+        raise KernelError(f"packing a {m}x{k} q={q} group_size={gs} BCQ weight failed (code {rc})")
+    return CpuPackedWeight(packed, alpha_p, offset_p, (m, k), gs)
+
+
+def _real_columns(geo: Geometry) -> torch.Tensor:
+    """Index of each real column k in the padded column space (``g·gp + j``)."""
+    k = torch.arange(geo.k)
+    return (k // geo.group_size) * geo.group_padded + k % geo.group_size
+
+
+def unpack(p: CpuPackedWeight) -> BCQWeight:
+    """Inverse of `pack` (pure torch)."""
+    m, k = p.shape
+    geo, q = Geometry(m, k, p.group_size), p.bits
+    mp = geo.tiles * TILE_ROWS
+    # Byte p of a block for row r is the canonical LSB-first byte of that block's columns 8p..8p+7.
+    by = p.packed.reshape(geo.tiles, geo.blocks, q, 4, TILE_ROWS).permute(2, 0, 4, 1, 3).reshape(q, mp, -1)
+    signs = unpack_signs(by, geo.blocks * BLOCK_K)[:, :m][:, :, _real_columns(geo).to(by.device)]
+    alpha = p.alpha.permute(2, 0, 3, 1).reshape(q, mp, geo.groups)[:, :m]
+    offset = None if p.offset is None else p.offset.permute(0, 2, 1).reshape(mp, geo.groups)[:m]
+    return BCQWeight(pack_signs(signs).contiguous(), alpha.contiguous(),
+                     None if offset is None else offset.contiguous(), (m, k), p.group_size)
+
+
+# ------------------------------------------------------------------------------------------ checks
+# Messages are only formatted on failure: these checks run on every call.
+def check_activation(x: torch.Tensor, in_features: int, device: str | None = None) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise KernelError(f"x must be a Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise KernelError(f"x must be float32, bfloat16 or float16, got {x.dtype}; cast it first")
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise KernelError(f"x must have shape [..., {in_features}] (in_features), got {tuple(x.shape)}")
+    if device is not None and x.device.type != device:
+        raise KernelError(f"x is on {x.device} but this kernel runs on {device}; move it there")
+
+
+def _check_tensor(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise KernelError(f"{name} must be a Tensor, got {type(t).__name__}")
+    if t.device.type != "cpu":
+        raise KernelError(f"cpu-lut4 {name} is on {t.device}; the CPU kernel needs CPU tensors")
+    if not t.is_contiguous():
+        raise KernelError(f"cpu-lut4 {name} must be contiguous (repack with qgraph.kernels.cpu.pack)")
+
+
+def check_packed(
+    packed: torch.Tensor,
+    alpha: torch.Tensor,
+    offset: torch.Tensor | None,
+    out_features: int,
+    in_features: int,
+    group_size: int,
+) -> int:
+    """Validate ``cpu-lut4`` tensors against the declared matrix; returns the number of bit-planes q.
+
+    The layout pads rows to tiles of 32 and groups to multiples of 32 columns, so out_features and in_features
+    are checked up to that padding (padding rows read as zeros; nothing is ever read out of bounds)."""
+    if out_features < 1 or in_features < 1:
+        raise KernelError(f"out_features and in_features must be >= 1, got {out_features}, {in_features}")
+    if not 1 <= group_size <= in_features:
+        raise KernelError(f"group_size must be in 1..in_features={in_features}, got {group_size}")
+    _check_tensor("packed", packed)
+    _check_tensor("alpha", alpha)
+    if alpha.dtype != torch.float32 or alpha.dim() != 4:
+        raise KernelError(f"cpu-lut4 alpha must be float32 [Mt, G, q, 32], got {alpha.dtype} {tuple(alpha.shape)}")
+    q = alpha.shape[2]
+    if not 1 <= q <= 8:
+        raise KernelError(f"cpu-lut4 alpha has q={q} bit-planes; 1..8 are supported")
+    tiles = -(-out_features // TILE_ROWS)
+    groups = -(-in_features // group_size)
+    blocks = groups * (-(-group_size // BLOCK_K))
+    if alpha.shape != (tiles, groups, q, TILE_ROWS):
+        raise KernelError(f"cpu-lut4 alpha shape {tuple(alpha.shape)} does not fit a {out_features}x{in_features} "
+                          f"matrix with q={q}, group_size={group_size} (expected {(tiles, groups, q, TILE_ROWS)})")
+    if packed.dtype != torch.uint8 or packed.shape != (tiles, blocks, q, 4 * TILE_ROWS):
+        raise KernelError(f"cpu-lut4 packed must be uint8 {(tiles, blocks, q, 4 * TILE_ROWS)} for a "
+                          f"{out_features}x{in_features} matrix with q={q}, group_size={group_size}; got "
+                          f"{packed.dtype} {tuple(packed.shape)}")
+    if offset is not None:
+        _check_tensor("offset", offset)
+        if offset.dtype != torch.float32 or offset.shape != (tiles, groups, TILE_ROWS):
+            raise KernelError(f"cpu-lut4 offset must be float32 {(tiles, groups, TILE_ROWS)} for this matrix, got "
+                              f"{offset.dtype} {tuple(offset.shape)}")
+    return q
+
+
+def check_bias(bias: torch.Tensor | None, out_features: int, device: torch.device) -> None:
+    if bias is None:
+        return
+    if not isinstance(bias, torch.Tensor) or bias.dtype not in FLOAT_DTYPES:
+        raise KernelError(f"bias must be a float tensor or None, got {getattr(bias, 'dtype', type(bias).__name__)}")
+    if bias.dim() != 1 or bias.shape[0] != out_features:
+        raise KernelError(f"bias must have shape [{out_features}] (out_features), got {tuple(bias.shape)}")
+    if bias.device != device:
+        raise KernelError(f"bias is on {bias.device} but x is on {device}")
+
+
+def check_mode(mode: str) -> int:
+    if mode not in MODES:
+        raise KernelError(f"mode must be one of {tuple(MODES)}, got {mode!r}")
+    return MODES[mode]
+
+
+# ------------------------------------------------------------------------------------------ kernel
+def biqgemm_cpu(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    alpha: torch.Tensor,
+    offset: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    out_features: int,
+    in_features: int,
+    group_size: int,
+    mode: str = "exact",
+) -> torch.Tensor:
+    """``y = x @ Ŵᵀ + bias`` on ``cpu-lut4`` tensors; validates everything before calling C."""
+    mode_id = check_mode(mode)
+    check_activation(x, in_features, "cpu")
+    q = check_packed(packed, alpha, offset, out_features, in_features, group_size)
+    check_bias(bias, out_features, x.device)
+    if "QGRAPH_BIQGEMM_ISA" in os.environ:
+        _check_isa_env()
+    lib = _lib()
+    _sync_threads()
+    x2 = x.reshape(-1, in_features)
+    if x2.dtype != torch.float32 or not x2.is_contiguous():
+        x2 = x2.to(torch.float32).contiguous()
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+        bias = bias.to(torch.float32).contiguous()
+    n = x2.shape[0]
+    y = torch.empty((n, out_features), dtype=torch.float32)
+    if n:
+        rc = lib.qg_biqgemm_f32(
+            x2.data_ptr(), n, in_features, packed.data_ptr(), alpha.data_ptr(),
+            None if offset is None else offset.data_ptr(), None if bias is None else bias.data_ptr(),
+            out_features, q, group_size, mode_id, y.data_ptr(),
+        )
+        if rc != 0:
+            raise KernelError(f"BiQGEMM CPU kernel failed with code {rc} (n={n}, {out_features}x{in_features}, q={q})")
+    if x.dim() != 2:
+        y = y.reshape(*x.shape[:-1], out_features)
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+def biqgemm(x: torch.Tensor, w: CpuPackedWeight, bias: torch.Tensor | None = None, mode: str = "exact"):
+    """Run the CPU kernel on a `CpuPackedWeight` (no torch.library dispatch; the lowest-overhead call)."""
+    m, k = w.shape
+    return biqgemm_cpu(x, w.packed, w.alpha, w.offset, bias, m, k, w.group_size, mode)
+
+
+def fast_error_bound(x: torch.Tensor, w: BCQWeight) -> torch.Tensor:
+    """Elementwise worst-case ``|y_fast − y_exact|`` of ``mode="fast"``: ``Σ_b 4·s_b·Σ_i |α_{i,g(b)}|``
+    with ``s_b = max_{chunk c in block b} Σ_{k∈c} |x_k| / 127``; float32 ``[..., M]``."""
+    m, k = w.shape
+    geo = Geometry(m, k, w.group_size)
+    x2 = x.detach().reshape(-1, k).to(torch.float32).abs().cpu()
+    xp = torch.zeros(x2.shape[0], geo.blocks * BLOCK_K)
+    xp[:, _real_columns(geo)] = x2
+    s = xp.reshape(x2.shape[0], geo.blocks, 8, 4).sum(-1).amax(-1) / 127.0  # [N, NB]
+    a = w.alpha.detach().abs().sum(0).cpu()  # [M, G]
+    bpg = geo.group_padded // BLOCK_K
+    s_g = s.reshape(x2.shape[0], geo.groups, bpg).sum(-1)  # Σ_b s_b per group
+    bound = 4.0 * s_g @ a.t()
+    return bound.reshape(*x.shape[:-1], m)
+
+
+def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    """``max|y − ref| / max|ref|`` (the relative error every kernel test and the bench report)."""
+    den = ref.detach().float().abs().max().item()
+    num = (y.detach().float() - ref.detach().float()).abs().max().item()
+    return num / den if den > 0 else (0.0 if num == 0 else math.inf)

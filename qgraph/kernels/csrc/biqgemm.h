@@ -1,0 +1,70 @@
+/* BiQGEMM CPU kernel: plain C ABI, no torch and no Python API, so any host (torch via ctypes, an
+ * onnxruntime custom op, a C program) can call it with raw buffers.
+ *
+ * Semantics: y[n, m] = sum_k x[n, k] * W[m, k] (+ bias[m]) with W = z + sum_i alpha_i * B_i,
+ * B_i in {-1, +1}, alpha (and z) constant over groups of `group_size` columns of a row.
+ *
+ * Offline layout "cpu-lut4" (built by the qg_biqgemm_pack* functions from the canonical BCQWeight
+ * tensors planes uint8 [q, M, ceil(K/8)] LSB-first, alpha f32 [q, M, G], offset f32 [M, G]):
+ *   rows are split in tiles of 32 (Mt = ceil(M/32)); each group of K is padded to gp = roundup(group_size, 32)
+ *   columns and split in blocks of 32 columns (NB = G * gp/32 blocks), so no block straddles two groups.
+ *   packed uint8 [Mt][NB][q][4][32]: byte [t][b][i][p][r] holds two 4-bit keys of row 32t+r, plane i:
+ *     low nibble = columns 8p..8p+3 of block b, high nibble = columns 8p+4..8p+7 (bit s <-> column +s,
+ *     1 <-> +1). Padding rows/columns are 0 (their activations are 0, so they add nothing).
+ *   alpha  f32 [Mt][G][q][32], offset f32 [Mt][G][32] (0 in padding rows).
+ */
+#ifndef QG_BIQGEMM_H
+#define QG_BIQGEMM_H
+
+#include <stdint.h>
+
+#if defined(_WIN32)
+#define QG_API __declspec(dllexport)
+#else
+#define QG_API __attribute__((visibility("default")))
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define QG_BIQGEMM_ABI 1
+#define QG_TILE_ROWS 32
+#define QG_BLOCK_K 32
+
+enum { QG_MODE_EXACT = 0, QG_MODE_FAST = 1 };
+enum { QG_OK = 0, QG_EINVAL = -1, QG_ENOMEM = -2 };
+
+/* ABI version of this header (bumped when a signature or the packed layout changes). */
+QG_API int qg_biqgemm_abi_version(void);
+/* The code path the next call takes: "avx512vbmi", "avx2" or "scalar" (honours QGRAPH_BIQGEMM_ISA). */
+QG_API const char* qg_biqgemm_isa(void);
+/* 1 if this CPU (and build) can run the named path, else 0. */
+QG_API int qg_biqgemm_isa_supported(const char* name);
+/* Threads for later calls; 0 = the OpenMP default. */
+QG_API void qg_biqgemm_set_num_threads(int n);
+
+/* Sizes of the packed buffers, in bytes / floats (0 for invalid arguments). */
+QG_API int64_t qg_biqgemm_packed_bytes(int64_t m, int64_t k, int q, int64_t group_size);
+QG_API int64_t qg_biqgemm_alpha_floats(int64_t m, int64_t k, int q, int64_t group_size);
+QG_API int64_t qg_biqgemm_offset_floats(int64_t m, int64_t k, int64_t group_size);
+
+/* Canonical -> "cpu-lut4". `out` buffers must hold the sizes above. */
+QG_API int qg_biqgemm_pack(const uint8_t* planes, int64_t m, int64_t k, int q, int64_t group_size,
+                           uint8_t* out);
+QG_API int qg_biqgemm_pack_alpha(const float* alpha, int64_t m, int64_t k, int q, int64_t group_size,
+                                 float* out);
+QG_API int qg_biqgemm_pack_offset(const float* offset, int64_t m, int64_t k, int64_t group_size, float* out);
+
+/* y[n, m] (row-major, fp32) = x[n, k] (row-major, fp32) times the packed weight, plus offset and bias.
+ * offset and bias may be NULL. mode: QG_MODE_EXACT (fp32 tables) or QG_MODE_FAST (int8 tables, one
+ * scale per 32 activations). Returns QG_OK or a negative error code; never writes y on error. */
+QG_API int qg_biqgemm_f32(const float* x, int64_t n, int64_t k, const void* packed, const float* alpha,
+                          const float* offset, const float* bias, int64_t m, int q, int64_t group_size,
+                          int mode, float* y);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

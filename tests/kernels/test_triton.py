@@ -1,0 +1,263 @@
+"""Triton BiQGEMM (layout cuda-lut8) against the dequantized fp32 product.
+
+Kernel tests run the real kernels on CUDA when a GPU is present. Without one they run on CPU tensors through
+Triton's interpreter, which must be switched on before triton is first imported; so the plain run re-runs this
+file in a child pytest with ``TRITON_INTERPRET=1`` (`test_kernels_under_interpreter`) and the flag never
+reaches other test modules. The plain run also builds every kernel variant for sm_90 (no GPU needed) and
+checks ptxas spills no registers. Everything skips cleanly without triton.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qgraph.errors import KernelError
+from qgraph.quant.bcq_weight import BCQWeight
+
+triton = pytest.importorskip("triton")
+tb = pytest.importorskip("qgraph.kernels.triton_biqgemm")
+
+INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+CUDA = torch.cuda.is_available() and not INTERPRETER
+DEVICE = "cuda" if CUDA else "cpu"
+KM = tb  # the module whose kernels run here (compiled on CUDA, interpreted under TRITON_INTERPRET=1)
+needs_kernels = pytest.mark.skipif(
+    not (CUDA or INTERPRETER), reason="no CUDA: these run in the interpreter child (test_kernels_under_interpreter)"
+)
+# Relative to max|y_ref|. bf16 keeps 8 significant bits and the interpreter truncates when it rounds to bf16.
+TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1.6e-2}
+
+
+def _weight(m: int, k: int, q: int, group: int, offset: bool, seed: int) -> BCQWeight:
+    gen = torch.Generator().manual_seed(seed)
+    g = -(-k // group)
+    signs = torch.randint(0, 2, (q, m, k), generator=gen) * 2 - 1
+    alpha = torch.rand(q, m, g, generator=gen) + 0.05
+    z = torch.randn(m, g, generator=gen) * 0.1 if offset else None
+    return BCQWeight.from_signs(signs, alpha, z, group)
+
+
+def _check(w: BCQWeight, n: int, dtype: torch.dtype, bias: bool, seed: int, lead=None, **kw) -> None:
+    gen = torch.Generator().manual_seed(seed + 1)
+    m, k = w.shape
+    x = torch.randn(*(lead or (n,)), k, generator=gen).to(dtype)
+    b = torch.randn(m, generator=gen) if bias else None
+    ref = x.double() @ w.dequantize().double().T + (b.double() if bias else 0)
+    y = KM.biqgemm_cuda_weight(x.to(DEVICE), w, None if b is None else b.to(DEVICE), **kw)
+    assert y.dtype == dtype and y.shape == ref.shape
+    err = ((y.cpu().double() - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
+    assert err <= TOL[dtype], f"rel err {err:.2e} > {TOL[dtype]:.0e} ({dtype}, {kw})"
+
+
+@pytest.mark.skipif(CUDA or INTERPRETER, reason="kernels run directly here")
+def test_kernels_under_interpreter():
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", str(Path(__file__).resolve()),
+           "-k", "not sm90 and not under_interpreter"]
+    run = subprocess.run(cmd, check=False, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    tail = run.stdout[-4000:] + run.stderr[-2000:]
+    if run.returncode != 0:
+        pytest.fail(f"interpreter run failed (rc={run.returncode}):\n{tail}")
+    assert " passed" in run.stdout and "no CUDA" not in run.stdout, tail
+
+
+# ----------------------------------------------------------------------------------------------- packing
+@pytest.mark.parametrize("m,k,q,group", [(5, 70, 3, 70), (9, 256, 2, 64), (3, 33, 1, 33), (4, 96, 8, 32)])
+def test_pack_cuda_holds_the_same_bits(m, k, q, group):
+    w = _weight(m, k, q, group, offset=True, seed=m * k)
+    packed, alpha, offset = tb.pack_cuda(w)
+    kw = -(-k // 32)
+    assert packed.dtype == torch.int32 and tuple(packed.shape) == (kw, q, m)
+    bits = (packed.to(torch.int64).unsqueeze(-1) >> torch.arange(32)) & 1  # [KW, q, M, 32]
+    bits = bits.permute(1, 2, 0, 3).reshape(q, m, kw * 32)
+    assert torch.equal(bits[..., :k] * 2 - 1, w.signs().to(torch.int64))
+    assert not bits[..., k:].any(), "padding bits must be 0"
+    assert torch.equal(alpha, w.alpha.permute(2, 0, 1))
+    assert torch.equal(offset, w.offset.t())
+
+
+@pytest.mark.parametrize("group", [16, 48, 100])
+def test_pack_rejects_groups_that_split_a_word(group):
+    w = _weight(4, 256, 2, group, offset=False, seed=1)
+    with pytest.raises(KernelError, match="multiple of 32"):
+        tb.pack_cuda(w)
+
+
+# ----------------------------------------------------------------------------------------------- kernels
+@needs_kernels
+@pytest.mark.parametrize("algo", ["lut", "decode", "dot"])
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_each_path_matches_reference(algo, split_k):
+    w = _weight(72, 200, 3, 64, offset=True, seed=7)
+    _check(w, 5, torch.float32, bias=True, seed=3, algo=algo, split_k=split_k)
+
+
+@needs_kernels
+@settings(max_examples=15, deadline=None)
+@given(
+    m=st.integers(1, 96),
+    k=st.integers(1, 256),
+    q=st.sampled_from([1, 2, 3, 4, 8]),
+    group=st.sampled_from(["row", 32, 64, 128]),
+    offset=st.booleans(),
+    bias=st.booleans(),
+    n=st.sampled_from([1, 3, 8, 9, 16]),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+    split_k=st.sampled_from([None, 2]),
+    seed=st.integers(0, 2**16),
+)
+def test_matches_dequantized_product(m, k, q, group, offset, bias, n, dtype, split_k, seed):
+    gs = k if group == "row" or group >= k else group
+    _check(_weight(m, k, q, gs, offset, seed), n, dtype, bias, seed, split_k=split_k)
+
+
+@needs_kernels
+@pytest.mark.parametrize("algo", ["lut", "decode"])
+def test_small_batch_paths_in_half_precision(algo):
+    w = _weight(48, 160, 4, 32, offset=True, seed=11)
+    _check(w, 8, torch.float16, bias=True, seed=5, algo=algo)
+    _check(w, 2, torch.bfloat16, bias=False, seed=6, algo=algo)
+
+
+@needs_kernels
+def test_leading_dims_empty_batch_and_fast_mode():
+    w = _weight(20, 64, 2, 32, offset=False, seed=2)
+    _check(w, 6, torch.float32, bias=True, seed=1, lead=(2, 3))
+    _check(w, 12, torch.float32, bias=True, seed=1, lead=(3, 4), algo="dot")
+    y = KM.biqgemm_cuda_weight(torch.zeros(0, 64, device=DEVICE), w)
+    assert y.shape == (0, 20)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(12, 64, generator=gen)
+    y = KM.biqgemm_cuda_weight(x.to(DEVICE), w, mode="fast").cpu()
+    ref = x @ w.dequantize().T
+    assert ((y - ref).abs().max() / ref.abs().max()).item() < 2e-3  # TF32 on a GPU
+
+
+@needs_kernels
+def test_rejects_bad_inputs():
+    w = _weight(16, 64, 2, 32, offset=True, seed=3)
+    packed, alpha, offset = (t.to(DEVICE) for t in tb.pack_cuda(w))
+    x = torch.randn(2, 64, device=DEVICE)
+    args = (packed, alpha, offset, None, 16, 64, 32)
+    with pytest.raises(KernelError, match="fp16/bf16/fp32"):
+        KM.biqgemm_triton(x.to(torch.int32), *args)
+    with pytest.raises(KernelError, match="in_features"):
+        KM.biqgemm_triton(torch.randn(2, 60, device=DEVICE), *args)
+    with pytest.raises(KernelError, match="int32"):
+        KM.biqgemm_triton(x, packed.to(torch.int64), *args[1:])
+    with pytest.raises(KernelError, match="alpha"):
+        KM.biqgemm_triton(x, packed, alpha[:1], *args[2:])
+    with pytest.raises(KernelError, match="at most 8"):
+        KM.biqgemm_triton(torch.randn(9, 64, device=DEVICE), *args, algo="lut")
+    with pytest.raises(KernelError, match="multiple of 32"):
+        KM.biqgemm_triton(x, packed, alpha, offset, None, 16, 64, 48)
+
+
+@pytest.mark.skipif(CUDA or INTERPRETER, reason="only meaningful for compiled kernels without a GPU")
+def test_compiled_module_refuses_cpu_tensors():
+    w = _weight(8, 32, 1, 32, offset=False, seed=4)
+    with pytest.raises(KernelError, match="CUDA"):
+        tb.biqgemm_cuda_weight(torch.randn(1, 32), w)
+
+
+def test_unpack_inverts_pack():
+    for m, k, q, group, off in [(5, 70, 3, 70, True), (9, 256, 2, 64, False), (4, 96, 8, 32, True)]:
+        w = _weight(m, k, q, group, off, seed=m + k)
+        back = tb.unpack_cuda(*tb.pack_cuda(w), m, k, group)
+        assert torch.equal(back.planes, w.planes) and torch.equal(back.alpha, w.alpha)
+        assert (back.offset is None) == (w.offset is None)
+        if off:
+            assert torch.equal(back.offset, w.offset)
+
+
+def test_layout_is_registered_with_the_op():
+    from qgraph.kernels.op import get_layout
+
+    lay = get_layout("cuda-lut8")
+    assert lay.impl is KM.biqgemm_triton and lay.unpack is KM.unpack_cuda and lay.device == "cuda"
+
+
+@needs_kernels
+def test_through_the_op_with_autograd():
+    w = _weight(24, 96, 3, 32, offset=True, seed=9)
+    packed, alpha, offset = (t.to(DEVICE) for t in tb.pack_cuda(w))
+    b = torch.randn(24, device=DEVICE, requires_grad=True)
+    x = torch.randn(3, 96, device=DEVICE, requires_grad=True)
+    y = torch.ops.qgraph.biqgemm(x, packed, alpha, offset, b, 24, 96, 32, "cuda-lut8")
+    wd = w.dequantize().to(DEVICE)
+    ref = x.detach() @ wd.T + b.detach()
+    assert ((y.detach() - ref).abs().max() / ref.abs().max()).item() < 1e-5
+    g = torch.randn_like(y)
+    y.backward(g)
+    assert torch.allclose(x.grad, g @ wd, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(b.grad, g.sum(0))
+
+
+@pytest.mark.skipif(not CUDA, reason="BCQLinear picks cuda-lut8 only for CUDA weights")
+def test_bcq_linear_picks_cuda_layout():
+    from qgraph.kernels.linear import BCQLinear
+
+    w = _weight(32, 128, 3, 64, offset=True, seed=12)
+    lin = BCQLinear(w.to("cuda"))
+    assert lin.layout == "cuda-lut8"
+    x = torch.randn(4, 128, device="cuda")
+    ref = x.cpu() @ w.dequantize().T
+    assert ((lin(x).cpu() - ref).abs().max() / ref.abs().max()).item() < 1e-5
+
+
+# ----------------------------------------------------------------------------------------------- sm_90 build
+def _sm90_resources(fn, signature: dict, constexprs: dict, num_warps: int) -> dict[str, int]:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    src = ASTSource(fn=fn, signature={**signature, **{c: "constexpr" for c in constexprs}}, constexprs=constexprs)
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "enable_fp_fusion": True})
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    cubin = Path(os.environ.get("TMPDIR", "/tmp")) / f"qgraph_sm90_{os.getpid()}.cubin"
+    cubin.write_bytes(k.asm["cubin"])
+    try:
+        out = subprocess.run([str(cuobjdump), "--dump-resource-usage", str(cubin)],
+                             capture_output=True, text=True, check=True).stdout
+    finally:
+        cubin.unlink()
+    return {w.split(":")[0]: int(w.split(":")[1]) for w in out.split() if w.startswith(("REG:", "STACK:"))}
+
+
+def _sm90_cases():
+    base = {"packed_ptr": "*i32", "alpha_ptr": "*fp32", "offset_ptr": "*fp32", "bias_ptr": "*fp32"}
+    for lut, bb, qp in [(True, 1, 4), (True, 2, 2), (True, 8, 8), (False, 1, 4), (False, 8, 2)]:
+        bm, warps = tb._gemv_config(bb, qp, lut)
+        c = {"HAS_OFFSET": True, "HAS_BIAS": True, "ATOMIC": True, "USE_LUT": lut, "BLOCK_B": bb, "BLOCK_M": bm,
+             "QP": qp}
+        sig = {"x_ptr": "*fp16", **base, "out_ptr": "*fp32"}
+        yield f"{'lut' if lut else 'decode'}-b{bb}-q{qp}", "_gemv_kernel", sig, c, warps
+    for dt, n in [("fp16", 16), ("bf16", 64), ("fp32", 32)]:
+        torch_dt = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dt]
+        bb, bm, bk, warps = tb._dot_config(n, torch_dt, "exact")
+        c = {"HAS_OFFSET": True, "HAS_BIAS": True, "ATOMIC": False, "IEEE": dt == "fp32", "UPCAST": False,
+             "BLOCK_B": bb, "BLOCK_M": bm, "BLOCK_K": bk}
+        sig = {"x_ptr": f"*{dt}", **base, "out_ptr": f"*{dt}"}
+        yield f"dot-{dt}-n{n}", "_gemm_kernel", sig, c, warps
+
+
+@pytest.mark.skipif(not tb.HAS_TRITON, reason="triton is not importable")
+@pytest.mark.parametrize("case", list(_sm90_cases()) if tb.HAS_TRITON else [], ids=lambda c: c[0])
+def test_builds_for_sm90_without_spills(case):
+    name, kernel, sig, constexprs, warps = case
+    fn = getattr(tb, kernel)
+    names = list(fn.arg_names)
+    ints = [a for a in names if a not in sig and a not in constexprs]
+    try:
+        res = _sm90_resources(fn, {**sig, **{a: "i32" for a in ints}}, constexprs, warps)
+    except (ImportError, FileNotFoundError, subprocess.CalledProcessError) as e:
+        pytest.skip(f"cannot build for sm_90 here: {e}")
+    assert res["STACK"] == 0, f"{name} spills: {res}"
+    assert res["REG"] <= 255
