@@ -87,7 +87,12 @@ def _trace_fx(model: nn.Module, example_inputs: tuple, dynamic_batch: bool, name
     try:
         graph.propagate_shapes(*example_inputs)
     except Exception as e:
-        raise TraceError(f"the traced graph does not run on the example inputs: {e}{_where(e)}") from None
+        root = e
+        while root.__cause__ is not None:
+            root = root.__cause__
+        first = (str(root).strip().splitlines() or [type(root).__name__])[0]
+        raise TraceError(f"the traced graph does not run on the example inputs: {type(root).__name__}: {first}"
+                         f"{_where(root)}") from None
     if dynamic_batch:
         _check_other_batch(graph, example_inputs)
     return graph
