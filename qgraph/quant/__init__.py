@@ -1,5 +1,5 @@
 """Quantization numerics: specs, uniform and binary-coding quantizers, observers."""
-from qgraph.quant.bcq import bcq_importance, bcq_objective, quantize_bcq, quantize_bcq_spec
+from qgraph.quant.bcq import bcq_importance, bcq_objective, bcq_round, quantize_bcq, quantize_bcq_spec
 from qgraph.quant.bcq_weight import BCQWeight, pack_signs, unpack_signs
 from qgraph.quant.observers import OBSERVERS, Observer, make_observer, observer_for
 from qgraph.quant.qspec import Annotation, QSpec
@@ -20,6 +20,7 @@ __all__ = [
     "QSpec",
     "bcq_importance",
     "bcq_objective",
+    "bcq_round",
     "compute_qparams",
     "dequantize",
     "fake_quantize",

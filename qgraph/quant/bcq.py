@@ -3,9 +3,10 @@
 Methods (all vectorized over every row-group at once; rows are processed in chunks to bound memory):
 - ``greedy``: ``B_i = sign(r)``, ``α_i = mean|r|`` over the group, ``r -= α_i B_i`` (z = group mean first
   when ``offset``).
-- ``alternating``: from greedy, repeat: α (and z) by least squares given B, then B given α by the nearest
-  of the 2^q level sums (sorted levels, binary search on their midpoints). Every step is optimal given
-  the other, so the objective never increases; the best iterate is kept anyway.
+- ``alternating``: from greedy, repeat: α (and z) by least squares given B (a ridge of 1e-12 relative
+  keeps coinciding bit-planes solvable), then B given α by the nearest of the 2^q level sums (sorted
+  levels; their midpoints cut each group's sorted weights, found by binary search). Every step is
+  optimal given the other, so the objective never increases; the best iterate is kept anyway.
 - ``weighted``: the same with the objective Σ_j m_j (w_j − z − Σ_i α_i b_ij)², importance
   ``m = (|w| / max_group |w|)^e`` (e=0 is ``alternating``), optionally clamped at a per-group quantile,
   or an explicit importance tensor. The α step becomes weighted least squares; the B step is unchanged.
@@ -13,13 +14,12 @@ Methods (all vectorized over every row-group at once; rows are processed in chun
 
 Internally each element holds a q-bit code c (bit i set ↔ b_i = +1); a group's statistics are, per code,
 the importance mass and the importance-weighted sum of its weights, which is all the least-squares step
-and the objective need (no ``[q, M, K]`` float tensors are ever built).
+and the objective need (no ``[q, M, K]`` float tensors are ever built). Runs on CPU (float64 inside);
+inputs on other devices are copied, the returned BCQWeight is on CPU.
 """
 from __future__ import annotations
 
-import contextlib
 import math
-from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 import torch
@@ -27,6 +27,7 @@ import torch
 from qgraph.errors import SpecError
 from qgraph.quant.bcq_weight import BCQWeight
 from qgraph.quant.qspec import BCQ_METHODS, QSpec
+from qgraph.quant.uniform import chunk_parallel
 
 Method = Literal["greedy", "alternating", "weighted"]
 
@@ -96,21 +97,20 @@ def quantize_bcq(
     def run(s: int) -> list[float]:
         x = x_all[s : s + chunk]
         valid = None if valid_all is None else valid_all[s : s + chunk]
-        mask = torch.ones_like(x) if valid is None else valid.to(torch.float64)
         if method == "weighted":
             m = imp_all[s : s + chunk] if imp_all is not None else _magnitude_importance(x, valid, importance_exp)
             if clip_quantile is not None:
                 m = _clip_at_quantile(m, valid, clip_quantile)
         else:
-            m = mask
-        codes, alpha, z, hist = _fit(x, mask, m, bits, rounds if method != "greedy" else 0, offset)
+            m = torch.ones_like(x) if valid is None else valid.to(torch.float64)
+        codes, alpha, z, hist = _fit(x, valid, m, bits, rounds if method != "greedy" else 0, offset)
         codes_out[s : s + chunk] = codes
         alpha_out[s : s + chunk] = alpha
         if z_out is not None:
             z_out[s : s + chunk] = z
         return hist
 
-    with _chunk_parallel() as pmap:
+    with chunk_parallel() as pmap:
         hists = pmap(run, range(0, n, chunk))
         if history is not None:
             history.extend(float(sum(h)) for h in zip(*hists))
@@ -147,6 +147,27 @@ def quantize_bcq_spec(
     )
 
 
+def bcq_round(
+    w: torch.Tensor, alpha: torch.Tensor, offset: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round the columns of ``w [M, k]`` to the nearest level of fixed per-row codebooks ``z + Σ α_i b_i``
+    (``alpha [q, M]``, ``offset [M]``): returns ``(signs int8 [q, M, k], ŵ float32 [M, k])``. The step a
+    column-by-column method (GPTQ) needs once α of a group is fixed."""
+    if w.dim() != 2 or alpha.dim() != 2 or alpha.shape[1] != w.shape[0]:
+        raise SpecError(f"bcq_round needs w [M, k] and alpha [q, M]; got {tuple(w.shape)} and {tuple(alpha.shape)}")
+    if offset is not None and tuple(offset.shape) != (w.shape[0],):
+        raise SpecError(f"bcq_round: offset must have shape ({w.shape[0]},), got {tuple(offset.shape)}")
+    bits = alpha.shape[0]
+    coef = alpha.detach().to(torch.float64).T
+    if offset is not None:
+        coef = torch.cat([coef, offset.detach().to(torch.float64)[:, None]], 1)
+    table = _sign_table(bits, offset is not None)
+    codes = _nearest(coef, table, w.detach().to(device="cpu", dtype=torch.float64))
+    w_hat = _levels(coef, table).gather(1, codes.long()).to(torch.float32)
+    signs = torch.stack([((codes >> i) & 1).to(torch.int8) * 2 - 1 for i in range(bits)])
+    return signs, w_hat
+
+
 def bcq_objective(w: torch.Tensor, bq: BCQWeight, importance: torch.Tensor | None = None) -> float:
     """``Σ m (w − Ŵ)²`` (m = 1 when ``importance`` is None), accumulated in float64."""
     if tuple(w.shape) != tuple(bq.shape):
@@ -158,24 +179,6 @@ def bcq_objective(w: torch.Tensor, bq: BCQWeight, importance: torch.Tensor | Non
 
 
 # --- internals -------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _chunk_parallel():
-    """Yield ``pmap(fn, items) -> list``: items on a thread pool of ``torch.get_num_threads()`` workers,
-    each running torch ops single-threaded."""
-    workers = torch.get_num_threads()
-    if workers > 1:
-        torch.set_num_threads(1)
-    try:
-        if workers > 1:
-            with ThreadPoolExecutor(workers) as ex:
-                yield lambda fn, items: list(ex.map(fn, items))
-        else:
-            yield lambda fn, items: [fn(i) for i in items]
-    finally:
-        if workers > 1:
-            torch.set_num_threads(workers)
-
-
 def _grouped(w: torch.Tensor, group_size: int | None):
     """``w [M, K]`` → float64 ``[M*G, g]`` (zero padded), validity mask (None without padding), M, K, g."""
     if w.dim() != 2:
@@ -317,69 +320,91 @@ def _segment_stats(coef, table, xs, pm, pmx) -> tuple[torch.Tensor, torch.Tensor
     return cnt, sx
 
 
-def _greedy(x: torch.Tensor, mask: torch.Tensor, bits: int, offset: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy residual binarization; returns codes ``[n, g]`` and coef ``[n, q (+1)]``."""
-    total = mask.sum(1).clamp_min(1e-300)
-    z = (mask * x).sum(1) / total if offset else torch.zeros(x.shape[0], dtype=torch.float64)
-    r = x - z[:, None]
-    codes = torch.zeros(x.shape, dtype=torch.uint8)
+def _greedy(x: torch.Tensor, valid: torch.Tensor | None, bits: int, offset: bool):
+    """Greedy residual binarization (float32 inside); returns codes ``[n, g]`` and coef ``[n, q (+1)]``.
+
+    Tracks |r| and sign(r) instead of r: r − α sign(r) = sign(r) (|r| − α)."""
+    n, g = x.shape
+    x32 = x.to(torch.float32)
+    vf = None if valid is None else valid.to(torch.float32)
+    total = torch.full((n,), float(g), dtype=torch.float64) if vf is None else vf.sum(1, dtype=torch.float64)
+    total = total.clamp_min(1.0)
+
+    def mean(t: torch.Tensor) -> torch.Tensor:
+        return (t if vf is None else t * vf).sum(1, dtype=torch.float64) / total
+
+    z = mean(x32) if offset else None
+    r = x32 - z.to(torch.float32)[:, None] if offset else x32
+    pos = r >= 0
+    ar = r.abs()
+    codes = pos.to(torch.uint8)
     alphas = []
     for i in range(bits):
-        pos = r >= 0
-        a = (mask * r.abs()).sum(1) / total
-        r = r - torch.where(pos, a[:, None], -a[:, None])
-        codes |= pos.to(torch.uint8) << i
+        a = mean(ar)
         alphas.append(a)
+        if i + 1 < bits:
+            d = ar.sub_(a.to(torch.float32)[:, None])
+            pos = torch.where(pos, d >= 0, d <= 0)
+            ar = d.abs_()
+            codes |= pos.to(torch.uint8) << (i + 1)
     coef = torch.stack(alphas + ([z] if offset else []), dim=1)
     return codes, coef
 
 
-def _fit(x, mask, m, bits, rounds, offset):
+def _fit(x, valid, m, bits, rounds, offset):
     """Fit one chunk of groups; returns codes (α sorted descending, all α >= 0), α ``[n, q]``, z, history.
 
     State per group: the coefficients α (+z) and the code assignment, which is either the greedy one or
     the nearest-level assignment of some coefficients (``code_coef``); the rounds only ever touch the
-    ``[n, 2^q]`` statistics, the codes are materialized once at the end.
+    ``[n, 2^q]`` statistics, the codes are materialized once at the end. A group whose statistics stop
+    changing is at a fixed point (its next α step would repeat this one) and leaves the working set.
     """
     levels = 1 << bits
     table = _sign_table(bits, offset)
     mx = m * x
     sxx = (mx * x).sum(1)
-    greedy_codes, coef = _greedy(x, mask, bits, offset)
+    greedy_codes, coef = _greedy(x, valid, bits, offset)
     cnt, sx = _stats(greedy_codes, m, mx, levels)
     obj = _objective(coef, table, cnt, sx, sxx)
     hist = [float(obj.sum())]
-    best_obj, best_coef, best_code_coef = obj, coef, coef
+    best_obj, best_coef, best_code_coef = obj.clone(), coef.clone(), coef.clone()
     best_greedy = torch.ones(x.shape[0], dtype=torch.bool)
+
+    def keep_best(idx, val, coef, code_coef, greedy: bool) -> None:
+        bo = best_obj[idx]
+        better = val < bo
+        best_obj[idx] = torch.where(better, val, bo)
+        best_coef[idx] = torch.where(better[:, None], coef, best_coef[idx])
+        best_code_coef[idx] = torch.where(better[:, None], code_coef, best_code_coef[idx])
+        best_greedy[idx] = torch.where(better, greedy, best_greedy[idx])
+
     if rounds:
         xs, order = x.sort(dim=1)
         zero = torch.zeros(x.shape[0], 1, dtype=torch.float64)
         pm = torch.cat([zero, m.gather(1, order).cumsum(1)], 1)
         pmx = torch.cat([zero, mx.gather(1, order).cumsum(1)], 1)
+        idx: slice | torch.Tensor = slice(None)  # rows of the working set
+        cur_obj = obj.clone()
         cur_code_coef, cur_greedy = coef, True
         for _ in range(rounds):
             coef = _solve(cnt, sx, table)
-            # α step alone (codes unchanged) is a candidate too
-            half = _objective(coef, table, cnt, sx, sxx)
-            better = half < best_obj
-            best_obj = torch.where(better, half, best_obj)
-            best_coef = torch.where(better[:, None], coef, best_coef)
-            best_code_coef = torch.where(better[:, None], cur_code_coef, best_code_coef)
-            best_greedy = torch.where(better, torch.tensor(cur_greedy), best_greedy)
-            # B step
-            new_cnt, new_sx = _segment_stats(coef, table, xs, pm, pmx)
+            keep_best(idx, _objective(coef, table, cnt, sx, sxx), coef, cur_code_coef, cur_greedy)  # α step
+            new_cnt, new_sx = _segment_stats(coef, table, xs, pm, pmx)  # B step
             obj = _objective(coef, table, new_cnt, new_sx, sxx)
-            hist.append(float(obj.sum()))
-            better = obj < best_obj
-            best_obj = torch.where(better, obj, best_obj)
-            best_coef = torch.where(better[:, None], coef, best_coef)
-            best_code_coef = torch.where(better[:, None], coef, best_code_coef)
-            best_greedy = best_greedy & ~better
-            converged = torch.equal(new_cnt, cnt) and torch.equal(new_sx, sx)
+            keep_best(idx, obj, coef, coef, False)
+            cur_obj[idx] = obj
+            hist.append(float(cur_obj.sum()))
+            moving = (new_cnt != cnt).any(1) | (new_sx != sx).any(1)
             cnt, sx, cur_code_coef, cur_greedy = new_cnt, new_sx, coef, False
-            if converged:  # the next α step would repeat this one: a fixed point
+            n_moving = int(moving.sum())
+            if n_moving == 0:
                 hist.extend([hist[-1]] * (rounds + 1 - len(hist)))
                 break
+            if n_moving <= 0.75 * moving.numel():  # shrink the working set
+                keep = moving.nonzero().squeeze(1)
+                idx = keep if isinstance(idx, slice) else idx[keep]
+                xs, pm, pmx, sxx = xs[keep], pm[keep], pmx[keep], sxx[keep]
+                cnt, sx, cur_code_coef = cnt[keep], sx[keep], cur_code_coef[keep]
     if bool(best_greedy.all()):
         codes = greedy_codes
     else:

@@ -172,7 +172,7 @@ class BCQWeight:
     def load(cls, path: str | Path) -> BCQWeight:
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="pt") as f:  # noqa: SIM118 (safe_open is not iterable)
             meta = f.metadata() or {}
             if "qgraph" not in meta:
                 raise SpecError(f"{path}: no qgraph manifest in the safetensors metadata")

@@ -189,7 +189,7 @@ class SymmetricHistogram:
             self.counts[self.bins // 4 : 3 * self.bins // 4] = merged
             self.a *= 2
         idx = ((x + self.a) * (self.bins / (2 * self.a))).floor().clamp_(0, self.bins - 1).long()
-        self.counts += torch.bincount(idx, minlength=self.bins).to(torch.float64)
+        self.counts += torch.bincount(idx, minlength=self.bins).to(device="cpu", dtype=torch.float64)
 
     def edges(self) -> np.ndarray:
         return np.linspace(-self.a, self.a, self.bins + 1)

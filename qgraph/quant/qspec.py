@@ -97,6 +97,10 @@ class QSpec:
             raise SpecError(f"uniform QSpec.bits must be in 2..8, got {self.bits}")
         if self.bcq_offset:
             raise SpecError("bcq_offset only applies to scheme='bcq'; a uniform spec uses symmetric=False")
+        default = QSpec.__dataclass_fields__
+        for name in ("bcq_method", "bcq_rounds", "importance_exp", "importance_clip_quantile"):
+            if getattr(self, name) != default[name].default:
+                raise SpecError(f"{name} only applies to scheme='bcq'; leave it at its default for a uniform spec")
 
     def _check_bcq(self) -> None:
         if self.bits not in BCQ_BITS:
@@ -186,7 +190,7 @@ class QSpec:
         default = QSpec()
         for name, key in _EXTRA_KEYS.items():
             v = getattr(self, name)
-            if v != getattr(default, name) and not (self.scheme == "uniform" and name in _BCQ_ONLY):
+            if v != getattr(default, name):
                 parts.append(f"{key}={v}")
         return "/".join(parts)
 
@@ -263,7 +267,6 @@ _EXTRA_KEYS = {
     "importance_exp": "e",
     "importance_clip_quantile": "clipq",
 }
-_BCQ_ONLY = {"bcq_rounds", "importance_exp", "importance_clip_quantile"}
 
 
 def _parse_value(name: str, v: str, text: str) -> Any:

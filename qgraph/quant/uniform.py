@@ -15,8 +15,13 @@ Formulas (q = integer code, s = scale, z = zero point, [qmin, qmax] from the spe
 - ``quantize``: ``q = clamp(round(x / s) + z, qmin, qmax)`` (round half to even, as ONNX QuantizeLinear).
 Scales are float32 (floored at ``SCALE_EPS``), zero points int32, codes int8 (signed) or uint8 (unsigned).
 A round trip moves a value inside ``[s (qmin - z), s (qmax - z)]`` by at most ``s / 2``.
+Matches ``torch.fake_quantize_per_{tensor,channel}_affine`` except at exact .5 ties (torch multiplies by
+1/s). Clip search and BCQ run their many small ops on `chunk_parallel` (see there).
 """
 from __future__ import annotations
+
+import contextlib
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -172,29 +177,67 @@ def quantize_weight(
     *,
     clip_search: bool = False,
     p: float = 2.4,
-    steps: int = 80,
+    steps: int = 20,
+    refine: int = 10,
     min_ratio: float = 0.2,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize a weight: ``(codes, scale, zero_point)`` from its per-granularity min/max.
 
-    With ``clip_search=True`` the range of each channel / group is shrunk by the ratio in
-    ``linspace(min_ratio, 1, steps)`` that minimises the Lp norm (``p``, default 2.4) of its round-trip
-    error; ``steps`` full passes over the weight.
+    With ``clip_search=True`` the range of each channel / group is shrunk by the ratio r that minimises
+    the Lp norm (``p``, default 2.4) of its exact round-trip error: ``steps`` ratios evenly in
+    ``[min_ratio, 1]``, then ``refine`` ratios between the two neighbours of each one's best (a final
+    resolution of about (1 − min_ratio) / (steps · (refine + 1))). Costs ``steps + refine`` passes.
     """
     _require_uniform(spec)
     w = w.detach()
     lo, hi = min_max(w, spec)
     if clip_search:
-        lo, hi = _clip_search(w, lo, hi, spec, p=p, steps=steps, min_ratio=min_ratio)
+        lo, hi = _clip_search(w, lo, hi, spec, p=p, steps=steps, refine=refine, min_ratio=min_ratio)
     scale, zp = compute_qparams(lo, hi, spec)
     return quantize(w, scale, zp, spec), scale, zp
 
 
+_ROWS_ELEMS = 1 << 18  # elements per work item of the clip search (cache-sized)
+
+
+@contextlib.contextmanager
+def chunk_parallel():
+    """Yield ``pmap(fn, items) -> list`` running items on a pool of ``torch.get_num_threads()`` threads,
+    with torch's intra-op threading set to 1 meanwhile (restored after). For loops of many small ops,
+    where per-op OpenMP fork/join costs more than it saves (and stalls on a busy machine)."""
+    workers = torch.get_num_threads()
+    if workers > 1:
+        torch.set_num_threads(1)
+    try:
+        if workers > 1:
+            with ThreadPoolExecutor(workers) as ex:
+                yield lambda fn, items: list(ex.map(fn, items))
+        else:
+            yield lambda fn, items: [fn(i) for i in items]
+    finally:
+        if workers > 1:
+            torch.set_num_threads(workers)
+
+
+def _lp_error(flat: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, r: torch.Tensor, spec: QSpec,
+              p: float) -> torch.Tensor:
+    """Per-row Σ |fake_quant(x) − x|^p with the row range scaled by r (``[R, 1]``)."""
+    s, z = compute_qparams(lo * r, hi * r, spec)
+    zf = z.to(torch.float32)
+    q = torch.round(flat / s).add_(zf).clamp_(spec.qmin, spec.qmax)
+    e = q.sub_(zf).mul_(s).sub_(flat).abs_()
+    return (e.square_() if p == 2 else e.pow_(p)).sum(1)
+
+
 def _clip_search(
-    w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, spec: QSpec, *, p: float, steps: int, min_ratio: float
+    w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, spec: QSpec, *, p: float, steps: int, refine: int,
+    min_ratio: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if steps < 1 or not 0 < min_ratio <= 1:
-        raise SpecError(f"clip search needs steps >= 1 and 0 < min_ratio <= 1, got {steps}, {min_ratio}")
+    if steps < 2 or refine < 0 or not 0 < min_ratio < 1 or p <= 0:
+        raise SpecError(
+            f"clip search needs steps >= 2, refine >= 0, 0 < min_ratio < 1 and p > 0; "
+            f"got steps={steps}, refine={refine}, min_ratio={min_ratio}, p={p}"
+        )
     wf = w.to(torch.float32)
     if spec.granularity == "tensor":
         flat = wf.reshape(1, -1)
@@ -203,17 +246,29 @@ def _clip_search(
     else:
         g = _to_groups(wf, spec)
         flat = g.reshape(-1, g.shape[-1])
+    flat = flat.contiguous()
     lo_f, hi_f = lo.reshape(-1, 1), hi.reshape(-1, 1)
-    best_err = torch.full((flat.shape[0],), float("inf"))
-    best_r = torch.ones(flat.shape[0])
     flat_spec = spec.replace(granularity="tensor", group_size=None, axis=0)
-    for r in torch.linspace(min_ratio, 1.0, steps).tolist():
-        s, z = compute_qparams(lo_f * r, hi_f * r, flat_spec)
-        zf = z.to(torch.float32)
-        q = (torch.round(flat / s) + zf).clamp(spec.qmin, spec.qmax)
-        err = ((q - zf) * s - flat).abs().pow(p).sum(dim=1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_r = torch.where(better, torch.full_like(best_r, r), best_r)
+    coarse = torch.linspace(min_ratio, 1.0, steps)
+    step = float(coarse[1] - coarse[0])
+    best_r = torch.ones(flat.shape[0], 1)
+    rows = max(1, _ROWS_ELEMS // max(1, flat.shape[1]))
+
+    def run(a: int) -> None:
+        x, lo_c, hi_c = flat[a : a + rows], lo_f[a : a + rows], hi_f[a : a + rows]
+        ones = torch.ones(x.shape[0], 1)
+        errs = torch.stack([_lp_error(x, lo_c, hi_c, ones * r, flat_spec, p) for r in coarse.tolist()], 1)
+        best, arg = errs.min(1)
+        r_best = coarse[arg][:, None]
+        for k in range(1, refine + 1):
+            r = (r_best + (2 * k / (refine + 1) - 1) * step).clamp(min_ratio, 1.0)
+            e = _lp_error(x, lo_c, hi_c, r, flat_spec, p)
+            better = (e < best)[:, None]
+            best = torch.minimum(e, best)
+            r_best = torch.where(better, r, r_best)
+        best_r[a : a + rows] = r_best
+
+    with chunk_parallel() as pmap:
+        pmap(run, range(0, flat.shape[0], rows))
     best_r = best_r.reshape(lo.shape)
     return lo * best_r, hi * best_r
