@@ -1,6 +1,7 @@
 """calibrate: run calibration data through the graph and attach activation qparams."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -35,7 +36,12 @@ class Calibrate(Pass):
                 specs.append(spec)
         if not requests:
             return PassResult(graph, modified=False, preserved=frozenset({"*"}), stats={"observed": 0})
-        if ctx.calibration is None:
+        calibration = ctx.calibration
+        if calibration is None and ctx.config.get("calibrate_on_example_inputs") and graph.example_inputs:
+            warnings.warn("calibrate: no calibration data given; calibrating on the example inputs only "
+                          "(pass calib=[...] for ranges that hold on real data)", stacklevel=2)
+            calibration = [tuple(graph.example_inputs)]
+        if calibration is None:
             raise CalibrationError("calibrate needs data: pass calib=[batch, ...] to qgraph.quantize (or set "
                                    "PassContext.calibration); annotate with act_bits=0 for weight-only quantization")
         observers = [self._observer(spec) for spec in specs]
@@ -43,10 +49,10 @@ class Calibrate(Pass):
         def on_value(i, t):
             observers[i].observe(t)
 
-        data = batches(ctx.calibration, graph, self.options.max_batches)
+        data = batches(calibration, graph, self.options.max_batches)
         total = self.options.max_batches
-        if total is None and hasattr(ctx.calibration, "__len__"):
-            total = len(ctx.calibration)
+        if total is None and hasattr(calibration, "__len__"):
+            total = len(calibration)
         bar = progress(data, total=total, desc="calibrate", enabled=ctx.progress, unit="batch")
         count = graph.collect(requests, bar, on_value)
         if count == 0:

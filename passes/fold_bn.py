@@ -25,8 +25,8 @@ class FoldBatchNorm(Pass):
         for bn in list(graph.nodes()):
             if graph.op_type(bn) != "BatchNormalization":
                 continue
-            ins = graph.inputs(bn)
-            if len(ins) != 1 or graph.op_type(ins[0]) != "Conv" or len(graph.users(ins[0])) != 1:
+            ins = graph.producers(bn)
+            if len(ins) != 1 or ins[0] is None or graph.op_type(ins[0]) != "Conv" or len(graph.users(ins[0])) != 1:
                 continue
             conv = ins[0]
             eps = _bn_eps(graph, bn)
@@ -40,6 +40,10 @@ class FoldBatchNorm(Pass):
 
 
 def _bn_eps(graph, bn) -> float | None:
+    if graph.frontend == "onnx":
+        eps = bn.attributes.get("epsilon")
+        training = bn.attributes.get("training_mode")
+        return None if training is not None and training.value else (eps.value if eps is not None else 1e-5)
     mod = graph.module_of(bn)
     if mod is not None:
         return None if mod.training or mod.running_var is None else float(mod.eps)
@@ -51,7 +55,7 @@ def _bn_eps(graph, bn) -> float | None:
 
 
 def _conv_owned_once(graph, conv) -> bool:
-    if conv.op != "call_module":
+    if graph.frontend == "onnx" or conv.op != "call_module":
         return True
     return sum(1 for n in graph.nodes() if n.op == "call_module" and n.target == conv.target) == 1
 
@@ -73,7 +77,7 @@ def _fold(graph, conv, bn, eps: float) -> None:
     graph.set_param(conv, "weight", new_w.to(w.dtype))
     graph.set_param(conv, "bias", new_b.to(w.dtype))
     # _native_batch_norm_legit_no_training returns (out, mean, invstd): its users index the tuple.
-    for user in list(graph.users(bn)):
+    for user in list(graph.users(bn)) if graph.frontend != "onnx" else []:
         if user.op == "call_function" and user.target is operator.getitem and user.args[1] == 0:
             graph.replace_all_uses(user, conv)
             graph.erase(user)

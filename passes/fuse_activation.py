@@ -34,12 +34,12 @@ class FuseActivation(Pass):
             patterns = set(target_patterns) if target_patterns else set(DEFAULT_PATTERNS)
         marked = 0
         for act in graph.nodes():
-            ins = graph.inputs(act)
-            if len(ins) != 1:
+            producers = graph.producers(act)
+            if len(producers) != 1 or producers[0] is None:
                 continue
-            producer = ins[0]
+            producer = producers[0]
             pattern = f"{graph.op_type(producer)}+{graph.op_type(act)}"
-            if pattern not in patterns or len(graph.users(producer)) != 1 or producer.op == "placeholder":
+            if pattern not in patterns or len(graph.users(producer)) != 1:
                 continue
             graph.meta(producer)[FUSION_KEY] = pattern
             graph.meta(act)[FUSED_INTO_KEY] = graph.name(producer)

@@ -1,7 +1,6 @@
 """The public entry point: `qgraph.quantize`."""
 from __future__ import annotations
 
-import warnings
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -37,22 +36,22 @@ class QuantizedModel(nn.Module):
                  artifacts: dict[str, Any] | None = None):
         super().__init__()
         self.graph = graph
-        self.gm = graph.gm
+        self.gm = getattr(graph, "gm", None)
         self.target = target
         self.pipeline = pipeline
         self.report = report
         self.artifacts = artifacts or {}
 
     def forward(self, *args: Any) -> Any:
-        return self.gm(*args)
+        return self.gm(*args) if self.gm is not None else self.graph(*args)
 
     def __str__(self) -> str:
         return str(self.graph)
 
 
 def quantize(
-    model: nn.Module,
-    example_inputs: tuple | torch.Tensor,
+    model: nn.Module | str | Any,
+    example_inputs: tuple | torch.Tensor | None = None,
     *,
     target: str | Target = "x86-avx2",
     calib: Iterable[Any] | None = None,
@@ -65,6 +64,9 @@ def quantize(
 ) -> QuantizedModel:
     """Trace ``model``, run the quantization pipeline for ``target`` and return the quantized model.
 
+    ``model`` is an ``nn.Module``, or an ONNX model (a ``.onnx`` path or an `OnnxGraph`), which then runs
+    through the same passes with onnxruntime executing calibration and the result.
+
     ``calib``: calibration batches (tensors, tuples, or dicts by input name); ``pipeline``: pass
     pipeline text (default: canonicalize, annotate, calibrate, quantize-weights, insert-fq);
     ``strategy``: per-node annotations (qualname → Annotation) that override the defaults;
@@ -73,16 +75,38 @@ def quantize(
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     tgt = load_target(target) if not isinstance(target, Target) else target
-    graph = trace(model, tuple(example_inputs), frontend=frontend, dynamic_shapes=dynamic_shapes)
+    graph = _graph_of(model, example_inputs, calib, frontend, dynamic_shapes)
+    example_inputs = graph.example_inputs
     text = pipeline if pipeline is not None else DEFAULT_PIPELINE
     pm = PassManager(text if isinstance(text, str) else list(text))
-    if calib is None and any(p.name == "calibrate" for p in pm.passes):
-        calib = [tuple(example_inputs)]
-        warnings.warn("qgraph.quantize: no calib data given; calibrating on the example inputs only",
-                      stacklevel=2)
-    ctx = PassContext(target=tgt, config={"progress": progress, "strategy": strategy or {}},
+    ctx = PassContext(target=tgt, config={"progress": progress, "strategy": strategy or {},
+                                          "calibrate_on_example_inputs": calib is None},
                       calibration=calib, instruments=list(instruments))
     result = pm.run(graph, ctx)
     ctx.report["pipeline"] = str(pm)
     ctx.report["stats"] = result.stats
     return QuantizedModel(result.graph, tgt, str(pm), ctx.report, ctx.artifacts)
+
+
+def _graph_of(model: Any, example_inputs: tuple | None, calib: Iterable[Any] | None, frontend: str,
+              dynamic_shapes: Any) -> Any:
+    """The IR graph of ``model``: traced torch module, or an ONNX model read through onnx_ir."""
+    from pathlib import Path
+
+    from qgraph.errors import TraceError
+    from qgraph.ir.inputs import as_tuple, input_names
+    from qgraph.ir.onnx import OnnxGraph, example_inputs_for, load_onnx
+
+    if isinstance(model, (str, Path)) or isinstance(model, OnnxGraph):
+        graph = model if isinstance(model, OnnxGraph) else load_onnx(model)
+        if example_inputs is not None:
+            graph.example_inputs = tuple(example_inputs)
+        elif calib is not None:
+            first = next(iter(calib), None)
+            graph.example_inputs = as_tuple(first, input_names(graph)) if first is not None else ()
+        if not graph.example_inputs:
+            graph.example_inputs = example_inputs_for(graph)
+        return graph
+    if example_inputs is None:
+        raise TraceError("qgraph.quantize needs example_inputs to trace a torch module")
+    return trace(model, tuple(example_inputs), frontend=frontend, dynamic_shapes=dynamic_shapes)

@@ -81,6 +81,10 @@ class FxGraph:
     def inputs(self, node: fx.Node) -> list[fx.Node]:
         return [a for a in node.all_input_nodes if a.op != "get_attr"]
 
+    def producers(self, node: fx.Node) -> list[fx.Node | None]:
+        """The compute node behind each tensor input (None for graph inputs)."""
+        return [a if a.op in _COMPUTE else None for a in self.inputs(node)]
+
     def users(self, node: fx.Node) -> list[fx.Node]:
         return list(node.users)
 
@@ -214,6 +218,28 @@ class FxGraph:
         self.gm.graph.erase_node(node)
         return new
 
+    def eliminate_dead_code(self) -> int:
+        """Erase side-effect-free nodes nobody uses and the submodules/constants left orphaned; return
+        how many nodes and stored tensors went away."""
+        gm = self.gm
+        before = len(gm.graph.nodes)
+
+        def impure(node: fx.Node) -> bool:
+            return self._is_guard(node) or node.is_impure()
+
+        gm.graph.eliminate_dead_code(is_impure_node=impure)
+        removed = before - len(gm.graph.nodes)
+        tensors = _stored_tensors(gm)
+        gm.delete_all_unused_submodules()
+        used = {str(n.target).split(".")[0] for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
+        for store in (gm._parameters, gm._buffers):
+            for name in [k for k in store if k not in used]:
+                del store[name]
+        freed = tensors - _stored_tensors(gm)
+        if removed or freed:
+            self.recompile()
+        return removed + freed
+
     def replace_all_uses(self, old: fx.Node, new: fx.Node) -> None:
         old.replace_all_uses_with(new)
 
@@ -239,6 +265,10 @@ class FxGraph:
         from qgraph.ir.printer import format_graph
 
         return format_graph(self)
+
+
+def _stored_tensors(gm: fx.GraphModule) -> int:
+    return sum(1 for _ in gm.parameters()) + sum(1 for _ in gm.buffers())
 
 
 def _clean_module_path(path: str) -> str:

@@ -9,7 +9,7 @@ from qgraph.errors import CalibrationError
 
 
 def input_names(graph: Any) -> list[str]:
-    return [graph.name(n) for n in graph.input_nodes()]
+    return [getattr(n, "name", None) or str(i) for i, n in enumerate(graph.input_nodes())]
 
 
 def as_tuple(batch: Any, names: list[str]) -> tuple:

@@ -1,0 +1,336 @@
+"""The ONNX adapter: `OnnxGraph` is a `GraphView` over an onnx_ir model, executed by onnxruntime.
+
+Weights are exposed in the ``[out, in]`` orientation the shared quantization logic expects:
+``MatMul(x, W)`` stores ``W`` as ``[in, out]`` and ``Gemm`` may have ``transB=0``, so `param` returns
+the transposed view there and `set_param` transposes back. Calibration (`collect`) adds the
+observed values as extra graph outputs and runs onnxruntime.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import torch
+
+from qgraph.errors import CalibrationError, ExportError
+
+MIN_OPSET, MAX_OPSET = 13, 23
+_NUMPY_DTYPES = {torch.int64: np.int64, torch.int32: np.int32, torch.float32: np.float32, torch.bool: np.bool_}
+
+
+def load_onnx(path_or_proto: str | Path | onnx.ModelProto | bytes) -> OnnxGraph:
+    """Read and check an ONNX model; corrupt or unsupported files raise `ExportError` saying why."""
+    name = str(path_or_proto) if isinstance(path_or_proto, (str, Path)) else "<onnx model>"
+    try:
+        if isinstance(path_or_proto, onnx.ModelProto):
+            proto = path_or_proto
+        elif isinstance(path_or_proto, bytes):
+            proto = onnx.load_from_string(path_or_proto)
+        else:
+            if not Path(path_or_proto).is_file():
+                raise ExportError(f"{name} does not exist")
+            proto = onnx.load(str(path_or_proto))
+    except ExportError:
+        raise
+    except Exception as e:
+        raise ExportError(f"{name} is not a readable ONNX model ({type(e).__name__}: {str(e)[:200]}); "
+                          f"re-export it or check the file is complete") from None
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is None or not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ExportError(f"{name}: default-domain opset {opset} is unsupported; qgraph reads opsets "
+                          f"{MIN_OPSET}..{MAX_OPSET} (convert with onnx.version_converter)")
+    try:
+        onnx.checker.check_model(proto)
+    except Exception as e:
+        raise ExportError(f"{name} fails onnx.checker: {str(e).splitlines()[0][:300]}") from None
+    _check_structure(proto, name)
+    try:
+        model = ir.from_proto(proto)
+        ir.to_proto(model)  # names or attributes the IR cannot write back fail here, not mid-pipeline
+    except Exception as e:
+        raise ExportError(f"{name} cannot be read into the IR: {type(e).__name__}: {str(e)[:200]}") from None
+    return OnnxGraph(model, name=Path(name).stem)
+
+
+def _check_structure(proto: onnx.ModelProto, name: str) -> None:
+    """Dangling inputs and missing initializers, which the checker accepts in some forms."""
+    g = proto.graph
+    known = {i.name for i in g.input} | {t.name for t in g.initializer} | {""}
+    for node in g.node:
+        for inp in node.input:
+            if inp not in known:
+                raise ExportError(f"{name}: node {node.name or node.op_type} reads {inp!r}, which no graph input, "
+                                  f"initializer or earlier node provides")
+        known.update(node.output)
+    for out in g.output:
+        if out.name not in known:
+            raise ExportError(f"{name}: graph output {out.name!r} is produced by no node")
+
+
+class OnnxGraph:
+    """A `GraphView` over an ONNX model (onnx_ir), run with onnxruntime."""
+
+    frontend = "onnx"
+
+    def __init__(self, model: ir.Model, *, name: str = "model", example_inputs: tuple = ()):
+        self.model = model
+        self.name_ = name
+        self.properties: set[str] = set()
+        self.example_inputs = tuple(example_inputs)
+        self._session = None
+
+    @property
+    def graph(self) -> ir.Graph:
+        return self.model.graph
+
+    # --- structure -------------------------------------------------------------------------
+    def nodes(self) -> list[ir.Node]:
+        return list(self.model.graph)
+
+    def input_nodes(self) -> list[ir.Value]:
+        return [v for v in self.model.graph.inputs if not v.is_initializer()]
+
+    def op_type(self, node: ir.Node) -> str:
+        return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
+
+    def name(self, node: Any) -> str:
+        return node.name or ""
+
+    def qualname(self, node: ir.Node) -> str:
+        scope = node.metadata_props.get("pkg.torch.onnx.name_scopes")
+        if scope:
+            try:
+                parts = [p for p in eval_list(scope) if p]
+                return ".".join(parts[1:]) if len(parts) > 1 else node.name
+            except ValueError:
+                pass
+        return node.name
+
+    def inputs(self, node: ir.Node) -> list[ir.Value]:
+        return [v for v in node.inputs if v is not None and v.const_value is None]
+
+    def producers(self, node: ir.Node) -> list[ir.Node | None]:
+        return [v.producer() for v in self.inputs(node)]
+
+    def users(self, node: ir.Node) -> list[ir.Node]:
+        return list(dict.fromkeys(u.node for out in node.outputs for u in out.uses()))
+
+    def meta(self, node: ir.Node) -> dict[str, Any]:
+        return node.meta
+
+    # --- constants -------------------------------------------------------------------------
+    def _weight_slot(self, node: ir.Node, role: str) -> tuple[int, bool] | None:
+        """(input index, stored transposed) of a constant by role."""
+        op = node.op_type
+        if role == "weight":
+            if op == "Gemm":
+                trans_b = node.attributes.get("transB")
+                return 1, not (trans_b is not None and trans_b.value)
+            if op == "MatMul":
+                return 1, True
+            if op == "Conv":
+                return 1, False
+            if op == "Gather":
+                return 0, False
+        if role == "bias" and op in ("Gemm", "Conv"):
+            return 2, False
+        if op == "BatchNormalization":
+            slot = {"weight": 1, "bias": 2, "running_mean": 3, "running_var": 4}.get(role)
+            return (slot, False) if slot is not None else None
+        return None
+
+    def param(self, node: ir.Node, role: str) -> torch.Tensor | None:
+        slot = self._weight_slot(node, role)
+        if slot is None:
+            return None
+        idx, transposed = slot
+        v = node.inputs[idx] if idx < len(node.inputs) else None
+        if v is None or v.const_value is None:
+            return None
+        arr = v.const_value.numpy()
+        if transposed and arr.ndim != 2:
+            return None
+        t = torch.from_numpy(np.array(arr.T if transposed else arr, copy=True))
+        return t if t.is_floating_point() or role != "weight" else t
+
+    def set_param(self, node: ir.Node, role: str, value: torch.Tensor) -> None:
+        slot = self._weight_slot(node, role)
+        if slot is None:
+            raise KeyError(f"{node.op_type} node {node.name} has no constant input {role!r}")
+        idx, transposed = slot
+        arr = value.detach().cpu().numpy()
+        arr = np.ascontiguousarray(arr.T if transposed else arr)
+        if idx >= len(node.inputs):
+            node.resize_inputs(idx + 1)
+        old = node.inputs[idx]
+        new = ir.Value(name=self._fresh_name(f"{node.name}_{role}"), const_value=ir.tensor(arr))
+        self.model.graph.register_initializer(new)
+        node.replace_input_with(idx, new)
+        if old is not None and old.is_initializer() and not old.uses():
+            self.model.graph.initializers.pop(old.name, None)
+        self._session = None
+
+    def _fresh_name(self, hint: str) -> str:
+        names = set(self.model.graph.initializers) | {v.name for n in self.model.graph for v in n.outputs}
+        base, i = hint.replace("/", "_").replace(".", "_") or "qgraph", 0
+        name = base
+        while name in names:
+            i += 1
+            name = f"{base}_{i}"
+        return name
+
+    # --- shapes ----------------------------------------------------------------------------
+    def shape(self, node: Any) -> tuple | None:
+        v = node.outputs[0] if isinstance(node, ir.Node) else node
+        if v.shape is None:
+            return None
+        return tuple(d if isinstance(d, int) else str(d) for d in v.shape)
+
+    def dynamic_dims(self) -> list[set[int]]:
+        out = []
+        for v in self.input_nodes():
+            out.append({i for i, d in enumerate(v.shape or ()) if not isinstance(d, int)})
+        return out
+
+    # --- edits -----------------------------------------------------------------------------
+    def wrap_input(self, node: ir.Node, idx: int, target: Any, extra_args: tuple = ()) -> ir.Node:
+        """Insert QuantizeLinear→DequantizeLinear on input ``idx`` (the ONNX form of a per-tensor fake quant)."""
+        if target is not torch.fake_quantize_per_tensor_affine:
+            raise ExportError(f"the ONNX adapter can only insert per-tensor fake quantization, not {target}")
+        scale, zp, qmin, qmax = extra_args
+        value = self.inputs(node)[idx]
+        dtype = np.int8 if qmin < 0 else np.uint8
+        s = ir.Value(name=self._fresh_name(f"{node.name}_in{idx}_scale"), const_value=ir.tensor(np.float32(scale)))
+        z = ir.Value(name=self._fresh_name(f"{node.name}_in{idx}_zp"), const_value=ir.tensor(dtype(zp)))
+        for c in (s, z):
+            self.model.graph.register_initializer(c)
+        q = ir.Node("", "QuantizeLinear", [value, s, z], name=self._fresh_name(f"{node.name}_quant{idx}"))
+        dq = ir.Node("", "DequantizeLinear", [q.outputs[0], s, z], name=self._fresh_name(f"{node.name}_dequant{idx}"))
+        q.outputs[0].name = self._fresh_name(f"{node.name}_in{idx}_q")
+        dq.outputs[0].name = self._fresh_name(f"{node.name}_in{idx}_dq")
+        self.model.graph.insert_before(node, [q, dq])
+        pos = next(i for i, v in enumerate(node.inputs) if v is value)
+        node.replace_input_with(pos, dq.outputs[0])
+        self._session = None
+        return dq
+
+    def eliminate_dead_code(self) -> int:
+        """Remove nodes and initializers that no graph output depends on; return how many went away."""
+        from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+        before = self.model.graph.num_nodes() + len(self.model.graph.initializers)
+        RemoveUnusedNodesPass()(self.model)
+        removed = before - self.model.graph.num_nodes() - len(self.model.graph.initializers)
+        if removed:
+            self._session = None
+        return removed
+
+    def replace_all_uses(self, old: Any, new: Any) -> None:
+        old.outputs[0].replace_all_uses_with(new.outputs[0])
+        self._session = None
+
+    def erase(self, node: ir.Node) -> None:
+        self.model.graph.remove(node, safe=True)
+        self._session = None
+
+    def recompile(self) -> None:
+        self._session = None
+
+    def copy(self) -> OnnxGraph:
+        other = OnnxGraph(ir.from_proto(self.to_proto()), name=self.name_, example_inputs=self.example_inputs)
+        other.properties = set(self.properties)
+        return other
+
+    # --- execution -------------------------------------------------------------------------
+    def to_proto(self) -> onnx.ModelProto:
+        return ir.to_proto(self.model)
+
+    def _make_session(self, proto: onnx.ModelProto, options: Any = None):
+        """A CPU session. Graph optimizations are off by default: ORT's QDQ fusions turn Q/DQ pairs into
+        int8 kernels that requantize, which is deployment, not the simulation this graph stands for."""
+        import onnxruntime as ort
+
+        opts = options or ort.SessionOptions()
+        if options is None:
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        opts.intra_op_num_threads = opts.intra_op_num_threads or torch.get_num_threads()
+        opts.log_severity_level = 3
+        return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+    def _feed(self, inputs: tuple) -> dict[str, np.ndarray]:
+        names = [v.name for v in self.input_nodes()]
+        if len(inputs) != len(names):
+            raise CalibrationError(f"the ONNX model takes {len(names)} inputs ({', '.join(names)}), got {len(inputs)}")
+        return {n: (x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x))
+                for n, x in zip(names, inputs)}
+
+    def __call__(self, *inputs: Any) -> Any:
+        feed = self._feed(inputs)
+        try:
+            if self._session is None:
+                self._session = self._make_session(self.to_proto())
+            outs = [torch.from_numpy(o) for o in self._session.run(None, feed)]
+        except Exception as e:
+            if "onnxruntime" not in type(e).__module__:
+                raise
+            raise ExportError(f"onnxruntime could not run {self.name_}: {str(e).splitlines()[0][:300]}") from None
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def collect(self, requests: list[tuple[ir.Node, int]], batches, on_value) -> int:
+        """Run ``batches`` with onnxruntime, handing input ``idx`` of each requested node to ``on_value``."""
+        proto = self.to_proto()
+        wanted = [self.inputs(node)[idx].name for node, idx in requests]
+        existing = {o.name for o in proto.graph.output}
+        for name in dict.fromkeys(wanted):
+            if name not in existing:
+                proto.graph.output.append(onnx.ValueInfoProto(name=name))
+        session = self._make_session(proto)
+        count = 0
+        for batch in batches:
+            results = dict(zip([o.name for o in session.get_outputs()], session.run(None, self._feed(batch))))
+            for i, name in enumerate(wanted):
+                on_value(i, torch.from_numpy(results[name]))
+            count += 1
+        return count
+
+    def save(self, path: str | Path, *, external_data: bool = False) -> Path:
+        path = Path(path)
+        proto = self.to_proto()
+        if external_data:
+            onnx.save_model(proto, str(path), save_as_external_data=True, location=path.name + ".data")
+        else:
+            onnx.save_model(proto, str(path))
+        return path
+
+    def __str__(self) -> str:
+        from qgraph.ir.printer import format_graph
+
+        return format_graph(self)
+
+
+def eval_list(text: str) -> list[str]:
+    """Parse the exporter's ``"['', 'encoder', 'layer.0']"`` name-scope metadata without eval."""
+    import ast
+
+    value = ast.literal_eval(text)
+    if not isinstance(value, list):
+        raise ValueError(text)
+    return [str(v) for v in value]
+
+
+def example_inputs_for(graph: OnnxGraph, batch: int = 2) -> tuple:
+    """Random example inputs from the graph's declared input types (symbolic dims → ``batch``)."""
+    out = []
+    for v in graph.input_nodes():
+        shape = [d if isinstance(d, int) else batch for d in (v.shape or ())]
+        dt = v.dtype
+        if dt in (ir.DataType.INT64, ir.DataType.INT32):
+            out.append(torch.ones(shape, dtype=torch.int64 if dt == ir.DataType.INT64 else torch.int32))
+        else:
+            out.append(torch.randn(shape))
+    return tuple(out)
+
+

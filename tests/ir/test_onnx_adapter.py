@@ -1,0 +1,164 @@
+"""The ONNX adapter: the shared passes run on an .onnx model; corrupt or unsupported files get typed errors."""
+import io
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper
+
+import qgraph
+from qgraph import ExportError
+from qgraph.ir.onnx import OnnxGraph, load_onnx
+from tests.conftest import rel_err
+
+FUZZ_COUNT = {"n": 0}
+
+
+def _mlp_proto(k=16, h=24, n=4, opset=17, trans_b=True) -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((h, k) if trans_b else (k, h)).astype(np.float32)
+    w2 = rng.standard_normal((h, n)).astype(np.float32)
+    nodes = [
+        helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="fc1", transB=1 if trans_b else 0),
+        helper.make_node("Relu", ["h"], ["r"], name="act"),
+        helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2"),
+    ]
+    graph = helper.make_graph(
+        nodes, "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", n])],
+        initializer=[onnx.numpy_helper.from_array(w1, "w1"),
+                     onnx.numpy_helper.from_array(rng.standard_normal(h).astype(np.float32), "b1"),
+                     onnx.numpy_helper.from_array(w2, "w2")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _torch_twin(proto: onnx.ModelProto) -> nn.Module:
+    inits = {t.name: torch.from_numpy(onnx.numpy_helper.to_array(t).copy()) for t in proto.graph.initializer}
+    trans_b = proto.graph.node[0].attribute[0].i
+    m = nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 4, bias=False)).eval()
+    with torch.no_grad():
+        m[0].weight.copy_(inits["w1"] if trans_b else inits["w1"].T)
+        m[0].bias.copy_(inits["b1"])
+        m[2].weight.copy_(inits["w2"].T)
+    return m
+
+
+@pytest.mark.parametrize("trans_b", [True, False])
+def test_onnx_model_through_the_shared_passes_matches_the_torch_path(trans_b):
+    proto = _mlp_proto(trans_b=trans_b)
+    twin = _torch_twin(proto)
+    x = torch.randn(5, 16)
+    g = load_onnx(proto)
+    assert [g.op_type(n) for n in g.nodes()] == ["Gemm", "Relu", "MatMul"]
+    # weights are seen as [out, in] whatever the ONNX layout
+    assert [tuple(g.param(n, "weight").shape) for n in g.nodes() if g.param(n, "weight") is not None] == \
+        [(24, 16), (4, 24)]
+    torch.testing.assert_close(g(x), twin(x), rtol=1e-5, atol=1e-5)
+    calib = [torch.randn(8, 16) for _ in range(3)]
+    for pipe in ["annotate,calibrate,quantize-weights,insert-fq",
+                 "annotate{scheme=bcq,bits=3,group_size=8},quantize-weights,insert-fq"]:
+        q_onnx = qgraph.quantize(load_onnx(proto), calib=calib, progress=False, pipeline=pipe)
+        q_torch = qgraph.quantize(twin, (x,), calib=calib, progress=False, pipeline=pipe)
+        assert rel_err(q_onnx(x), q_torch(x)) <= 1e-5, pipe
+
+
+def test_check_target_and_dce_work_on_onnx():
+    with pytest.raises(qgraph.TargetError, match="npu-int8 cannot run 2 annotated node"):
+        qgraph.quantize(load_onnx(_mlp_proto()), progress=False, target="npu-int8",
+                        pipeline="annotate{scheme=bcq,bits=2},check-target")
+    proto = _mlp_proto()
+    proto.graph.node.append(helper.make_node("Relu", ["h"], ["dead"], name="dead"))
+    g = load_onnx(proto)
+    assert qgraph.PassManager("dce").run(g).stats["dce"]["removed"] == 1
+
+
+def test_calibration_data_of_wrong_shape_names_the_input():
+    with pytest.raises(qgraph.CalibrationError, match="calibration input 'x' has shape \\[8, 15\\]"):
+        qgraph.quantize(load_onnx(_mlp_proto()), (torch.randn(2, 16),), calib=[torch.randn(8, 15)], progress=False)
+
+
+@pytest.mark.parametrize("opset", [7, 12, 99])
+def test_unsupported_opsets(opset):
+    proto = _mlp_proto()
+    proto.opset_import[0].version = opset
+    with pytest.raises(ExportError, match=f"opset {opset} is unsupported"):
+        load_onnx(proto)
+
+
+def test_missing_initializer_and_dangling_input():
+    proto = _mlp_proto()
+    del proto.graph.initializer[2]
+    with pytest.raises(ExportError, match="w2"):
+        load_onnx(proto)
+    proto = _mlp_proto()
+    proto.graph.node[1].input[0] = "nowhere"
+    with pytest.raises(ExportError, match="nowhere"):
+        load_onnx(proto)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ExportError, match="does not exist"):
+        load_onnx(tmp_path / "none.onnx")
+
+
+_VALID = _mlp_proto().SerializeToString()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(
+    st.integers(0, len(_VALID) - 1).map(lambda n: ("truncate", n)),
+    st.tuples(st.just("flip"), st.lists(st.tuples(st.integers(0, len(_VALID) - 1), st.integers(0, 255)),
+                                        min_size=1, max_size=8)),
+    st.binary(max_size=200).map(lambda b: ("random", b)),
+))
+def test_importer_fuzzing_gives_typed_errors_only(case):
+    kind, arg = case
+    data = bytearray(_VALID)
+    if kind == "truncate":
+        data = data[:arg]
+    elif kind == "flip":
+        for pos, byte in arg:
+            data[pos] = byte
+    else:
+        data = bytearray(arg)
+    FUZZ_COUNT["n"] += 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            g = load_onnx(bytes(data))
+        except ExportError:
+            return
+    assert isinstance(g, OnnxGraph)
+    # a mutation that still loads must run, or fail with the typed error naming onnxruntime's reason
+    try:
+        assert g(torch.randn(2, 16)).shape[0] == 2
+    except ExportError as e:
+        assert "onnxruntime could not run" in str(e)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from(["node_op", "attr", "init_dims", "output_name", "input_elem"]), st.integers(0, 5))
+def test_structured_mutations_of_valid_protos(mutation, i):
+    proto = _mlp_proto()
+    if mutation == "node_op":
+        proto.graph.node[i % 3].op_type = ["Frobnicate", "Conv", "Softmax"][i % 3]
+    elif mutation == "attr":
+        proto.graph.node[0].attribute[0].i = 7 + i
+    elif mutation == "init_dims":
+        proto.graph.initializer[i % 3].dims[0] += 1
+    elif mutation == "output_name":
+        proto.graph.output[0].name = f"ghost{i}"
+    else:
+        proto.graph.input[0].type.tensor_type.elem_type = [TensorProto.STRING, TensorProto.INT8, 0][i % 3]
+    buf = io.BytesIO(proto.SerializeToString())
+    try:
+        g = load_onnx(buf.getvalue())
+        g(torch.randn(2, 16))
+    except ExportError as e:  # the only exception type a caller ever sees
+        assert str(e)
