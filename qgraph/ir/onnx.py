@@ -228,6 +228,52 @@ class OnnxGraph:
             self._session = None
         return removed
 
+    def weights_to_qdq(self) -> list[str]:
+        """Store each uniformly quantized weight as integer codes + DequantizeLinear (per tensor/channel;
+        per group when the opset has DequantizeLinear's block_size, 21+). Returns the nodes left float."""
+        from qgraph.passes.quantize_weights import QWEIGHT_KEY
+        from qgraph.quant.qtensor import UniformWeight
+
+        opset = self.model.opset_imports.get("", 0)
+        skipped = []
+        for node in self.nodes():
+            q = node.meta.get(QWEIGHT_KEY)
+            if not isinstance(q, UniformWeight):
+                continue
+            slot = self._weight_slot(node, "weight")
+            idx, transposed = slot
+            spec = q.spec
+            codes, scale, zp = q.codes.numpy(), q.scale.numpy().astype(np.float32), q.zero_point.numpy()
+            attrs: dict[str, Any] = {}
+            if spec.granularity == "channel":
+                attrs["axis"] = 1 if transposed else 0
+            elif spec.granularity == "group":
+                if opset < 21 or codes.ndim != 2:
+                    skipped.append(self.name(node))
+                    continue
+                attrs.update(axis=0 if transposed else 1, block_size=spec.group_size)
+                if transposed:
+                    scale, zp = scale.T, zp.T
+            if transposed:
+                codes = codes.T
+            dtype = np.int8 if spec.signed else np.uint8
+            base = self._fresh_name(f"{node.name}_wq")
+            vals = [ir.Value(name=base, const_value=ir.tensor(np.ascontiguousarray(codes.astype(dtype)))),
+                    ir.Value(name=base + "_scale", const_value=ir.tensor(np.ascontiguousarray(scale))),
+                    ir.Value(name=base + "_zp", const_value=ir.tensor(np.ascontiguousarray(zp.astype(dtype))))]
+            for v in vals:
+                self.model.graph.register_initializer(v)
+            dq = ir.Node("", "DequantizeLinear", vals, attributes=[ir.AttrInt64(k, v) for k, v in attrs.items()],
+                         name=base + "_dequant")
+            dq.outputs[0].name = base + "_dq"
+            self.model.graph.insert_before(node, dq)
+            old = node.inputs[idx]
+            node.replace_input_with(idx, dq.outputs[0])
+            if old is not None and old.is_initializer() and not old.uses():
+                self.model.graph.initializers.pop(old.name, None)
+        self._session = None
+        return skipped
+
     def replace_all_uses(self, old: Any, new: Any) -> None:
         old.outputs[0].replace_all_uses_with(new.outputs[0])
         self._session = None
