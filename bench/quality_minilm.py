@@ -40,6 +40,71 @@ METHODS = {
 QUICK = ("W8A8", "BCQ-3-weighted")
 
 
+def ort_side_by_side(model, tok, eval_texts, calib, ref, records, rows, tmp):
+    """onnxruntime's quantize_static (QDQ int8) vs qgraph W8A8 exported as QDQ, both run by stock onnxruntime."""
+    import warnings
+
+    import onnxruntime as ort
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    import qgraph.ir.onnx  # noqa: F401
+
+    float_path, ort_path, qg_path = tmp / "minilm.onnx", tmp / "minilm-ort-qdq.onnx", tmp / "minilm-qgraph-qdq.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, calib[0], str(float_path), dynamo=True, dynamic_shapes=dynamic_shapes(),
+                          input_names=["input_ids", "attention_mask"], output_names=["sentence_embedding"])
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{"input_ids": a.numpy(), "attention_mask": b.numpy()} for a, b in calib])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    start = time.perf_counter()
+    quantize_static(str(float_path), str(ort_path), Reader(), quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True)
+    ort_seconds = time.perf_counter() - start
+    ort_mm_path = tmp / "minilm-ort-qdq-matmul.onnx"
+    start = time.perf_counter()
+    quantize_static(str(float_path), str(ort_mm_path), Reader(), quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
+                    op_types_to_quantize=["MatMul", "Gemm"])
+    ort_mm_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    q = qgraph.quantize(str(float_path), calib=calib, progress=False,
+                        pipeline="annotate{bits=8,act_bits=8},calibrate,quantize-weights,insert-fq")
+    q.graph.weights_to_qdq()
+    q.graph.save(qg_path)
+    qg_seconds = time.perf_counter() - start
+    enc = encode(eval_texts, tok, max_length=64)
+    feed = {"input_ids": enc["input_ids"].numpy(), "attention_mask": enc["attention_mask"].numpy()}
+    one = {k: v[:1] for k, v in feed.items()}
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()
+    for name, path, seconds in (("ORT fp32", float_path, 0.0), ("ORT quantize_static QDQ", ort_path, ort_seconds),
+                                ("ORT quantize_static QDQ (MatMul/Gemm only)", ort_mm_path, ort_mm_seconds),
+                                ("qgraph W8A8 QDQ in ORT", qg_path, qg_seconds)):
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        out = torch.from_numpy(sess.run(None, feed)[0])
+        cos = F.cosine_similarity(out, ref, dim=-1)
+        for _ in range(3):
+            sess.run(None, one)
+        times = []
+        for _ in range(20):
+            t = time.perf_counter()
+            sess.run(None, one)
+            times.append(time.perf_counter() - t)
+        ms = sorted(times)[len(times) // 2] * 1e3
+        rows.append([name, float(cos.mean()), float(cos.min()), round(seconds, 2), round(ms, 2),
+                     round(path.stat().st_size / 1e6, 1)])
+        records.add(f"minilm {name}", "cosine", float(cos.mean()))
+        records.add(f"minilm {name} b1", "median_us", ms * 1e3)
+        records.add(f"minilm {name}", "bytes", path.stat().st_size + sum(
+            f.stat().st_size for f in path.parent.glob(path.name + "*.data")))
+
+
 def embed(model, tok, texts, batch=32):
     outs = []
     with torch.no_grad():
@@ -54,6 +119,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="W8A8 and BCQ-3 weighted only, fewer sentences")
     ap.add_argument("--json", metavar="PATH", help="write records (case, metric, value) as JSON")
     ap.add_argument("--methods", nargs="*", help=f"subset of: {', '.join(METHODS)}")
+    ap.add_argument("--no-ort", action="store_true", help="skip the onnxruntime quantize_static side by side")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -77,9 +143,19 @@ def main(argv=None) -> int:
         records.add(f"minilm {name}", "cosine", float(cos.mean()))
         records.add(f"minilm {name}", "seconds", seconds)
         print(f"{name:<20} cos={cos.mean():.5f} min={cos.min():.5f} {seconds:.1f}s", file=sys.stderr)
+    if not args.no_ort:
+        import tempfile
+
+        ort_rows: list = []
+        ort_side_by_side(model, tok, eval_texts, calib, ref, records, ort_rows, Path(tempfile.mkdtemp()))
     print(f"\nall-MiniLM-L6-v2, {n_eval} evaluation sentences (calibration: {n_calib} from other plays); "
           f"embeddings of Gather layers int8 per row in every row\n")
     print(markdown_table(["method", "mean cosine to fp32", "min cosine", "quantize s"], rows))
+    if not args.no_ort:
+        print("\nSide by side in onnxruntime (same sentences; latency: batch 1, seq ≤ 64, "
+              f"{torch.get_num_threads()} threads; file MB excludes external data)\n")
+        print(markdown_table(["model", "mean cosine to fp32", "min cosine", "quantize s", "ORT ms (b1)", "file MB"],
+                             ort_rows))
     records.write(args.json)
     return 0
 
