@@ -1,10 +1,11 @@
 """The public entry point: `qgraph.quantize`."""
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from qgraph.context import PassContext
 from qgraph.ir.trace import trace
@@ -97,7 +98,7 @@ def _graph_of(model: Any, example_inputs: tuple | None, calib: Iterable[Any] | N
     from qgraph.ir.inputs import as_tuple, input_names
     from qgraph.ir.onnx import OnnxGraph, example_inputs_for, load_onnx
 
-    if isinstance(model, (str, Path)) or isinstance(model, OnnxGraph):
+    if isinstance(model, (str, Path, OnnxGraph)):
         graph = model if isinstance(model, OnnxGraph) else load_onnx(model)
         if example_inputs is not None:
             graph.example_inputs = tuple(example_inputs)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from qgraph.errors import ExportError
 from qgraph.ir.graph_view import ANNOTATION_KEY
@@ -100,7 +100,7 @@ def load_artifact(path: str | Path, model: nn.Module | None = None, example_inpu
         raise ExportError("load_artifact needs example_inputs together with model")
     try:
         with safe_open(str(folder / "weights.safetensors"), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
     except Exception as e:
         raise ExportError(f"{folder}/weights.safetensors cannot be read: {e}") from None
     try:

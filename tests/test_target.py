@@ -1,7 +1,6 @@
 """Target specs: every shipped TOML loads; malformed TOMLs give typed errors naming file and key."""
-import tomllib
-
 import pytest
+import tomllib
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -54,27 +53,27 @@ def _shipped_raw():
     return tomllib.loads((files("qgraph.targets") / "npu-int8.toml").read_text())
 
 
-def _dump(d, prefix=""):
-    """A tiny TOML writer for the tables used here (tests only)."""
+def _toml_value(v):
     import json
-    lines, tables = [], []
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + " }"
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return json.dumps(v)
+
+
+def _dump(d):
+    """A small TOML writer for the shapes target files use (tests only; tomllib cannot write)."""
+    lines = [f"{k} = {_toml_value(v)}" for k, v in d.items()
+             if not isinstance(v, dict) and not (isinstance(v, list) and v and isinstance(v[0], dict))]
     for k, v in d.items():
         if isinstance(v, dict):
-            tables.append((k, v))
-        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            lines += [f"[{k}]"] + [f"{kk} = {_toml_value(vv)}" for kk, vv in v.items()]
+        elif isinstance(v, list) and v and isinstance(v[0], dict):
             for item in v:
-                tables.append(("[" + k + "]", item))
-        else:
-            lines.append(f"{k} = {json.dumps(v) if not isinstance(v, bool) else str(v).lower()}")
-    for k, v in tables:
-        name = f"[{k}]" if not k.startswith("[") else f"[{k}]"
-        lines.append(name)
-        for kk, vv in v.items():
-            if isinstance(vv, dict):
-                inner = ", ".join(f"{a} = {__import__('json').dumps(b)}" for a, b in vv.items())
-                lines.append(f"{kk} = {{ {inner} }}")
-            else:
-                lines.append(f"{kk} = {__import__('json').dumps(vv) if not isinstance(vv, bool) else str(vv).lower()}")
+                lines += [f"[[{k}]]"] + [f"{kk} = {_toml_value(vv)}" for kk, vv in item.items()]
     return "\n".join(lines) + "\n"
 
 

@@ -10,8 +10,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from qgraph.ir.graph_view import ANNOTATION_KEY
 from qgraph.quant.qspec import QSpec
 from qgraph.registry import register_analysis
@@ -114,7 +112,7 @@ def estimate_cost(graph: Any, target: Any) -> CostReport:
             rows = w.shape[0]
             wbytes = weight_bytes(w.numel(), rows, wspec)
             per_out = w.numel() // rows
-            macs = _numel(out_shape) * per_out if op != "Conv" else _numel(out_shape) * per_out
+            macs = _numel(out_shape) * per_out  # Gemm: tokens·M·K; Conv: out elements·(Cin/g)·kh·kw
             if kernel == "biqgemm" and wspec is not None:
                 mu = LUT_MU[device]
                 tokens = _numel(out_shape) // rows if out_shape else 1

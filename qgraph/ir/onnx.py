@@ -153,8 +153,7 @@ class OnnxGraph:
         arr = v.const_value.numpy()
         if transposed and arr.ndim != 2:
             return None
-        t = torch.from_numpy(np.array(arr.T if transposed else arr, copy=True))
-        return t if t.is_floating_point() or role != "weight" else t
+        return torch.from_numpy(np.array(arr.T if transposed else arr, copy=True))
 
     def set_param(self, node: ir.Node, role: str, value: torch.Tensor) -> None:
         slot = self._weight_slot(node, role)
@@ -200,7 +199,7 @@ class OnnxGraph:
         """Insert QuantizeLinear→DequantizeLinear on input ``idx`` (the ONNX form of a per-tensor fake quant)."""
         if target is not torch.fake_quantize_per_tensor_affine:
             raise ExportError(f"the ONNX adapter can only insert per-tensor fake quantization, not {target}")
-        scale, zp, qmin, qmax = extra_args
+        scale, zp, qmin, _ = extra_args
         value = self.inputs(node)[idx]
         dtype = np.int8 if qmin < 0 else np.uint8
         s = ir.Value(name=self._fresh_name(f"{node.name}_in{idx}_scale"), const_value=ir.tensor(np.float32(scale)))
