@@ -1,4 +1,4 @@
-"""The ``qgraph`` command: lower, targets, passes, inspect.
+"""The ``qgraph`` command: lower, targets, passes, inspect, bench.
 
 Exit codes: 0 success; 2 wrong usage; 3 bad input (model, target, pipeline, calibration data);
 4 the lowered model failed verification; 1 an unexpected internal error.
@@ -10,10 +10,10 @@ import json
 import os
 import sys
 import time
-import tomllib
 import traceback
 from pathlib import Path
-from typing import Any
+
+import tomllib
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INPUT, EXIT_VERIFY = 0, 1, 2, 3, 4
 
@@ -39,8 +39,8 @@ def _annotate_options(args: argparse.Namespace) -> str:
     return ",".join(opts)
 
 
-def _pipeline_text(args: argparse.Namespace) -> str:
-    from qgraph.api import lowering_pipeline
+def _pipeline_text(args: argparse.Namespace, onnx_model: bool = False) -> str:
+    from qgraph.api import CANONICALIZE, lowering_pipeline
 
     if args.pipeline and args.config:
         raise _UsageError("give --pipeline or --config, not both")
@@ -60,6 +60,11 @@ def _pipeline_text(args: argparse.Namespace) -> str:
         return cfg["pipeline"]
     if args.pipeline:
         return args.pipeline
+    if onnx_model:  # an ONNX model is lowered by writing it as QDQ ONNX: the pipeline stops at the simulation
+        opts = _annotate_options(args)
+        check = "check-target{fallback=true}" if args.fallback else "check-target"
+        return f"{CANONICALIZE},annotate{{{opts}}},{check},calibrate,quantize-weights,insert-fq".replace(
+            "annotate{}", "annotate")
     return lowering_pipeline(_annotate_options(args), fallback=args.fallback)
 
 
@@ -73,28 +78,38 @@ def cmd_lower(args: argparse.Namespace) -> int:
     from qgraph.report import write_report
 
     t0 = time.perf_counter()
-    text = _pipeline_text(args)
+    is_onnx = args.model.endswith(".onnx")
+    text = _pipeline_text(args, onnx_model=is_onnx)
     qgraph.PassManager(text)  # validate the pipeline before loading anything heavy
     target = qgraph.load_target(args.target)
     _say(args, f"qgraph: loading {args.model}")
     source = load_model_source(args.model)
     calib = load_calibration(args.calib, source) if args.calib else source.calibration
     _say(args, f"qgraph: lowering {source.name} for {target.name}: {text}")
-    q = qgraph.quantize(source.module, source.example_inputs, target=target, calib=calib, pipeline=text,
+    model = source.onnx_path if source.onnx_path else source.module
+    q = qgraph.quantize(model, source.example_inputs, target=target, calib=calib, pipeline=text,
                         dynamic_shapes=source.dynamic_shapes, progress=not args.quiet)
     out = Path(args.out or f"qgraph-out/{source.name}-{target.name}")
     _say(args, f"qgraph: writing report to {out}/")
     report_path = write_report(q, out, title=f"qgraph: {source.name} for {target.name}", measure=not args.no_measure)
-    from qgraph.artifact import save_artifact
+    if source.onnx_path:
+        left_float = q.graph.weights_to_qdq()
+        q.graph.save(out / f"{source.name}.qdq.onnx")
+        q.report.setdefault("lowering", []).extend(
+            {"node": n, "op": "?", "kernel": "float", "status": "float", "reason": "group QDQ needs opset 21"}
+            for n in left_float)
+    else:
+        from qgraph.artifact import save_artifact
 
-    save_artifact(q, out / "model", source=args.model)
+        save_artifact(q, out / "model", source=args.model)
     layers = q.report.get("layers", [])
     fp32 = sum(r["fp32_bytes"] for r in layers)
     qb = sum(r["bytes"] for r in layers)
     verify = q.report.get("verify", {})
     summary = {
         "model": source.name, "target": target.name, "pipeline": q.pipeline, "out": str(out),
-        "report": str(report_path), "artifact": str(out / "model"),
+        "report": str(report_path),
+        "artifact": str(out / (f"{source.name}.qdq.onnx" if source.onnx_path else "model")),
         "weight_bytes": qb, "fp32_weight_bytes": fp32,
         "lowered": sum(r["status"] == "lowered" for r in q.report.get("lowering", [])),
         "float": sum(r["status"] == "float" for r in q.report.get("lowering", [])),
@@ -174,13 +189,41 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+BENCHES = {"kernel": "biqgemm.py", "kernel-cuda": "biqgemm_cuda.py", "quality-minilm": "quality_minilm.py",
+           "quality-llm": "quality_llm.py", "mobilenetv2": "lowered_mobilenetv2.py", "search": "search_minilm.py"}
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run a benchmark script of the source checkout (bench/), passing --quick/--json through."""
+    import runpy
+
+    folder = Path(__file__).resolve().parents[1] / "bench"
+    script = folder / BENCHES[args.name]
+    if not script.is_file():
+        from qgraph.errors import QGraphError
+
+        raise QGraphError(f"benchmark {args.name} ({script.name}) is not here: the bench/ scripts ship with the "
+                          f"source checkout, run qgraph bench from an editable install")
+    argv = [str(script)] + (["--quick"] if args.quick else []) + (["--json", args.json] if args.json else [])
+    old = sys.argv
+    sys.argv = argv
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as e:
+        return int(e.code or 0)
+    finally:
+        sys.argv = old
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="qgraph", description="Post-training quantization compiler.")
     p.add_argument("--version", action="version", version="qgraph 0.1.0")
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
 
     lo = sub.add_parser("lower", help="quantize a model and lower it to real kernels for a target")
-    lo.add_argument("model", help="bundled name (minilm, smollm2, mobilenetv2) or path/to/file.py:factory")
+    lo.add_argument("model", help="bundled name (minilm, smollm2, mobilenetv2), path/to/file.py:factory, a "
+                                  "model.onnx file, or a local Hugging Face model folder")
     lo.add_argument("--target", default=None, help="target name or .toml path (default x86-avx2)")
     lo.add_argument("--calib", help="calibration data: .pt/.npy tensor file, .txt file or image folder")
     lo.add_argument("--pipeline", help="pass pipeline text (default: the full lowering pipeline)")
@@ -207,6 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
     ps = sub.add_parser("passes", help="list registered passes with their options")
     ps.add_argument("--json", action="store_true")
     ps.set_defaults(func=cmd_passes)
+
+    be = sub.add_parser("bench", help="run a benchmark (prints a Markdown table; --json for records)")
+    be.add_argument("name", choices=sorted(BENCHES))
+    be.add_argument("--quick", action="store_true", help="the < 60 s subset holding the headline case")
+    be.add_argument("--json", metavar="PATH", help="write records {case, metric, value} to PATH")
+    be.set_defaults(func=cmd_bench)
 
     ins = sub.add_parser("inspect", help="print a model's graph (optionally after a pipeline)")
     ins.add_argument("model")

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from qgraph.errors import CalibrationError, ModelLoadError
 
@@ -25,6 +25,7 @@ class ModelSource:
     dynamic_shapes: Any = None
     tokenizer: Any = None
     kind: str = "generic"  # "text", "image" or "generic": how to read a --calib path
+    onnx_path: str | None = None  # set for ONNX models (then ``module`` is None)
 
 
 def load_model_source(spec: str, *, calib_batches: int = 8) -> ModelSource:
@@ -34,6 +35,10 @@ def load_model_source(spec: str, *, calib_batches: int = 8) -> ModelSource:
     """
     from qgraph.models.registry import BUNDLED
 
+    if spec.endswith(".onnx"):
+        return _from_onnx(Path(spec))
+    if Path(spec).is_dir():
+        return _from_hf_dir(Path(spec), calib_batches)
     if spec in BUNDLED:
         b = BUNDLED[spec]
         if not b.available():
@@ -47,8 +52,50 @@ def load_model_source(spec: str, *, calib_batches: int = 8) -> ModelSource:
         return _from_factory(Path(path), factory)
     if spec.endswith(".py"):
         raise ModelLoadError(f"{spec}: name the factory function too, as {spec}:make_model")
-    raise ModelLoadError(f"unknown model {spec!r}: use a bundled name ({', '.join(sorted(BUNDLED))}) "
-                         f"or path/to/file.py:factory")
+    raise ModelLoadError(f"unknown model {spec!r}: use a bundled name ({', '.join(sorted(BUNDLED))}), "
+                         f"path/to/file.py:factory, a model.onnx file or a Hugging Face model folder")
+
+
+def _from_onnx(path: Path) -> ModelSource:
+    from qgraph.ir.onnx import example_inputs_for, load_onnx
+
+    graph = load_onnx(path)
+    return ModelSource(path.stem, None, example_inputs_for(graph), None, onnx_path=str(path))
+
+
+def _from_hf_dir(path: Path, calib_batches: int) -> ModelSource:
+    """A local Hugging Face model folder: causal LMs give logits, other encoders mean-pooled embeddings."""
+    import json
+
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise ModelLoadError(f"{path} is a folder but not a Hugging Face model (no config.json)")
+    try:
+        import transformers
+    except ImportError:
+        raise ModelLoadError("loading a Hugging Face folder needs transformers: pip install 'qgraph[models]'") from None
+    archs = json.loads(cfg_file.read_text()).get("architectures") or []
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+        if any(a.endswith("ForCausalLM") for a in archs):
+            from qgraph.models.smollm2 import CausalLMLogits
+
+            module = CausalLMLogits(transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True))
+        else:
+            from qgraph.models.minilm import MiniLMEmbedder
+
+            module = MiniLMEmbedder(transformers.AutoModel.from_pretrained(path, local_files_only=True))
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{path}: transformers could not load it: {str(e).splitlines()[0]}") from None
+    from qgraph.data.text import calibration_plays, sentences
+
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    source = ModelSource(path.name, module.eval(), (), None, tokenizer=tok, kind="text")
+    lines = sentences(calibration_plays(), 8 * calib_batches, seed=0)
+    source.calibration = [_encode_text(source, lines[i:i + 8]) for i in range(0, len(lines), 8)]
+    source.example_inputs = source.calibration[0]
+    return source
 
 
 def _from_factory(path: Path, factory: str) -> ModelSource:
@@ -109,7 +156,7 @@ def load_calibration(path: str, source: ModelSource, *, batch_size: int = 8, max
 
 def _encode_text(source: ModelSource, lines: list[str]) -> tuple:
     enc = source.tokenizer(lines, padding=True, truncation=True, max_length=128, return_tensors="pt")
-    if source.name == "minilm":
+    if source.name == "minilm" or type(source.module).__name__ == "MiniLMEmbedder":
         return enc["input_ids"], enc["attention_mask"]
     return (enc["input_ids"],)
 

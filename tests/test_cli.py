@@ -109,3 +109,33 @@ def test_console_script_has_no_traceback_on_error(tmp_path):
     assert proc.returncode == EXIT_INPUT
     assert proc.stderr.strip().splitlines()[-1].startswith("qgraph: error: model file")
     assert "Traceback" not in proc.stderr
+
+
+def test_lower_an_onnx_file_writes_qdq_onnx(tmp_path, capsys):
+    import onnx
+
+    from tests.ir.test_onnx_adapter import _mlp_proto
+
+    path = tmp_path / "mlp.onnx"
+    onnx.save(_mlp_proto(), str(path))
+    code, stdout, err = _run(["lower", str(path), "--out", str(tmp_path / "o"), "--quiet", "--json"], capsys)
+    assert code == EXIT_OK, err
+    s = json.loads(stdout)
+    out = onnx.load(s["artifact"])
+    onnx.checker.check_model(out)
+    ops = [n.op_type for n in out.graph.node]
+    assert ops.count("DequantizeLinear") == 4 and ops.count("QuantizeLinear") == 2  # 2 weights + 2 activations
+
+
+def test_corrupt_onnx_file_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x08\x07garbage")
+    code, _, err = _run(["lower", str(bad), "--quiet"], capsys)
+    assert code == EXIT_INPUT
+    assert "not a readable ONNX model" in err.splitlines()[0] or "fails onnx.checker" in err.splitlines()[0]
+
+
+def test_bench_runs_a_script_and_unknown_name_is_usage(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "nope"])
+    assert e.value.code == EXIT_USAGE
