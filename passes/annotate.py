@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal
 
 from qgraph.errors import PipelineError, SpecError
 from qgraph.ir.graph_view import ANNOTATION_KEY
@@ -27,16 +27,16 @@ class Annotate(Pass):
 
     @dataclass(frozen=True)
     class Options:
-        scheme: Optional[Literal["uniform", "bcq"]] = None
-        bits: Optional[int] = None
-        granularity: Optional[Literal["tensor", "channel", "group"]] = None
-        group_size: Optional[int] = None
+        scheme: Literal["uniform", "bcq"] | None = None
+        bits: int | None = None
+        granularity: Literal["tensor", "channel", "group"] | None = None
+        group_size: int | None = None
         method: Literal["greedy", "alternating", "weighted"] = "weighted"
         offset: bool = False
-        act_bits: Optional[int] = None
-        act_observer: Optional[str] = None
+        act_bits: int | None = None
+        act_observer: str | None = None
         embeddings: bool = True
-        embedding_bits: Optional[int] = None
+        embedding_bits: int | None = None
         skip: tuple[str, ...] = ()
 
     def run(self, graph, ctx) -> PassResult:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Optional
 
 from qgraph.errors import CalibrationError
 from qgraph.ir.graph_view import ANNOTATION_KEY
@@ -21,9 +20,9 @@ class Calibrate(Pass):
 
     @dataclass(frozen=True)
     class Options:
-        method: Optional[str] = None
+        method: str | None = None
         p: float = 99.99
-        max_batches: Optional[int] = None
+        max_batches: int | None = None
 
     def run(self, graph, ctx) -> PassResult:
         requests, specs = [], []

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 from qgraph.errors import QGraphError
 from qgraph.ir.inputs import as_tuple, input_names

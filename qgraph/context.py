@@ -1,8 +1,9 @@
 """`PassContext`: what a pipeline runs with (target, config, data, instruments, cached analyses)."""
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 from qgraph.registry import get_analysis
 

@@ -10,8 +10,9 @@ import dataclasses
 import inspect
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 from qgraph.errors import PipelineError
 

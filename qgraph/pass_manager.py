@@ -2,7 +2,8 @@
 keeps cached analyses coherent."""
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import networkx as nx
 

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import difflib
 import importlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from qgraph.errors import PipelineError
 from qgraph.pass_base import FunctionPass, Pass, options_from_signature

@@ -7,10 +7,11 @@ patterns it executes as one kernel, the default quantization it prefers, and cos
 from __future__ import annotations
 
 import importlib.resources
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from qgraph.errors import SpecError, TargetError
 from qgraph.ir.ops import ATEN_OPS, FUNCTION_OPS, METHOD_OPS, MODULE_OPS

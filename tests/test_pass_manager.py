@@ -4,14 +4,24 @@ import itertools
 import networkx as nx
 import pytest
 import torch
-import torch.nn as nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 
 import qgraph
 from qgraph import (
-    DumpIRInstrument, Pass, PassContext, PassManager, PassOrderError, PassResult, PipelineError,
-    TimingInstrument, VerifyInstrument, register_analysis, register_pass, trace,
+    DumpIRInstrument,
+    Pass,
+    PassContext,
+    PassManager,
+    PassOrderError,
+    PassResult,
+    PipelineError,
+    TimingInstrument,
+    VerifyInstrument,
+    register_analysis,
+    register_pass,
+    trace,
 )
 from qgraph.registry import unregister_pass
 

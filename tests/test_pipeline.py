@@ -1,8 +1,9 @@
 """Textual pipelines: parse ↔ print round trips and typed errors."""
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal
 
 import pytest
 from hypothesis import given, settings
@@ -23,7 +24,7 @@ class AllOptionTypes(Pass):
         method: Literal["minmax", "percentile", "mse"] = "minmax"
         skip: tuple[str, ...] = ()
         label: str = "x"
-        limit: Optional[int] = None
+        limit: int | None = None
 
     def run(self, graph, ctx):
         return PassResult(graph, modified=False)
@@ -36,7 +37,7 @@ def _value_strategy(tp):
     origin = typing.get_origin(tp)
     if origin is Literal:
         return st.sampled_from(typing.get_args(tp))
-    if origin is typing.Union:
+    if origin in (typing.Union, types.UnionType):
         inner = [a for a in typing.get_args(tp) if a is not type(None)]
         return st.one_of(st.none(), *[_value_strategy(a) for a in inner])
     if origin is tuple:

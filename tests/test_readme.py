@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-BLOCKS = re.findall(r"```(\w+)\n(.*?)```", README.read_text(), flags=re.S)
+BLOCKS = re.findall(r"```(\w+)\n(.*?)```", README.read_text(), flags=re.DOTALL)
 
 
 def test_readme_has_the_two_commands():

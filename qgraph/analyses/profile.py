@@ -6,7 +6,7 @@ import time
 from typing import Any
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 
 class _TimingInterpreter(fx.Interpreter):

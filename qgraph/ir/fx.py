@@ -5,8 +5,7 @@ import copy
 from typing import Any
 
 import torch
-import torch.fx as fx
-import torch.nn as nn
+from torch import fx, nn
 
 from qgraph.ir import ops
 

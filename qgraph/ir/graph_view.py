@@ -5,7 +5,8 @@ Decision logic (matching, qparams, search) talks to this protocol only; each IR 
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Protocol, runtime_checkable
+from collections.abc import Iterable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 

@@ -1,7 +1,8 @@
 """Normalising and checking the user's input batches against the traced example inputs."""
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import operator
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 # Ops whose weight (a constant second input) quantization passes care about.
 WEIGHTED_OPS = frozenset({"Gemm", "MatMul", "Conv", "Gather"})

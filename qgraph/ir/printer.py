@@ -23,7 +23,7 @@ def format_annotation(ann: Any) -> str:
 def format_graph(graph: Any) -> str:
     nodes = graph.nodes()
     lines = [f"graph {getattr(graph, 'name_', 'model')} (frontend={graph.frontend}, {len(nodes)} nodes)"]
-    for inp in getattr(graph, "input_nodes", lambda: [])():
+    for inp in getattr(graph, "input_nodes", list)():
         lines.append(f"  %{graph.name(inp)} : {_shape_text(graph.shape(inp))} = input")
     for node in nodes:
         args = ", ".join(f"%{graph.name(a)}" for a in graph.inputs(node))

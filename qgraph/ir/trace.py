@@ -8,8 +8,7 @@ import traceback
 from typing import Any, Literal
 
 import torch
-import torch.fx as fx
-import torch.nn as nn
+from torch import fx, nn
 
 from qgraph.errors import TraceError
 from qgraph.ir.fx import FxGraph

@@ -6,10 +6,10 @@ import numpy as np
 import onnx
 import pytest
 import torch
-import torch.nn as nn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
+from torch import nn
 
 import qgraph
 from qgraph import ExportError

@@ -1,8 +1,8 @@
 """Frontends, canonical op names, dynamic batch, printer and trace errors."""
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from qgraph import TraceError, trace
 from qgraph.ir import weighted_nodes

@@ -1,6 +1,6 @@
 """dce removes unused nodes and constants; fuse-activation marks producer+activation pairs."""
 import torch
-import torch.nn as nn
+from torch import nn
 
 from qgraph import PassContext, PassManager, trace
 from qgraph.ir import FUSION_KEY

@@ -1,9 +1,8 @@
 """fold-bn keeps outputs of random Conv/BN nets (eval mode) within 1e-5 relative."""
-import pytest
 import torch
-import torch.nn as nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 
 from qgraph import PassManager, trace
 from tests.conftest import rel_err

@@ -1,9 +1,9 @@
 """lower-bcq and lower-embedding replace nodes by real kernels; verify compares with the simulation."""
 import pytest
 import torch
-import torch.nn as nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 
 import qgraph
 from qgraph.kernels import BCQLinear
