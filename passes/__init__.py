@@ -10,6 +10,8 @@ from qgraph.passes import (  # noqa: F401
     insert_fq,
     lower_bcq,
     lower_embedding,
+    lower_int8,
+    lower_weight_only,
     quantize_weights,
     verify,
 )

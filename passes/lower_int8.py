@@ -18,36 +18,27 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-import torch.fx as fx
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import fx, nn
 
 from qgraph.errors import CalibrationError, PipelineError
 from qgraph.ir.fx import FxGraph
 from qgraph.ir.graph_view import ANNOTATION_KEY, FUSION_KEY
 from qgraph.kernels.int8 import ActQuant, Int8Conv2d, Int8Linear, saturation_possible
+from qgraph.lowering import LOWERED_FROM_KEY, record, snapshot_simulation, target_of
 from qgraph.pass_base import Pass, PassResult
 from qgraph.passes.calibrate import QPARAMS_KEY
 from qgraph.passes.insert_fq import FQ_KEY
 from qgraph.passes.quantize_weights import QWEIGHT_KEY
 from qgraph.registry import register_pass
-from qgraph.target import load_target
 
 LOWERED_KEY = "qgraph.lowered"
-REPORT_KEY = "lowering"
 GEMM_OPS = ("Gemm", "MatMul")
 
 
 # --- helpers shared with lower-weight-only --------------------------------------------------------
-def report_entry(ctx, graph, node, op: str, kernel: str, status: str, reason: str) -> dict[str, Any]:
-    entry = {"node": graph.qualname(node), "op": op, "kernel": kernel, "status": status, "reason": reason}
-    ctx.report.setdefault(REPORT_KEY, []).append(entry)
-    return entry
-
-
-def resolve_target(ctx):
-    target = ctx.target if ctx.target is not None else load_target("generic")
-    return load_target(target) if isinstance(target, str) else target
+def report_entry(ctx, graph, node, op: str, kernel: str, status: str, reason: str) -> None:
+    record(ctx, graph.qualname(node), op, kernel, status, reason)
 
 
 def require_fx(graph, name: str) -> None:
@@ -98,10 +89,13 @@ def activation_source(graph, node) -> tuple[fx.Node, fx.Node | None]:
     return inp, None
 
 
-def finish_replacement(graph, node, new: fx.Node, fq: fx.Node | None, kernel: str, ann) -> None:
+def finish_replacement(graph, new: fx.Node, fq: fx.Node | None, kernel: str, ann, from_name: str) -> None:
+    """Move the annotation out of the way of later quantization passes and name the node it stands for
+    (``verify`` compares its output with that node's in the simulation)."""
     meta = graph.meta(new)
     meta.pop(ANNOTATION_KEY, None)
     meta[LOWERED_KEY] = {"kernel": kernel, "annotation": ann}
+    meta[LOWERED_FROM_KEY] = from_name
     if fq is not None and not fq.users:
         graph.erase(fq)
 
@@ -195,7 +189,7 @@ class _Plan:
 
 
 @register_pass("lower-int8", after=("annotate", "calibrate", "quantize-weights", "insert-fq", "check-target"),
-               requires=("annotated",), ensures=("lowered-int8",))
+               requires=("annotated",), ensures=("lowered", "lowered-int8"))
 class LowerInt8(Pass):
     """Lower W8A8 Gemm / MatMul / Conv2d nodes to int8 kernels (see the module docstring).
 
@@ -204,8 +198,8 @@ class LowerInt8(Pass):
     8-bit weight codes (measured on MobileNetV2: up to 42% error in a layer). So a dense conv / Gemm
     whose codes could overflow (2 (levels_x - 1) max|q_w| > 32767) is, with ``saturation=exact``
     (default), run by ``torch._int_mm`` (Gemm) or kept float (Conv, with the reason in the report);
-    7-bit activations (``annotate{act_bits=7}``) or 7-bit weights (``annotate{bits=7}``) make it
-    exact. ``saturation=allow`` lowers it anyway. Depthwise convs never pair products, so they are
+    7-bit activations (``annotate{act_bits=7}``) or 7-bit weights (``annotate{bits=7,act_bits=8}``)
+    make it exact. ``saturation=allow`` lowers it anyway. Depthwise convs never pair products, so they are
     exact at 8 bits.
 
     Options: ``gemm`` picks the Gemm kernel (``auto``: oneDNN where it is exact, else
@@ -224,7 +218,7 @@ class LowerInt8(Pass):
 
     def run(self, graph, ctx) -> PassResult:
         require_fx(graph, self.name)
-        target = resolve_target(ctx)
+        target = target_of(ctx)
         plans: list[_Plan] = []
         for node in list(graph.nodes()):
             ann = graph.meta(node).get(ANNOTATION_KEY)
@@ -237,10 +231,14 @@ class LowerInt8(Pass):
             if isinstance(plan, _Plan):
                 plans.append(plan)
             else:
-                kernel, reason = plan
-                report_entry(ctx, graph, node, op, kernel, "float",
+                wanted, reason = plan
+                if wanted in ("int8_gemm", "int8_conv"):
+                    reason = f"{wanted}: {reason}"
+                report_entry(ctx, graph, node, op, "float", "float",
                              reason + ("; kept as the fake-quant simulation" if graph.meta(node).get(FQ_KEY)
                                        else ""))
+        if plans:
+            snapshot_simulation(graph, ctx)
         lowered: list[fx.Node] = []
         for plan in plans:
             report_entry(ctx, graph, plan.node, plan.op, plan.kernel, "lowered", plan.reason)
@@ -255,8 +253,8 @@ class LowerInt8(Pass):
         name = graph.name(node)
         w_spec, a_spec = ann.weight, ann.inputs.get(0)
         if a_spec is None or set(ann.inputs) != {0}:
-            return "float", "only input 0 may be a quantized activation (activation x activation products " \
-                            "have no int8 kernel here)"
+            return "float", ("only input 0 may be a quantized activation (activation x activation products "
+                             "have no int8 kernel here)")
         qparams = graph.meta(node).get(QPARAMS_KEY, {}).get("input0")
         if qparams is None:
             raise CalibrationError(f"lower-int8: node {name} is annotated for int8 activations but has no "
@@ -331,12 +329,13 @@ class LowerInt8(Pass):
     def _apply(self, graph, plan: _Plan) -> fx.Node:
         node = plan.node
         ann = graph.meta(node).get(ANNOTATION_KEY)
+        from_name = graph.name(plan.fused if plan.fused is not None else node)
         src, fq = activation_source(graph, node)
         new = graph.replace_with_module(node, plan.module, module_name(graph, node), inputs=[src])
         if plan.fused is not None:
             plan.fused.replace_all_uses_with(new)
             graph.erase(plan.fused)
-        finish_replacement(graph, node, new, fq, plan.kernel, ann)
+        finish_replacement(graph, new, fq, plan.kernel, ann, from_name)
         return new
 
     def _chain(self, graph, lowered: list[fx.Node]) -> int:
@@ -360,7 +359,7 @@ class LowerInt8(Pass):
 
 _SATURATION_HINT = ("8-bit activation x 8-bit weight codes would saturate oneDNN's int16 pair sums on this CPU "
                     "(AVX2 without VNNI); use 7-bit activations (annotate{act_bits=7}) or 7-bit weights "
-                    "(annotate{bits=7}) to run it in int8 exactly, or lower-int8{saturation=allow}")
+                    "(annotate{bits=7,act_bits=8}) to run it in int8 exactly, or lower-int8{saturation=allow}")
 
 
 def _absmax(codes: torch.Tensor) -> int:

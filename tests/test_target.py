@@ -26,7 +26,8 @@ def test_every_shipped_target_loads_and_is_consistent(name):
 
 def test_inheritance_overrides_and_keeps():
     base, child = load_target("generic"), load_target("x86-avx2")
-    assert child.kernels == base.kernels and child.defaults == base.defaults
+    assert child.kernels == base.kernels and child.defaults.weight == base.defaults.weight
+    assert child.defaults.activation.bits == 7 and base.defaults.activation.bits == 8  # overridden: no VNNI
     assert child.cost.memory_bandwidth_gbps != base.cost.memory_bandwidth_gbps
 
 

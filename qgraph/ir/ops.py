@@ -107,6 +107,7 @@ ATEN_OPS: dict[str, str] = {
     "relu": "Relu",
     "relu_": "Relu",
     "hardtanh": "Clip",
+    "relu6": "Clip",
     "hardtanh_": "Clip",
     "clamp": "Clip",
     "gelu": "Gelu",

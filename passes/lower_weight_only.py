@@ -1,0 +1,134 @@
+"""lower-weight-only: replace Gemm / MatMul nodes with weight-only uniform quantization (no activation
+spec) by modules that keep the integer weight and run a weight-only kernel.
+
+- target kernel ``int8_weight_only``: ``aten._weight_int8pack_mm`` (signed symmetric 8-bit codes, one
+  scale per output channel or per tensor);
+- ``int4_weight_only``: ``aten._weight_int4pack_mm_for_cpu`` for 2-4 bit codes (signed or unsigned,
+  symmetric or not: codes go into 4-bit containers and the zero point into the kernel's per-group z);
+  groups of 32 / 64 / 128 / 256 along K; per-channel / per-tensor scales are repeated over the largest
+  of those group sizes that divides K.
+- anything those kernels cannot take (other group sizes, asymmetric int8, scales along K of a
+  ``[K, N]`` MatMul weight, K not divisible by 32) runs as `DequantLinear`, which dequantizes the
+  stored codes on each call; its report entry says ``dequant`` and why.
+Outputs match the fake-quant simulation up to float summation order.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from qgraph.errors import KernelError, PipelineError
+from qgraph.ir.graph_view import ANNOTATION_KEY
+from qgraph.kernels.int8 import INT4_GROUP_SIZES, DequantLinear, Int4WeightOnlyLinear, Int8WeightOnlyLinear
+from qgraph.lowering import snapshot_simulation, target_of
+from qgraph.pass_base import Pass, PassResult
+from qgraph.passes.insert_fq import FQ_KEY
+from qgraph.passes.lower_int8 import (
+    GEMM_OPS,
+    codes_nk,
+    finish_replacement,
+    module_name,
+    report_entry,
+    require_fx,
+    weight_layout,
+)
+from qgraph.passes.quantize_weights import QWEIGHT_KEY
+from qgraph.registry import register_pass
+
+WEIGHT_ONLY_KERNELS = ("int8_weight_only", "int4_weight_only")
+
+
+@register_pass("lower-weight-only", after=("annotate", "quantize-weights", "insert-fq", "check-target", "lower-int8"),
+               requires=("annotated",), ensures=("lowered", "lowered-weight-only"))
+class LowerWeightOnly(Pass):
+    """Lower weight-only uniform Gemm / MatMul nodes (see the module docstring).
+
+    ``fallback=dequant`` (default) runs specs no torch kernel takes with a dequantize-on-the-fly
+    module; ``fallback=float`` leaves them as they are (float, or the fake-quant simulation).
+    """
+
+    @dataclass(frozen=True)
+    class Options:
+        fallback: Literal["dequant", "float"] = "dequant"
+
+    def run(self, graph, ctx) -> PassResult:
+        require_fx(graph, self.name)
+        target = target_of(ctx)
+        count = {"int8_weight_only": 0, "int4_weight_only": 0, "dequant": 0}
+        for node in list(graph.nodes()):
+            ann = graph.meta(node).get(ANNOTATION_KEY)
+            if ann is None or ann.weight is None or ann.weight.scheme != "uniform" or ann.inputs:
+                continue
+            op = graph.op_type(node)
+            if op not in GEMM_OPS:
+                continue
+            name = graph.name(node)
+            qweight = graph.meta(node).get(QWEIGHT_KEY)
+            if qweight is None:
+                raise PipelineError(f"lower-weight-only: node {name} has a weight spec but no quantized weight; "
+                                    f"run quantize-weights before lower-weight-only")
+            kernel = target.kernel_for(op, ann.weight, None)
+            simulated = "; kept as the fake-quant simulation" if graph.meta(node).get(FQ_KEY) else ""
+            if kernel not in WEIGHT_ONLY_KERNELS:
+                why = (f"target {target.name} has no weight-only kernel for {op} with {ann.weight}" if kernel is None
+                       else f"target {target.name} maps {op} with {ann.weight} to {kernel!r}")
+                report_entry(ctx, graph, node, op, "float", "float", why + simulated)
+                continue
+            layout = weight_layout(graph, node, op)
+            if layout is None:
+                report_entry(ctx, graph, node, op, "float", "float",
+                             f"{kernel}: only a constant 2-D weight operand can be lowered" + simulated)
+                continue
+            bias = graph.param(node, "bias")
+            module, reason = _build(kernel, qweight, bias, layout)
+            used = kernel
+            if module is None:
+                if self.options.fallback == "float":
+                    report_entry(ctx, graph, node, op, "float", "float", f"{kernel}: {reason}{simulated}")
+                    continue
+                module, used = DequantLinear(qweight, bias, layout), "dequant"
+                reason = f"dequantize-on-the-fly fallback: {reason}"
+            report_entry(ctx, graph, node, op, used, "lowered", reason)
+            snapshot_simulation(graph, ctx)
+            new = graph.replace_with_module(node, module, module_name(graph, node))
+            finish_replacement(graph, new, None, used, ann, name)
+            count[used] += 1
+        if any(count.values()):
+            graph.recompile()
+        return PassResult(graph, modified=any(count.values()), stats=count)
+
+
+def _build(kernel: str, qweight, bias, layout: str):
+    """(module, reason) for the torch kernel, or (None, why not)."""
+    spec = qweight.spec
+    got = codes_nk(qweight, layout)
+    if isinstance(got, str):
+        return None, got
+    codes, scale, zp = got
+    k = codes.shape[1]
+    if kernel == "int8_weight_only":
+        if spec.bits != 8 or not spec.signed:
+            return None, f"_weight_int8pack_mm takes signed 8-bit codes, got {spec}"
+        if not spec.symmetric:
+            return None, "_weight_int8pack_mm takes symmetric weights only (no zero point)"
+        if spec.granularity == "group":
+            return None, f"_weight_int8pack_mm has one scale per output channel, not groups of {spec.group_size}"
+        return Int8WeightOnlyLinear(codes, scale, bias), "aten._weight_int8pack_mm (int8 codes, fp32 scales)"
+    if spec.bits > 4:
+        return None, f"the int4 kernel takes at most 4-bit codes, got {spec}"
+    if spec.granularity == "group":
+        if spec.group_size not in INT4_GROUP_SIZES:
+            return None, f"_weight_int4pack_mm_for_cpu takes group sizes {INT4_GROUP_SIZES}, got {spec.group_size}"
+        group = spec.group_size
+    else:
+        fits = [g for g in sorted(INT4_GROUP_SIZES, reverse=True) if k % g == 0]
+        if not fits:
+            return None, f"K={k} is not a multiple of 32, the smallest int4 group size"
+        group = fits[0]
+    try:
+        module = Int4WeightOnlyLinear.from_codes(codes, scale, zp, spec.qmin, group, bias)
+        module.packed()
+    except (KernelError, RuntimeError) as e:
+        return None, f"_weight_int4pack_mm_for_cpu refused the weight: {str(e).splitlines()[0]}"
+    note = "" if spec.bits == 4 else f", {spec.bits}-bit codes in 4-bit containers"
+    return module, f"aten._weight_int4pack_mm_for_cpu (group {group}{note})"
