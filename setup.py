@@ -9,8 +9,8 @@ import platform
 
 from setuptools import Extension, setup
 
-compile_args = ["-O3", "-std=c++17", "-fopenmp", "-fvisibility=hidden", "-Wall", "-Wno-unknown-pragmas"]
-link_args = ["-fopenmp"]
+compile_args = ["-O3", "-std=c++17", "-pthread", "-fvisibility=hidden", "-Wall", "-Wno-unknown-pragmas"]
+link_args = ["-pthread"]
 if platform.machine().lower() in ("x86_64", "amd64"):
     compile_args.append("-mno-avx512f")  # ISA paths opt in per function; the baseline stays portable
 

@@ -4,8 +4,9 @@ pure-torch LUT reference, all timed in this one process (DESIGN.md §7).
 Per case: median µs of one call (LUT build included; the kernel is called through `qgraph.kernels.cpu.biqgemm`,
 i.e. Python validation + ctypes; `torch.ops.qgraph.biqgemm` adds ~20 µs of dispatch), rotating over enough
 weight copies that the copies total more than 4× the last-level cache, so weights stream from DRAM as in a real
-decode step. Bandwidth is the weight bytes a call reads (packed bits + α) over its time, and % of a streaming
-copy (read + write bytes of a large torch copy) measured in the same run. max rel err is
+decode step. All methods of a case, and a streaming copy, are timed in interleaved rounds, so that they share
+whatever else the machine is doing (the table also shows each kernel's fastest call). Bandwidth is the weight
+bytes a call reads (packed bits + α) over its time, and % of that copy's rate (read + write bytes). max rel err is
 max|y − y_ref| / max|y_ref| against x·Ŵᵀ in fp32 from the dequantized weight. BCQ weights are random codes
 (random bits, α decaying per plane): timing does not depend on the values. MatMulNBits uses block 128, the
 default zero point and the accuracy level given by --ort-accuracy-level (4 = int8 activations, its fastest
@@ -20,7 +21,6 @@ import argparse
 import gc
 import importlib.util
 import math
-import os
 import statistics
 import sys
 import time
@@ -54,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--groups", help="comma-separated group sizes, 'row' = whole row (default row,128)")
     ap.add_argument("--modes", default="exact,fast", help="kernel modes (default exact,fast)")
     ap.add_argument("--threads", type=int, default=2, help="intra-op threads for every library (default 2)")
-    ap.add_argument("--min-time", type=float, default=0.4, help="seconds of timed calls per measurement")
+    ap.add_argument("--min-time", type=float, default=0.4, help="seconds of timed calls per method and case")
     ap.add_argument("--lut-torch-batches", default="1", help="batches at which to time the pure-torch LUT")
     ap.add_argument("--ort-accuracy-level", type=int, default=4, help="MatMulNBits accuracy_level (0 or 4)")
     return ap
@@ -63,18 +63,38 @@ def _parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------------------------- timing
 def median_us(fns: list, min_time: float, min_iters: int = 15, max_iters: int = 2000, warmup: int = 3) -> float:
     """Median µs of single calls, cycling through ``fns`` (one closure per weight copy)."""
-    for i in range(warmup):
-        fns[i % len(fns)]()
-    times: list[float] = []
-    start = time.perf_counter()
-    i = 0
-    while (len(times) < min_iters or time.perf_counter() - start < min_time) and len(times) < max_iters:
-        f = fns[i % len(fns)]
-        t0 = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - t0)
-        i += 1
-    return statistics.median(times) * 1e6
+    return interleaved_median_us({"m": fns}, min_time, rounds=1, min_iters=min_iters, max_iters=max_iters,
+                                 warmup=warmup)["m"]
+
+
+def interleaved_median_us(
+    methods: dict, min_time: float, rounds: int = 5, min_iters: int = 15, max_iters: int = 2000, warmup: int = 1,
+    best: dict | None = None,
+) -> dict:
+    """Median µs per call of each method (a list of closures, one per weight copy), measured in ``rounds``
+    interleaved rounds so that every method sees the same share of whatever else the machine is doing; the
+    first ``warmup`` calls of each round are dropped (thread pools waking up after another library ran).
+    ``best``, if given, receives each method's fastest call (µs)."""
+    best = {} if best is None else best
+    times: dict = {name: [] for name in methods}
+    pos = dict.fromkeys(methods, 0)
+    per_round = min_time / rounds
+    for _ in range(rounds):
+        for name, fns in methods.items():
+            for _ in range(warmup):
+                fns[pos[name] % len(fns)]()
+                pos[name] += 1
+            start = time.perf_counter()
+            n = 0
+            while (n < -(-min_iters // rounds) or time.perf_counter() - start < per_round) and n < max_iters // rounds:
+                f = fns[pos[name] % len(fns)]
+                t0 = time.perf_counter()
+                f()
+                times[name].append(time.perf_counter() - t0)
+                pos[name] += 1
+                n += 1
+    best.update({name: min(ts) * 1e6 for name, ts in times.items()})
+    return {name: statistics.median(ts) * 1e6 for name, ts in times.items()}
 
 
 def llc_bytes() -> int:
@@ -92,12 +112,19 @@ def copies_for(nbytes: int, llc: int, cap: int = 64) -> int:
     return max(2, min(cap, math.ceil(4 * llc / nbytes) + 1))
 
 
-def copy_bandwidth(min_time: float, nbytes: int = 256 << 20) -> float:
-    """GB/s of a streaming torch copy (read + write bytes), with the benchmark's thread count."""
-    a = torch.ones(nbytes // 4)
-    b = torch.empty_like(a)
-    us = median_us([lambda: b.copy_(a)], min_time, min_iters=10)
-    return 2 * nbytes / us / 1e3
+class StreamingCopy:
+    """A torch copy of ``nbytes`` (> 4× the LLC): its GB/s counts the bytes read and written."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes = nbytes
+        self.src = torch.ones(nbytes // 4)
+        self.dst = torch.empty_like(self.src)
+
+    def __call__(self) -> None:
+        self.dst.copy_(self.src)
+
+    def gbs(self, us: float) -> float:
+        return 2 * self.nbytes / us / 1e3
 
 
 # ----------------------------------------------------------------------------------------------- baselines
@@ -123,7 +150,6 @@ def int8_dynamic_linears(ws: list[torch.Tensor], n_copies: int) -> list:
 
 def ort_nbits_sessions(m: int, k: int, n_copies: int, threads: int, accuracy_level: int) -> list:
     """One onnxruntime session per weight copy, each a single com.microsoft MatMulNBits node (4-bit, block 128)."""
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
@@ -194,74 +220,87 @@ def run_cpu(args: argparse.Namespace) -> list[dict]:
     llc = llc_bytes()
 
     rec = Records()
-    bw = copy_bandwidth(min_time)
+    copier = StreamingCopy(max(128 << 20, 4 * llc))
     print(f"# {machine()}; {args.threads} threads; ISA path {cpu.isa()}; LLC {llc >> 20} MiB; "
-          f"streaming copy {bw:.1f} GB/s; ORT MatMulNBits accuracy_level={args.ort_accuracy_level}")
-    rec.add("copy 256MiB", "pct_bandwidth", 100.0, gbs=bw, isa=cpu.isa(), threads=args.threads)
+          f"ORT MatMulNBits accuracy_level={args.ort_accuracy_level}; every case's methods and a "
+          f"{copier.nbytes >> 20} MiB streaming copy timed in interleaved rounds")
     rows = []
     for m, k in shapes:
         ws = fp32_weights(m, k, copies_for(m * k * 4, llc, cap=4))
         i8 = int8_dynamic_linears(ws, copies_for(m * k, llc, cap=8))
         ort_s = ort_nbits_sessions(m, k, copies_for(m * k // 2, llc, cap=12), args.threads, args.ort_accuracy_level)
-        base: dict[int, dict[str, float]] = {}
-        xs = {n: torch.randn(n, k, generator=torch.Generator().manual_seed(n)) for n in batches}
-        for n in batches:
-            x = xs[n]
-            xn = x.numpy()
-            b = base[n] = {
-                "fp32": median_us([lambda w=w: F.linear(x, w) for w in ws], min_time),
-                "int8-dynamic": median_us([lambda mod=mod: mod(x) for mod in i8], min_time),
-                "ort-nbits4": median_us([lambda s=s: s.run(None, {"A": xn}) for s in ort_s], min_time),
-            }
-            for name, us in b.items():
-                rec.add(f"{m}x{k} b{n} {name}", "median_us", us)
-        del ws, i8, ort_s
-        gc.collect()
+        bcq = {}  # (q, group) -> (w0, packs)
         for group_name in groups:
             group = k if group_name == "row" else int(group_name)
-            gtag = "" if group_name == "row" else f" g{group}"
             for q in bits:
                 w0 = random_bcq(m, k, q, group, seed=q)
                 p0 = cpu.pack(w0)
-                n_copies = copies_for(p0.nbytes, llc)
-                packs = [p0] + [cpu.pack(random_bcq(m, k, q, group, seed=100 * q + i)) for i in range(1, n_copies)]
-                w_hat = w0.dequantize()
-                lut_w = LutTorchWeight.prepare(w0) if lut_batches & set(batches) else None
-                for n in batches:
-                    x = xs[n]
-                    ref = x @ w_hat.t()
-                    if lut_w is not None and n in lut_batches:
-                        us = median_us([lambda: biqgemm_lut_torch(x, lut_w)], 0.0, min_iters=3, warmup=1)
-                        rec.add(f"{m}x{k} b{n} q{q}{gtag} lut-torch", "median_us", us)
-                        rec.add(f"{m}x{k} b{n} q{q}{gtag} lut-torch", "max_rel_err",
-                                cpu.relative_error(biqgemm_lut_torch(x, lut_w), ref))
-                    for mode in modes:
-                        us = median_us([lambda p=p: cpu.biqgemm(x, p, None, mode) for p in packs], min_time)
-                        err = cpu.relative_error(cpu.biqgemm(x, p0, None, mode), ref)
-                        gbs = p0.nbytes / us / 1e3
-                        case = f"{m}x{k} b{n} q{q}{gtag} biqgemm-{mode}"
-                        b = base[n]
-                        metrics = {
-                            "median_us": us,
-                            "speedup_vs_fp32": b["fp32"] / us,
-                            "speedup_vs_int8_dynamic": b["int8-dynamic"] / us,
-                            "speedup_vs_ort_nbits4": b["ort-nbits4"] / us,
-                            "pct_bandwidth": 100 * gbs / bw,
-                            "max_rel_err": err,
-                            "bytes": p0.nbytes,
-                        }
-                        for metric, value in metrics.items():
-                            rec.add(case, metric, value)
-                        rows.append([case, f"{us:.0f}", f"{b['fp32']:.0f}", f"{b['int8-dynamic']:.0f}",
-                                     f"{b['ort-nbits4']:.0f}", f"{metrics['speedup_vs_fp32']:.2f}",
-                                     f"{metrics['speedup_vs_int8_dynamic']:.2f}",
-                                     f"{metrics['speedup_vs_ort_nbits4']:.2f}", f"{gbs:.1f}",
-                                     f"{metrics['pct_bandwidth']:.0f}", f"{err:.1e}"])
-                    print(rows[-1][0].rsplit(" ", 1)[0], "done", file=sys.stderr, flush=True)
-                del packs, p0, w_hat, lut_w
-                gc.collect()
-    header = ["case", "µs", "fp32 µs", "int8-dyn µs", "ort-nbits4 µs", "×fp32", "×int8-dyn", "×ort-nbits4",
-              "GB/s", "% copy BW", "max rel err"]
+                more = [cpu.pack(random_bcq(m, k, q, group, seed=100 * q + i))
+                        for i in range(1, copies_for(p0.nbytes, llc))]
+                bcq[(q, group_name)] = (w0, [p0] + more)
+        for n in batches:
+            x = torch.randn(n, k, generator=torch.Generator().manual_seed(n))
+            xn = x.numpy()
+            methods = {
+                "copy": [copier],
+                "fp32": [lambda w=w, x=x: F.linear(x, w) for w in ws],
+                "int8-dynamic": [lambda mod=mod, x=x: mod(x) for mod in i8],
+                "ort-nbits4": [lambda s=s, xn=xn: s.run(None, {"A": xn}) for s in ort_s],
+            }
+            for (q, group_name), (_, packs) in bcq.items():
+                for mode in modes:
+                    methods[(q, group_name, mode)] = [lambda p=p, mode=mode, x=x: cpu.biqgemm(x, p, None, mode)
+                                                      for p in packs]
+            fastest: dict = {}
+            med = interleaved_median_us(methods, min_time, best=fastest)
+            bw = copier.gbs(med["copy"])
+            rec.add(f"{m}x{k} b{n} copy", "median_us", med["copy"], gbs=bw, isa=cpu.isa(), threads=args.threads)
+            for name in ("fp32", "int8-dynamic", "ort-nbits4"):
+                rec.add(f"{m}x{k} b{n} {name}", "median_us", med[name], min_us=fastest[name])
+            for (q, group_name), (w0, packs) in bcq.items():
+                gtag = "" if group_name == "row" else f" g{group_name}"
+                ref = x @ w0.dequantize().t()
+                if n in lut_batches:
+                    lut_w = LutTorchWeight.prepare(w0)
+                    out = []
+                    us = median_us([lambda x=x, lut_w=lut_w, out=out: out.append(biqgemm_lut_torch(x, lut_w))], 0.0,
+                                   min_iters=2 if args.quick else 3, warmup=0)
+                    rec.add(f"{m}x{k} b{n} q{q}{gtag} lut-torch", "median_us", us)
+                    rec.add(f"{m}x{k} b{n} q{q}{gtag} lut-torch", "max_rel_err", cpu.relative_error(out[0], ref))
+                    del lut_w, out
+                for mode in modes:
+                    us = med[(q, group_name, mode)]
+                    p0 = packs[0]
+                    err = cpu.relative_error(cpu.biqgemm(x, p0, None, mode), ref)
+                    gbs = p0.nbytes / us / 1e3
+                    case = f"{m}x{k} b{n} q{q}{gtag} biqgemm-{mode}"
+                    metrics = {
+                        "median_us": us,
+                        "speedup_vs_fp32": med["fp32"] / us,
+                        "speedup_vs_int8_dynamic": med["int8-dynamic"] / us,
+                        "speedup_vs_ort_nbits4": med["ort-nbits4"] / us,
+                        "pct_bandwidth": 100 * gbs / bw,
+                        "max_rel_err": err,
+                        "bytes": p0.nbytes,
+                    }
+                    for metric, value in metrics.items():
+                        rec.add(case, metric, value)
+                    rec.items[-len(metrics)]["min_us"] = fastest[(q, group_name, mode)]
+                    rows.append([case, f"{us:.0f}", f"{fastest[(q, group_name, mode)]:.0f}", f"{med['fp32']:.0f}", f"{med['int8-dynamic']:.0f}",
+                                 f"{med['ort-nbits4']:.0f}", f"{metrics['speedup_vs_fp32']:.2f}",
+                                 f"{metrics['speedup_vs_int8_dynamic']:.2f}",
+                                 f"{metrics['speedup_vs_ort_nbits4']:.2f}", f"{gbs:.1f}",
+                                 f"{metrics['pct_bandwidth']:.0f}", f"{err:.1e}"])
+            print(f"{m}x{k} b{n} done", file=sys.stderr, flush=True)
+        del ws, i8, ort_s, bcq
+        gc.collect()
+    header = ["case", "µs", "min µs", "fp32 µs", "int8-dyn µs", "ort-nbits4 µs", "×fp32", "×int8-dyn",
+              "×ort-nbits4", "GB/s", "% copy BW", "max rel err"]
+    copies = [f"{r['case'].rsplit(' ', 1)[0]}: {r['gbs']:.1f} GB/s" for r in rec.items if r["case"].endswith(" copy")]
+    print("# streaming copy (same rounds): " + "; ".join(copies))
+    base = [f"{r['case']} {r['value']:.0f}/{r['min_us']:.0f}" for r in rec.items
+            if r["case"].split()[-1] in ("fp32", "int8-dynamic", "ort-nbits4")]
+    print("# baselines median/min µs: " + "; ".join(base))
     print(markdown_table(header, rows))
     lut_rows = [[r["case"], f"{r['value']:.0f}"] for r in rec.items
                 if r["case"].endswith("lut-torch") and r["metric"] == "median_us"]

@@ -15,13 +15,20 @@ Modes:
   ``s_b = max_chunk Σ|x_c| / 127`` (a scale per 32 activations) and looked up 32 rows per ``vpshufb``.
   Every entry is off by at most ``s_b/2``, so per output element (see `fast_error_bound`)
   ``|y − y_exact| ≤ Σ_b 4·s_b·Σ_i |α_{i,g(b)}|`` (8 lookups per block and plane; z·Σx and bias are exact),
-  which is also ``≤ (4/127)·‖x‖₁·max_g Σ_i |α_{i,g}|``. Rounding errors are independent, so on random data
-  the error is far below this worst case: measured max relative error ≈ 3e-3 for Gaussian x and weights,
-  K = 4096 (the bench reports it per case; tests assert ≤ 1e-2 there and the elementwise bound always).
+  which is also ``≤ (4/127)·‖x‖₁·max_g Σ_i |α_{i,g}|``. Rounding errors are independent, so on real data the
+  error is far below this worst case: measured max relative error 4e-3 to 9e-3 for Gaussian x, random codes,
+  K = 64..4096 (the bench reports it per case; tests assert the elementwise bound on every case and ≤ 1e-2 on
+  Gaussian data).
 
-x may be any float dtype among fp32/bf16/fp16 and any contiguity (it is made a contiguous fp32 copy when it
-is not one already); the packed tensors must be contiguous CPU tensors of the layout above.
-``QGRAPH_BIQGEMM_ISA=scalar|avx2|avx512vbmi`` forces a code path (read on every call).
+ISA paths (chosen per call with ``__builtin_cpu_supports``; ``QGRAPH_BIQGEMM_ISA=scalar|avx2|avx512vbmi``
+forces one, read on every call): ``avx2`` (AVX2 + FMA), ``avx512vbmi`` (AVX-512 F/BW/VBMI: ``vpermb`` over four
+tables, 16-lane ``vpermps``; compiled, dispatched only on CPUs that have it, NOT run on the development machine
+— untested) and the portable ``scalar`` path.
+
+x may be fp32/bf16/fp16 with any strides (it is made a contiguous fp32 copy when it is not one already); the
+packed tensors must be contiguous CPU tensors of the layout above. Because the layout pads rows to tiles of 32
+and groups to 32 columns, ``out_features``/``in_features`` are validated up to that padding: a wrong value
+within it reads padding (zeros), never out of bounds.
 """
 from __future__ import annotations
 
@@ -54,7 +61,7 @@ def _lib() -> ctypes.CDLL:
     if spec is None or not spec.origin:
         raise KernelError(
             "the BiQGEMM CPU extension is not built; run `pip install --no-build-isolation -e .` in the "
-            "qgraph checkout (needs a C++17 compiler with OpenMP)"
+            "qgraph checkout (needs a C++17 compiler)"
         )
     lib = ctypes.CDLL(spec.origin)
     sigs = {

@@ -12,11 +12,16 @@ Layouts are pluggable: each registers an implementation (and optionally a packer
 - ``"cpu-lut4"``: tensors from `qgraph.kernels.cpu.pack` (the compiled CPU kernel).
 - ``"cuda-lut8"``: registered by ``qgraph.kernels.triton_biqgemm``, imported on first use of the name.
 The fake (meta) kernel gives ``x.shape[:-1] + (out_features,)`` in x's dtype, so graphs that call the op
-trace with torch.fx, ``torch.export`` and ``torch.compile``. Bad inputs raise `KernelError`.
+trace with torch.fx, ``torch.export`` and ``torch.compile``. Autograd: gradients flow to x (through the opaque
+``qgraph::biqgemm_grad_x``, grad @ Ŵ) and to bias; the code itself is not trainable. Bad inputs raise
+`KernelError`. A kernel registered later for a dispatch key (e.g. ``torch.library.register_kernel(
+"qgraph::biqgemm", "cuda", fn)``) takes precedence over the layout dispatch for that device.
 """
+from __future__ import annotations
+
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 
@@ -25,7 +30,7 @@ from qgraph.kernels import cpu
 from qgraph.kernels.reference import biqgemm_reference
 from qgraph.quant.bcq_weight import BCQWeight
 
-Tensors = tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]
+Tensors = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
 # impl(x, packed, alpha, offset, bias, out_features, in_features, group_size, mode) -> y
 LayoutImpl = Callable[..., torch.Tensor]
 Packer = Callable[[BCQWeight], Tensors]
@@ -39,9 +44,9 @@ class Layout:
 
     name: str
     impl: LayoutImpl
-    pack: Optional[Packer] = None
-    unpack: Optional[Unpacker] = None
-    device: Optional[str] = None  # device type the layout's tensors live on; None: any
+    pack: Packer | None = None
+    unpack: Unpacker | None = None
+    device: str | None = None  # device type the layout's tensors live on; None: any
 
 
 _LAYOUTS: dict[str, Layout] = {}
@@ -53,9 +58,9 @@ def register_layout(
     name: str,
     impl: LayoutImpl,
     *,
-    pack: Optional[Packer] = None,
-    unpack: Optional[Unpacker] = None,
-    device: Optional[str] = None,
+    pack: Packer | None = None,
+    unpack: Unpacker | None = None,
+    device: str | None = None,
     replace: bool = False,
 ) -> None:
     """Make ``layout=name`` callable through ``torch.ops.qgraph.biqgemm`` (and `BCQLinear` when it can pack)."""

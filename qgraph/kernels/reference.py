@@ -55,13 +55,17 @@ class LutTorchWeight:
         m, k = w.shape
         gs, g = w.group_size, w.num_groups
         c = -(-gs // MU)
+        base = torch.arange(g * c, dtype=torch.int32, device=w.planes.device) * (1 << MU)
+        if gs % MU == 0:  # chunks start on nibble boundaries: the keys are the planes' nibbles
+            nib = torch.stack([w.planes & 15, w.planes >> 4], dim=-1).reshape(w.bits, m, -1)[..., : g * c]
+            nib = torch.nn.functional.pad(nib, (0, g * c - nib.shape[-1]))  # partial last group
+            return cls(index=(nib.to(torch.int32) + base).contiguous(), weight=w, chunks=c)
         bits = (w.signs() > 0).to(torch.int32)  # [q, M, K]
         padded = torch.zeros(w.bits, m, g * c * MU, dtype=torch.int32, device=bits.device)
         cols = torch.arange(k, device=bits.device)
         padded[:, :, (cols // gs) * c * MU + cols % gs] = bits
         shifts = torch.arange(MU, dtype=torch.int32, device=bits.device)
         keys = (padded.reshape(w.bits, m, g * c, MU) << shifts).sum(-1, dtype=torch.int32)
-        base = torch.arange(g * c, dtype=torch.int32, device=bits.device) * (1 << MU)
         return cls(index=(keys + base).contiguous(), weight=w, chunks=c)
 
 

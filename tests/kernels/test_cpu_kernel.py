@@ -231,3 +231,36 @@ def test_c_abi_rejects_invalid_arguments():
     assert lib.qg_biqgemm_packed_bytes(1, 4, 0, 4) == 0
     assert isinstance(lib.qg_biqgemm_isa(), bytes)
     assert ctypes.CDLL(lib._name).qg_biqgemm_abi_version() == cpu.ABI_VERSION
+
+
+def test_concurrent_callers_and_fork():
+    """Host threads may call at once (the busy pool runs extra calls inline); a forked child still works."""
+    import multiprocessing
+    import threading
+
+    w = random_bcq(200, 300, 3, 64, True)
+    p = cpu.pack(w)
+    xs = [torch.randn(3, 300, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    refs = [biqgemm_reference(x, w) for x in xs]
+    errs = []
+
+    def worker(i):
+        for _ in range(10):
+            errs.append(rel_err(cpu.biqgemm(xs[i], p), refs[i]))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(errs) == 40 and max(errs) <= EXACT_TOL
+
+    ctx = multiprocessing.get_context("fork")
+    proc = ctx.Process(target=_child_check, args=(p, xs[0], refs[0]))
+    proc.start()
+    proc.join(60)
+    assert proc.exitcode == 0
+
+
+def _child_check(p, x, ref):
+    sys.exit(0 if rel_err(cpu.biqgemm(x, p), ref) <= EXACT_TOL else 1)

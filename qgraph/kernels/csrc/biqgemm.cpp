@@ -4,16 +4,18 @@
 // T[key] = sum_s (bit_s(key) ? +x_s : -x_s) are built once; each 4-bit key of the packed bit-planes
 // indexes one table. Exact mode keeps fp32 tables (AVX2: two vpermps + blend per 8 lookups);
 // fast mode quantizes each block's tables to int8 with one scale and looks up 32 keys per vpshufb
-// (AVX-512 VBMI: 64 per vpermb over four tables). Threads split the row tiles; the weight stream of
-// a thread is contiguous. z * sum(x) over a group is added exactly from per-group sums of x.
+// (AVX-512 VBMI: 64 per vpermb over four tables). Threads claim chunks of consecutive row tiles
+// (threadpool.h), so each streams contiguous runs of the packed weight. z * sum(x) over a group is
+// added exactly from per-group sums of x.
 #include "biqgemm.h"
-
-#include <omp.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <thread>
+
+#include "threadpool.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
 #define QG_X86 1
@@ -493,7 +495,8 @@ int resolve_isa() {
   return ISA_SCALAR;
 }
 
-int g_threads = 0;
+std::atomic<int> g_threads{0};
+constexpr int kMaxThreads = 256;
 
 struct Scratch {
   void* p = nullptr;
@@ -573,6 +576,101 @@ void finish_tile(const Ctx& c, int64_t t, float* ybuf, float* y0) {
   }
 }
 
+int num_threads() {
+  const int n = g_threads.load(std::memory_order_relaxed);
+  if (n > 0) return n;
+  const unsigned hw = std::thread::hardware_concurrency();
+  return static_cast<int>(std::min<unsigned>(hw ? hw : 1, kMaxThreads));
+}
+
+struct PackCtx {
+  const Geometry* g;
+  const uint8_t* planes;
+  uint8_t* out;
+};
+// Packs row tile t (one pool chunk) from the canonical planes.
+void pack_tile(void* ctx, int, int64_t t) {
+  const PackCtx& pc = *static_cast<const PackCtx*>(ctx);
+  const Geometry& g = *pc.g;
+  const int64_t m = g.m, q = g.q, kbytes = (g.k + 7) / 8;
+  const uint8_t* planes = pc.planes;
+  uint8_t* out = pc.out;
+  for (int64_t b = 0; b < g.nb; ++b) {
+    int64_t k0, cnt;
+    block_span(g, b, &k0, &cnt);
+    for (int i = 0; i < q; ++i) {
+      uint8_t* o = out + ((t * g.nb + b) * q + i) * kBlockBytes;
+      for (int r = 0; r < kRows; ++r) {
+        const int64_t row = t * kRows + r;
+        uint64_t w = 0;
+        if (row < m && cnt > 0) {
+          // The cnt bits starting at bit k0 of this row, read byte by byte (never past the row).
+          const uint8_t* src = planes + (static_cast<int64_t>(i) * m + row) * kbytes;
+          const int64_t first = k0 >> 3, last = (k0 + cnt - 1) >> 3;
+          for (int64_t j = first; j <= last; ++j) w |= static_cast<uint64_t>(src[j]) << (8 * (j - first));
+          w >>= (k0 & 7);
+          w &= (cnt == 64 ? ~0ull : ((1ull << cnt) - 1));
+        }
+        for (int p = 0; p < 4; ++p) o[p * kRows + r] = static_cast<uint8_t>(w >> (8 * p));
+      }
+    }
+  }
+}
+
+constexpr int64_t kBuildChunk = 64;  // table blocks / group sums per chunk of the shared build
+
+// Everything one call's chunks need; slot s of the pool owns prep region s (private tables) and ybuf s.
+struct CallCtx {
+  Ctx c;  // geometry, weights, n; table pointers are set per slot
+  Builders bld;
+  TileFn tile;
+  const float* xs0;
+  float* y0;
+  char* prep;
+  size_t prep_bytes, table_bytes, scale_bytes;
+  bool private_tables;
+  bool* prepared;  // [slot]: private tables built
+  char* ybufs;
+  size_t ybuf_bytes;
+  int64_t tiles_per_chunk;
+  int64_t build_items;
+
+  Ctx for_slot(int slot) const {
+    Ctx s = c;
+    char* p = prep + prep_bytes * (private_tables ? slot : 0);
+    s.tf = bld.fast ? nullptr : reinterpret_cast<float*>(p);
+    s.tq = bld.fast ? reinterpret_cast<int8_t*>(p) : nullptr;
+    s.ts = bld.fast ? reinterpret_cast<float*>(p + table_bytes) : nullptr;
+    s.gsum = c.offset ? reinterpret_cast<float*>(p + table_bytes + scale_bytes) : nullptr;
+    return s;
+  }
+};
+
+void build_chunk(void* ctx, int, int64_t chunk) {
+  const CallCtx& cc = *static_cast<const CallCtx*>(ctx);
+  const Ctx c = cc.for_slot(0);
+  const int64_t ntab = c.n * c.g.nb;
+  const int64_t lo = chunk * kBuildChunk, hi = std::min(cc.build_items, lo + kBuildChunk);
+  if (lo < ntab) build_tables(c, cc.bld, cc.xs0, lo, std::min(hi, ntab));
+  if (hi > ntab) group_sums(c, cc.xs0, std::max(lo, ntab) - ntab, hi - ntab);
+}
+
+void tile_chunk(void* ctx, int slot, int64_t chunk) {
+  CallCtx& cc = *static_cast<CallCtx*>(ctx);
+  const Ctx c = cc.for_slot(slot);
+  if (cc.private_tables && !cc.prepared[slot]) {
+    build_tables(c, cc.bld, cc.xs0, 0, c.n * c.g.nb);
+    if (c.offset) group_sums(c, cc.xs0, 0, c.n * c.g.g);
+    cc.prepared[slot] = true;
+  }
+  float* ybuf = reinterpret_cast<float*>(cc.ybufs + cc.ybuf_bytes * slot);
+  const int64_t t0 = chunk * cc.tiles_per_chunk, t1 = std::min(c.g.mt, t0 + cc.tiles_per_chunk);
+  for (int64_t t = t0; t < t1; ++t) {
+    cc.tile(c, t, ybuf);
+    finish_tile(c, t, ybuf, cc.y0);
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -586,7 +684,7 @@ QG_API int qg_biqgemm_isa_supported(const char* name) {
   return i >= 0 && cpu_supports(i) ? 1 : 0;
 }
 
-QG_API void qg_biqgemm_set_num_threads(int n) { g_threads = n > 0 ? n : 0; }
+QG_API void qg_biqgemm_set_num_threads(int n) { g_threads = n > 0 ? std::min(n, kMaxThreads) : 0; }
 
 QG_API int64_t qg_biqgemm_packed_bytes(int64_t m, int64_t k, int q, int64_t group_size) {
   Geometry g;
@@ -610,32 +708,11 @@ QG_API int qg_biqgemm_pack(const uint8_t* planes, int64_t m, int64_t k, int q, i
                            uint8_t* out) {
   Geometry g;
   if (!planes || !out || !make_geometry(m, k, q, group_size, &g)) return QG_EINVAL;
-  const int64_t kbytes = (k + 7) / 8;
-#pragma omp parallel for schedule(static)
-  for (int64_t t = 0; t < g.mt; ++t) {
-    for (int64_t b = 0; b < g.nb; ++b) {
-      int64_t k0, cnt;
-      block_span(g, b, &k0, &cnt);
-      for (int i = 0; i < q; ++i) {
-        uint8_t* o = out + ((t * g.nb + b) * q + i) * kBlockBytes;
-        for (int r = 0; r < kRows; ++r) {
-          const int64_t row = t * kRows + r;
-          uint64_t w = 0;
-          if (row < m && cnt > 0) {
-            // The cnt bits starting at bit k0 of this row, read byte by byte (never past the row).
-            const uint8_t* src = planes + (static_cast<int64_t>(i) * m + row) * kbytes;
-            const int64_t first = k0 >> 3, last = (k0 + cnt - 1) >> 3;
-            for (int64_t j = first; j <= last; ++j) w |= static_cast<uint64_t>(src[j]) << (8 * (j - first));
-            w >>= (k0 & 7);
-            w &= (cnt == 64 ? ~0ull : ((1ull << cnt) - 1));
-          }
-          for (int p = 0; p < 4; ++p) o[p * kRows + r] = static_cast<uint8_t>(w >> (8 * p));
-        }
-      }
-    }
-  }
+  PackCtx pc{&g, planes, out};
+  qg::ThreadPool::instance().run(num_threads(), g.mt, pack_tile, &pc);
   return QG_OK;
 }
+
 
 QG_API int qg_biqgemm_pack_alpha(const float* alpha, int64_t m, int64_t k, int q, int64_t group_size,
                                  float* out) {
@@ -685,13 +762,10 @@ QG_API int qg_biqgemm_f32(const float* x, int64_t n, int64_t k, const void* pack
   if (isa == ISA_AVX512) tile = fast ? tile_fast_avx512 : tile_exact_avx512;
 #endif
 
-  int nt = g_threads > 0 ? g_threads : omp_get_max_threads();
-  nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nt, g.mt)));
-
-  const int64_t tile_chunk = std::max<int64_t>(1, g.mt / (16 * nt));
+  const int nt = static_cast<int>(std::min<int64_t>(num_threads(), g.mt));
   const int64_t slab = std::min(n, kBatchSlab);
-  // Small batches: every thread builds its own tables (microseconds), so threads never wait for each
-  // other before the end of the call; larger batches share one set of tables built in parallel.
+  // Small batches: every thread builds its own tables on its first chunk (microseconds), so no thread
+  // waits for another; larger batches share one set of tables built in parallel first.
   const bool private_tables = slab <= kPrivateTableRows;
   const size_t table_bytes = align64(slab * g.nb * kTable * (fast ? 1 : sizeof(float)));
   const size_t scale_bytes = fast ? align64(slab * g.nb * sizeof(float)) : 0;
@@ -699,55 +773,46 @@ QG_API int qg_biqgemm_f32(const float* x, int64_t n, int64_t k, const void* pack
   const size_t prep_bytes = table_bytes + scale_bytes + gsum_bytes;
   const size_t ybuf_bytes = align64(slab * kRows * sizeof(float));
   const int nprep = private_tables ? nt : 1;
-  char* base = static_cast<char*>(t_scratch.get(prep_bytes * nprep + ybuf_bytes * nt));
+  char* base = static_cast<char*>(t_scratch.get(prep_bytes * nprep + ybuf_bytes * nt + nt));
   if (!base) return QG_ENOMEM;
-  const Builders builders{fast, build_exact, build_fast};
+
+  CallCtx cc;
+  cc.bld = Builders{fast, build_exact, build_fast};
+  cc.tile = tile;
+  cc.prep = base;
+  cc.prep_bytes = prep_bytes;
+  cc.table_bytes = table_bytes;
+  cc.scale_bytes = scale_bytes;
+  cc.private_tables = private_tables;
+  cc.ybufs = base + prep_bytes * nprep;
+  cc.ybuf_bytes = ybuf_bytes;
+  cc.prepared = reinterpret_cast<bool*>(cc.ybufs + ybuf_bytes * nt);
+  cc.tiles_per_chunk = std::max<int64_t>(1, std::min<int64_t>(4, g.mt / (8 * nt)));
+  cc.c.g = g;
+  cc.c.packed = static_cast<const uint8_t*>(packed);
+  cc.c.alpha = alpha;
+  cc.c.offset = offset;
+  cc.c.bias = bias;
+  qg::ThreadPool& pool = qg::ThreadPool::instance();
 
   for (int64_t n0 = 0; n0 < n; n0 += slab) {
-    const int64_t rows_here = std::min(slab, n - n0);
-    const float* xs0 = x + n0 * k;
-    float* y0 = y + n0 * m;
-
-#pragma omp parallel num_threads(nt)
-    {
-      const int tid = omp_get_thread_num();
-      char* prep = base + prep_bytes * (private_tables ? tid : 0);
-      Ctx c;
-      c.g = g;
-      c.packed = static_cast<const uint8_t*>(packed);
-      c.alpha = alpha;
-      c.offset = offset;
-      c.bias = bias;
-      c.n = rows_here;
-      c.tf = fast ? nullptr : reinterpret_cast<float*>(prep);
-      c.tq = fast ? reinterpret_cast<int8_t*>(prep) : nullptr;
-      c.ts = fast ? reinterpret_cast<float*>(prep + table_bytes) : nullptr;
-      c.gsum = offset ? reinterpret_cast<float*>(prep + table_bytes + scale_bytes) : nullptr;
-      if (private_tables) {
-        build_tables(c, builders, xs0, 0, c.n * g.nb);
-        if (offset) group_sums(c, xs0, 0, c.n * g.g);
-      } else {
-#pragma omp for schedule(static)
-        for (int64_t it = 0; it < c.n * g.nb; ++it) build_tables(c, builders, xs0, it, it + 1);
-        if (offset) {
-#pragma omp for schedule(static)
-          for (int64_t it = 0; it < c.n * g.g; ++it) group_sums(c, xs0, it, it + 1);
-        }
-      }
-      float* ybuf = reinterpret_cast<float*>(base + prep_bytes * nprep + ybuf_bytes * tid);
-      // Dynamic chunks of consecutive tiles: each thread still streams contiguous runs of weights, and a
-      // thread the OS preempts (the cores may be shared) does not hold the others back.
-#pragma omp for schedule(dynamic, tile_chunk)
-      for (int64_t t = 0; t < g.mt; ++t) {
-        tile(c, t, ybuf);
-        finish_tile(c, t, ybuf, y0);
-      }
+    cc.c.n = std::min(slab, n - n0);
+    cc.xs0 = x + n0 * k;
+    cc.y0 = y + n0 * m;
+    std::fill(cc.prepared, cc.prepared + nt, false);
+    if (!private_tables) {
+      cc.build_items = cc.c.n * g.nb + (offset ? cc.c.n * g.g : 0);
+      pool.run(nt, (cc.build_items + kBuildChunk - 1) / kBuildChunk, build_chunk, &cc);
     }
+    pool.run(nt, (g.mt + cc.tiles_per_chunk - 1) / cc.tiles_per_chunk, tile_chunk, &cc);
   }
   return QG_OK;
 }
 
 }  // extern "C"
+
+// Join the pool's workers when the library is unloaded (dlclose), so none runs unmapped code.
+__attribute__((destructor)) static void qg_biqgemm_unload() { qg::ThreadPool::instance().shutdown(); }
 
 // A valid (empty) Python extension module, so setuptools can build this file as one. Weak reference:
 // hosts without libpython (e.g. onnxruntime) can still dlopen the library with RTLD_NOW.

@@ -41,7 +41,7 @@ QG_API int qg_biqgemm_abi_version(void);
 QG_API const char* qg_biqgemm_isa(void);
 /* 1 if this CPU (and build) can run the named path, else 0. */
 QG_API int qg_biqgemm_isa_supported(const char* name);
-/* Threads for later calls; 0 = the OpenMP default. */
+/* Threads for later calls (the caller plus pool workers); 0 = std::thread::hardware_concurrency(). */
 QG_API void qg_biqgemm_set_num_threads(int n);
 
 /* Sizes of the packed buffers, in bytes / floats (0 for invalid arguments). */
