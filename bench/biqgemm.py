@@ -9,8 +9,8 @@ whatever else the machine is doing (the table also shows each kernel's fastest c
 bytes a call reads (packed bits + α) over its time, and % of that copy's rate (read + write bytes). max rel err is
 max|y − y_ref| / max|y_ref| against x·Ŵᵀ in fp32 from the dequantized weight. BCQ weights are random codes
 (random bits, α decaying per plane): timing does not depend on the values. MatMulNBits uses block 128, the
-default zero point and the accuracy level given by --ort-accuracy-level (4 = int8 activations, its fastest
-CPU path; 0 = fp32). Every library runs with --threads intra-op threads.
+default zero point, the accuracy level given by --ort-accuracy-level (4 = int8 activations, its fastest CPU
+path; 0 = fp32) and non-spinning intra-op threads. Every library runs with --threads intra-op threads.
 
     python bench/biqgemm.py [--quick] [--json out.json] [--shapes 11008x4096] [--batches 1,8,32] [--bits 3,4]
     python bench/biqgemm.py --device cuda [...]   # defers to bench/biqgemm_cuda.py
@@ -160,6 +160,10 @@ def ort_nbits_sessions(m: int, k: int, n_copies: int, threads: int, accuracy_lev
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Each session has its own intra-op pool; spinning pools of the rotated sessions would keep burning the
+    # cores after their run and slow whatever is timed next (measured: the BiQGEMM call after an ORT block
+    # went from ~10 ms to ~25 ms on a loaded machine), and ORT itself was no faster with spinning.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sessions = []
     for _ in range(n_copies):
         b = rng.integers(0, 256, size=(m, blocks, ORT_BLOCK // 2), dtype=np.uint8)

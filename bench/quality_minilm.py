@@ -16,13 +16,13 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from _records import Records, markdown_table  # noqa: E402
+import torch
+import torch.nn.functional as F
+from _records import Records, markdown_table
 
-import qgraph  # noqa: E402
-from qgraph.data.text import calibration_plays, evaluation_plays, sentences  # noqa: E402
-from qgraph.models.minilm import dynamic_shapes, encode, load_minilm  # noqa: E402
+import qgraph
+from qgraph.data.text import calibration_plays, evaluation_plays, sentences
+from qgraph.models.minilm import dynamic_shapes, encode, load_minilm
 
 CANON = "fold-bn,dce,fuse-activation"
 METHODS = {
@@ -47,7 +47,7 @@ def ort_side_by_side(model, tok, eval_texts, calib, ref, records, rows, tmp):
     import onnxruntime as ort
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
-    import qgraph.ir.onnx  # noqa: F401
+    import qgraph.ir.onnx
 
     float_path, ort_path, qg_path = tmp / "minilm.onnx", tmp / "minilm-ort-qdq.onnx", tmp / "minilm-qgraph-qdq.onnx"
     with warnings.catch_warnings():

@@ -27,8 +27,43 @@ from qgraph.target import Target, list_targets, load_target
 __version__ = "0.1.0"
 
 __all__ = [
-    "CalibrationError", "DumpIRInstrument", "ExportError", "FxGraph", "GraphView", "KernelError", "Pass",
-    "PassContext", "PassInstrument", "PassManager", "PassOrderError", "PassResult", "PipelineError",
-    "QGraphError", "SpecError", "TargetError", "TimingInstrument", "TraceError", "VerifyInstrument",
-    "format_pipeline", "parse_pipeline", "register_analysis", "register_pass", "registered_passes", "trace", "quantize", "QuantizedModel", "Target", "list_targets", "load_target",
+    "CalibrationError",
+    "DumpIRInstrument",
+    "ExportError",
+    "FxGraph",
+    "GraphView",
+    "KernelError",
+    "Pass",
+    "PassContext",
+    "PassInstrument",
+    "PassManager",
+    "PassOrderError",
+    "PassResult",
+    "PipelineError",
+    "QGraphError",
+    "QuantizedModel",
+    "SpecError",
+    "Target",
+    "TargetError",
+    "TimingInstrument",
+    "TraceError",
+    "VerifyInstrument",
+    "format_pipeline",
+    "list_targets",
+    "load_target",
+    "parse_pipeline",
+    "quantize",
+    "register_analysis",
+    "register_pass",
+    "registered_passes",
+    "trace",
 ]
+
+
+def __getattr__(name: str):
+    """``qgraph.export_onnx`` is imported on first use (it pulls in the ONNX exporter stack)."""
+    if name == "export_onnx":
+        from qgraph.export import export_onnx
+
+        return export_onnx
+    raise AttributeError(f"module 'qgraph' has no attribute {name!r}")

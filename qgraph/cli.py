@@ -1,4 +1,4 @@
-"""The ``qgraph`` command: lower, targets, passes, inspect, bench.
+"""The ``qgraph`` command: lower, search, export, targets, passes, inspect, bench.
 
 Exit codes: 0 success; 2 wrong usage; 3 bad input (model, target, pipeline, calibration data);
 4 the lowered model failed verification; 1 an unexpected internal error.
@@ -175,6 +175,30 @@ def cmd_passes(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    import qgraph
+    from qgraph.artifact import load_artifact
+    from qgraph.model_source import load_model_source
+
+    manifest = Path(args.artifact) / "manifest.json"
+    if not manifest.is_file():
+        from qgraph.errors import ExportError
+
+        raise ExportError(f"{args.artifact} is not a qgraph artifact folder (no manifest.json); point at the "
+                          f"model/ folder that qgraph lower wrote")
+    source = load_model_source(json.loads(manifest.read_text())["source"])
+    q = load_artifact(args.artifact, source.module, source.example_inputs, dynamic_shapes=source.dynamic_shapes)
+    info = qgraph.export_onnx(q, args.out, source.example_inputs, portable=args.portable,
+                              dynamic_shapes=source.dynamic_shapes)
+    size = Path(args.out).stat().st_size
+    if args.json:
+        print(json.dumps({"out": args.out, "bytes": size, "portable": args.portable}))
+    else:
+        print(f"wrote {args.out} ({size / 1e6:.2f} MB{', portable' if args.portable else ''})")
+    del info
+    return EXIT_OK
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     import qgraph
     from qgraph.model_source import load_model_source
@@ -256,6 +280,17 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--quick", action="store_true", help="the < 60 s subset holding the headline case")
     be.add_argument("--json", metavar="PATH", help="write records {case, metric, value} to PATH")
     be.set_defaults(func=cmd_bench)
+
+    from qgraph.search.cli import add_parser as add_search_parser
+
+    add_search_parser(sub)
+
+    ex = sub.add_parser("export", help="export a saved quantized model (qgraph lower's model/ folder) to ONNX")
+    ex.add_argument("artifact", help="the model/ folder written by qgraph lower")
+    ex.add_argument("--out", required=True, help="path of the .onnx file to write")
+    ex.add_argument("--portable", action="store_true", help="BiQGEMM as standard ONNX ops (no custom op)")
+    ex.add_argument("--json", action="store_true")
+    ex.set_defaults(func=cmd_export)
 
     ins = sub.add_parser("inspect", help="print a model's graph (optionally after a pipeline)")
     ins.add_argument("model")

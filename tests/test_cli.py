@@ -139,3 +139,25 @@ def test_bench_runs_a_script_and_unknown_name_is_usage(capsys):
     with pytest.raises(SystemExit) as e:
         main(["bench", "nope"])
     assert e.value.code == EXIT_USAGE
+
+
+def test_lower_then_export_to_onnx(tmp_path, model_file, capsys):
+    import onnx
+
+    out = tmp_path / "o"
+    code, _, err = _run(["lower", model_file, "--scheme", "bcq", "--bits", "3", "--group-size", "32", "--out",
+                         str(out), "--quiet", "--no-measure"], capsys)
+    assert code == EXIT_OK, err
+    for portable in (False, True):
+        onnx_path = tmp_path / f"m{int(portable)}.onnx"
+        argv = ["export", str(out / "model"), "--out", str(onnx_path), "--json"] + (["--portable"] if portable else [])
+        code, stdout, err = _run(argv, capsys)
+        assert code == EXIT_OK, err
+        onnx.checker.check_model(str(onnx_path))
+        ops = {n.op_type for n in onnx.load(str(onnx_path)).graph.node}
+        assert ("BiQGEMM" in ops) != portable
+
+
+def test_export_needs_an_artifact_folder(tmp_path, capsys):
+    code, _, err = _run(["export", str(tmp_path), "--out", str(tmp_path / "x.onnx")], capsys)
+    assert code == EXIT_INPUT and "not a qgraph artifact folder" in err

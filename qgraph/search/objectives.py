@@ -1,0 +1,447 @@
+"""What a trial measures and what a search must respect.
+
+- `EvalConfig`: picklable description of how to evaluate (model, target, metric, data sizes), the thing a
+  worker process rebuilds its `Workbench` from and part of every trial's cache key.
+- `Workbench`: a process-local evaluator. It traces and canonicalizes the model once, keeps the float
+  reference outputs, memoizes quantized weights per (node, spec) and activation qparams per (node, spec),
+  and evaluates a strategy by running annotate, check-target, quantize-weights, insert-fq (the same passes
+  `qgraph.quantize` runs with ``strategy=``) on a copy of the graph that shares the float weights.
+- Metrics: ``cosine`` (mean cosine of output rows to fp32; MiniLM embeddings) and ``perplexity``
+  (next-token perplexity on held-out windows; SmolLM2).
+- `CostTable`: predicted latency per (layer, choice) from the target's roofline cost model, so the latency
+  of any assignment is a sum (and the ILP stays linear).
+- `Constraints`: hard limits on bytes, latency, average weight bits and metric drop.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from qgraph.errors import CalibrationError
+from qgraph.ir.graph_view import ANNOTATION_KEY
+from qgraph.search.space import Assignment, SearchError, Space
+from qgraph.search.strategy import CANONICALIZE, Strategy
+
+SEARCH_VERSION = 1
+TRIAL_PIPELINE = "annotate,check-target,quantize-weights,insert-fq"
+
+
+# --- metrics ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    higher_is_better: bool
+
+    def error(self, value: float) -> float:
+        """The quantity a search minimises (1 − cosine, or perplexity)."""
+        return 1.0 - value if self.higher_is_better else value
+
+    def drop(self, base: float, value: float) -> float:
+        """How much worse than float (>= 0 means worse)."""
+        return base - value if self.higher_is_better else value - base
+
+
+METRICS = {"cosine": Metric("cosine", True), "perplexity": Metric("perplexity", False)}
+
+
+def _first_tensor(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        for o in out:
+            if isinstance(o, torch.Tensor):
+                return o
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    raise SearchError(f"the model output ({type(out).__name__}) holds no tensor to score")
+
+
+def cosine_rows(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of matching rows (last dimension) of two outputs."""
+    d = ref.shape[-1] if ref.dim() else 1
+    return F.cosine_similarity(out.reshape(-1, d).double(), ref.reshape(-1, d).double(), dim=-1, eps=1e-12)
+
+
+def perplexity_of(logits: torch.Tensor, ids: torch.Tensor) -> float:
+    nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).double(), ids[:, 1:].reshape(-1))
+    return float(torch.exp(nll))
+
+
+# --- constraints -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Constraints:
+    """Hard limits; None means unconstrained. ``max_metric_drop`` is measured against float (cosine: 1 − cos
+    gap; perplexity: increase)."""
+
+    max_bytes: float | None = None
+    max_latency_us: float | None = None
+    avg_bits: float | None = None
+    max_metric_drop: float | None = None
+
+    def analytic_violation(self, nbytes: float, latency_us: float, avg_bits: float) -> float:
+        """Sum of relative excesses over the limits known before evaluation (0: all met)."""
+        v = 0.0
+        for value, cap in ((nbytes, self.max_bytes), (latency_us, self.max_latency_us), (avg_bits, self.avg_bits)):
+            if cap is not None and value > cap * (1 + 1e-12):
+                v += (value - cap) / max(cap, 1e-12)
+        return v
+
+    def metric_ok(self, drop: float) -> bool:
+        return self.max_metric_drop is None or drop <= self.max_metric_drop + 1e-12
+
+    def describe(self) -> str:
+        parts = []
+        if self.max_bytes is not None:
+            parts.append(f"bytes ≤ {self.max_bytes / 1e6:.3f} MB")
+        if self.avg_bits is not None:
+            parts.append(f"avg weight bits ≤ {self.avg_bits:g}")
+        if self.max_latency_us is not None:
+            parts.append(f"predicted latency ≤ {self.max_latency_us:.1f} µs")
+        if self.max_metric_drop is not None:
+            parts.append(f"metric drop ≤ {self.max_metric_drop:g}")
+        return ", ".join(parts) or "none"
+
+
+# --- cost table ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CostTable:
+    """Predicted µs: ``base`` for the nodes no choice changes, ``per_layer[i][c]`` for layer i at choice c."""
+
+    target: str
+    base_us: float
+    per_layer: tuple[tuple[float, ...], ...]
+
+    def predict(self, a: Sequence[int]) -> float:
+        return self.base_us + sum(self.per_layer[i][c] for i, c in enumerate(a))
+
+
+def cost_table(graph: Any, space: Space, target: Any) -> CostTable:
+    """Per-(layer, choice) latency from `estimate_cost`: one cost estimate per distinct choice label,
+    with every layer offering that label annotated with it (a node's cost depends only on its own
+    annotation and shapes)."""
+    from qgraph.analyses.cost import estimate_cost
+
+    g = fresh_copy(graph)
+    nodes = {g.name(n): n for n in g.nodes()}
+    layer_nodes = [nodes[layer.node] for layer in space.layers]
+    for n in g.nodes():
+        g.meta(n).pop(ANNOTATION_KEY, None)
+    base = estimate_cost(g, target).by_name()
+    layer_names = {layer.node for layer in space.layers}
+    base_us = sum(c.latency_us for name, c in base.items() if name not in layer_names)
+    table = [[0.0] * len(layer.choices) for layer in space.layers]
+    for label in space.labels():
+        touched = []
+        for i, (layer, n) in enumerate(zip(space.layers, layer_nodes)):
+            idx = [c for c, ch in enumerate(layer.choices) if ch.label == label]
+            g.meta(n).pop(ANNOTATION_KEY, None)
+            if idx:
+                ch = layer.choices[idx[0]]
+                if not ch.is_float:
+                    g.meta(n)[ANNOTATION_KEY] = ch.annotation
+                touched.append((i, idx[0]))
+        costs = estimate_cost(g, target).by_name()
+        for i, c in touched:
+            table[i][c] = costs[space.layers[i].node].latency_us
+    return CostTable(target.name, base_us, tuple(tuple(r) for r in table))
+
+
+# --- evaluation config and workbench ---------------------------------------------------------------
+@dataclass(frozen=True)
+class EvalConfig:
+    """How trials are evaluated. ``model``: a bundled name or ``path/file.py:factory``; ``metric``:
+    ``auto`` (perplexity for smollm2, else cosine), ``cosine`` or ``perplexity``; ``n_eval``: held-out
+    sentences (MiniLM) / windows (SmolLM2) / batches (other models); ``measure_latency``: also lower the
+    strategy to real kernels and time it on this host."""
+
+    model: str
+    target: str
+    metric: str = "auto"
+    n_eval: int = 32
+    eval_seed: int = 1
+    n_sens: int = 8
+    n_calib: int = 2
+    measure_latency: bool = False
+    threads: int = 1
+
+    def resolved_metric(self) -> Metric:
+        name = self.metric
+        if name == "auto":
+            name = "perplexity" if self.model == "smollm2" else "cosine"
+        if name not in METRICS:
+            raise SearchError(f"unknown metric {self.metric!r}; use one of auto, {', '.join(METRICS)}")
+        return METRICS[name]
+
+    def fingerprint(self) -> str:
+        d = {**asdict(self), "threads": None, "version": SEARCH_VERSION}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def fresh_copy(graph: Any) -> Any:
+    """A copy of an FxGraph whose structure and metadata are new but whose parameters and buffers are the
+    same tensors (passes replace weights, they never write into them), so a copy costs no weight memory."""
+    from qgraph.ir.fx import FxGraph
+
+    gm = graph.gm
+    memo: dict[int, Any] = {id(t): t for t in list(gm.parameters()) + list(gm.buffers())}
+    other = FxGraph(copy.deepcopy(gm, memo), frontend=graph.frontend, example_inputs=graph.example_inputs,
+                    name=graph.name_)
+    other.properties = set(graph.properties)
+    return other
+
+
+@dataclass
+class _Data:
+    eval_batches: list[tuple]
+    sens_batches: list[tuple]
+    calib_batches: list[tuple]
+
+
+class Workbench:
+    """Everything one process needs to evaluate strategies of one model on one target (see module doc)."""
+
+    def __init__(self, config: EvalConfig, *, source: Any = None, graph: Any = None):
+        from qgraph.context import PassContext
+        from qgraph.ir.trace import trace
+        from qgraph.model_source import load_model_source
+        from qgraph.pass_manager import PassManager
+        from qgraph.target import load_target
+
+        self.config = config
+        self.metric = config.resolved_metric()
+        self.target = load_target(config.target)
+        self.source = source if source is not None else load_model_source(config.model)
+        if graph is None:
+            graph = trace(self.source.module, self.source.example_inputs, dynamic_shapes=self.source.dynamic_shapes)
+            graph = PassManager(CANONICALIZE).run(graph, PassContext(target=self.target,
+                                                                     config={"progress": False})).graph
+        self.graph = graph
+        self.data = self._data()
+        with torch.no_grad():
+            self.reference = [_first_tensor(self.graph.gm(*b)).detach() for b in self.data.eval_batches]
+            self.sens_reference = [_first_tensor(self.graph.gm(*b)).detach() for b in self.data.sens_batches]
+        self.base_metric = self._score(self.reference)
+        self._qweights: dict[tuple[str, str], Any] = {}
+        self._qparams: dict[tuple[str, str], tuple] = {}
+
+    # --- data ----------------------------------------------------------------------------------
+    def _data(self) -> _Data:
+        c, src = self.config, self.source
+        if src.name == "minilm" and src.tokenizer is not None:
+            from qgraph.data.text import calibration_plays, evaluation_plays, sentences
+            from qgraph.models.minilm import encode
+
+            def enc(texts: list[str]) -> tuple:
+                e = encode(texts, src.tokenizer, max_length=64)
+                return e["input_ids"], e["attention_mask"]
+
+            ev = sentences(evaluation_plays(), c.n_eval, seed=c.eval_seed)
+            sens = sentences(calibration_plays(), c.n_sens, seed=c.eval_seed + 100)
+            return _Data([enc(ev[i:i + 32]) for i in range(0, len(ev), 32)], [enc(sens)],
+                         list(src.calibration or [])[: c.n_calib])
+        if src.name == "smollm2" and src.tokenizer is not None:
+            from qgraph.data.text import evaluation_plays, load_play
+            from qgraph.models.smollm2 import token_windows
+
+            rows = token_windows(src.tokenizer, load_play(evaluation_plays()[0]), 128, c.n_eval)
+            sens = token_windows(src.tokenizer, load_play(evaluation_plays()[1]), 64, 1)
+            return _Data([(rows[i:i + 1],) for i in range(rows.shape[0])], [(sens,)],
+                         list(src.calibration or [])[: c.n_calib])
+        batches = list(src.calibration or [])[: max(c.n_eval, 1)] or [tuple(src.example_inputs)]
+        return _Data(batches, batches[:1], batches[: c.n_calib])
+
+    # --- scoring -------------------------------------------------------------------------------
+    def _score(self, outputs: list[torch.Tensor]) -> float:
+        if self.metric.name == "perplexity":
+            logits = torch.cat([o.reshape(-1, *o.shape[-2:]) for o in outputs])
+            ids = torch.cat([b[0] for b in self.data.eval_batches])
+            return perplexity_of(logits, ids)
+        return float(torch.cat([cosine_rows(o, r) for o, r in zip(outputs, self.reference)]).mean())
+
+    def score_graph(self, graph: Any) -> float:
+        with torch.no_grad():
+            outs = [_first_tensor(graph.gm(*b)) for b in self.data.eval_batches]
+        return self._score(outs)
+
+    def loss(self, out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        """Differentiable distance to the float output, zero at the float weights (for sensitivity)."""
+        if self.metric.name == "perplexity":
+            return F.kl_div(F.log_softmax(out.float(), -1), F.log_softmax(ref.float(), -1), log_target=True,
+                            reduction="batchmean") / max(out.shape[-2] if out.dim() > 2 else 1, 1)
+        d = ref.shape[-1]
+        return (1 - F.cosine_similarity(out.reshape(-1, d), ref.reshape(-1, d), dim=-1, eps=1e-12)).mean()
+
+    # --- memoized quantization -------------------------------------------------------------------
+    def qweight(self, node_name: str, spec: Any) -> Any:
+        """The quantized weight of a node under a spec, computed once per process."""
+        from qgraph.passes.quantize_weights import quantize_tensor
+
+        key = (node_name, str(spec))
+        if key not in self._qweights:
+            node = self.graph.find(node_name)
+            self._qweights[key] = quantize_tensor(self.graph.param(node, "weight").detach(), spec)
+        return self._qweights[key]
+
+    def qparams(self, node_name: str, spec: Any) -> tuple:
+        """Activation qparams of input 0 of a node under a spec (observed on the float graph, which is what
+        ``calibrate`` sees too: it runs before any fake-quant is inserted)."""
+        key = (node_name, str(spec))
+        if key not in self._qparams:
+            self._calibrate(spec)
+        return self._qparams[key]
+
+    def _calibrate(self, spec: Any) -> None:
+        from qgraph.context import PassContext
+        from qgraph.pass_manager import PassManager
+        from qgraph.passes.calibrate import QPARAMS_KEY
+        from qgraph.quant.qspec import Annotation
+
+        if not self.data.calib_batches:
+            raise CalibrationError(f"strategies with quantized activations need calibration data, and model "
+                                   f"{self.config.model} has none")
+        g = fresh_copy(self.graph)
+        names = []
+        for n in g.nodes():
+            g.meta(n).pop(ANNOTATION_KEY, None)
+            if g.op_type(n) in ("Gemm", "MatMul", "Conv") and g.param(n, "weight") is not None:
+                g.meta(n)[ANNOTATION_KEY] = Annotation(inputs={0: spec})
+                names.append(g.name(n))
+        g.properties.add("annotated")
+        ctx = PassContext(target=self.target, config={"progress": False}, calibration=self.data.calib_batches)
+        PassManager("calibrate").run(g, ctx)
+        for n in g.nodes():
+            if g.name(n) in names:
+                self._qparams[(g.name(n), str(spec))] = g.meta(n)[QPARAMS_KEY]["input0"]
+
+    # --- strategies ------------------------------------------------------------------------------
+    def apply(self, strategy: Strategy, pipeline: str = TRIAL_PIPELINE) -> Any:
+        """A fake-quant copy of the graph under ``strategy`` (quantized weights and qparams prefilled from
+        the memos, so quantize-weights and calibration work are done once per (node, spec))."""
+        from qgraph.context import PassContext
+        from qgraph.pass_manager import PassManager
+        from qgraph.passes.calibrate import QPARAMS_KEY
+        from qgraph.passes.quantize_weights import QWEIGHT_KEY
+
+        g = fresh_copy(self.graph)
+        anns = strategy.annotations
+        for n in g.nodes():
+            ann = anns.get(g.qualname(n), anns.get(g.name(n)))
+            if ann is None:
+                continue
+            if ann.weight is not None:
+                g.meta(n)[QWEIGHT_KEY] = self.qweight(g.name(n), ann.weight)
+            if 0 in ann.inputs:
+                g.meta(n).setdefault(QPARAMS_KEY, {})["input0"] = self.qparams(g.name(n), ann.inputs[0])
+        ctx = PassContext(target=self.target, config={"progress": False, "strategy": strategy.config()})
+        PassManager(pipeline).run(g, ctx)
+        return g
+
+    def evaluate(self, strategy: Strategy) -> dict[str, Any]:
+        """Metric (and, when configured, measured host latency) of one strategy."""
+        t0 = time.perf_counter()
+        g = self.apply(strategy)
+        value = self.score_graph(g)
+        out: dict[str, Any] = {"metric": value, "base_metric": self.base_metric,
+                               "drop": self.metric.drop(self.base_metric, value)}
+        if self.config.measure_latency:
+            out["measured_latency_us"] = self._measure(g)
+        out["eval_seconds"] = time.perf_counter() - t0
+        return out
+
+    def _measure(self, g: Any, repeats: int = 5) -> float:
+        from qgraph.api import LOWERING_PASSES
+        from qgraph.context import PassContext
+        from qgraph.pass_manager import PassManager
+        from qgraph.registry import registered_passes
+
+        passes = [p for p in LOWERING_PASSES if p in registered_passes()] + ["dce"]
+        PassManager(",".join(passes)).run(g, PassContext(target=self.target, config={"progress": False}))
+        x = self.graph.example_inputs
+        times = []
+        with torch.no_grad():
+            g.gm(*x)
+            for _ in range(repeats):
+                t = time.perf_counter()
+                g.gm(*x)
+                times.append((time.perf_counter() - t) * 1e6)
+        return statistics.median(times)
+
+
+# --- analytic objectives ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Analytic:
+    """What is known about an assignment without running it."""
+
+    bytes: int
+    avg_bits: float
+    latency_us: float
+    violation: float
+
+    @property
+    def feasible(self) -> bool:
+        return self.violation == 0.0
+
+
+def analytic(space: Space, costs: CostTable, constraints: Constraints, a: Assignment) -> Analytic:
+    nbytes, bits, lat = space.weight_bytes(a), space.avg_bits(a), costs.predict(a)
+    return Analytic(nbytes, bits, lat, constraints.analytic_violation(nbytes, lat, bits))
+
+
+@dataclass
+class Trial:
+    """One evaluated strategy: assignment, analytic objectives and measured metric."""
+
+    assignment: Assignment
+    strategy: Strategy
+    analytic: Analytic
+    metric: float
+    drop: float
+    feasible: bool
+    cached: bool = False
+    measured_latency_us: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def objectives(self, metric: Metric, use_latency: bool = False) -> tuple[float, ...]:
+        """Minimisation objectives: (error, bytes[, latency])."""
+        obj = (metric.error(self.metric), float(self.analytic.bytes))
+        return obj + (self.analytic.latency_us,) if use_latency else obj
+
+
+def summarize(space: Space, a: Assignment) -> dict[str, int]:
+    """How many searched layers use each choice label."""
+    out: dict[str, int] = {}
+    for i in space.searchable:
+        label = space.layers[i].choices[a[i]].label
+        out[label] = out.get(label, 0) + 1
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def effective_bits(space: Space, a: Assignment) -> float:
+    """Stored bits per weight of the searched layers, scales and offsets included."""
+    idx = space.counted_for_bits
+    n = sum(space.layers[i].numel for i in idx)
+    b = sum(space.layers[i].bytes_of(a[i]) for i in idx)
+    return 8.0 * b / max(n, 1)
+
+
+def make_loss_fn(bench: Workbench) -> Callable[[torch.nn.Module], torch.Tensor]:
+    """The sensitivity loss of a module on the workbench's sensitivity batches."""
+    def loss(gm: torch.nn.Module) -> torch.Tensor:
+        total = 0.0
+        for b, ref in zip(bench.data.sens_batches, bench.sens_reference):
+            total = total + bench.loss(_first_tensor(gm(*b)), ref)
+        return total / max(len(bench.data.sens_batches), 1)
+
+    return loss

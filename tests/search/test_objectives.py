@@ -1,0 +1,88 @@
+"""Trial evaluation matches qgraph.quantize with the same strategy; the cost table and byte counts match
+the cost model and the quantized weights; constraints."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import qgraph
+from qgraph.analyses.cost import estimate_cost
+from qgraph.ir.graph_view import ANNOTATION_KEY
+from qgraph.model_source import load_model_source
+from qgraph.search.objectives import Constraints, EvalConfig, Workbench, cost_table, fresh_copy
+from qgraph.search.space import build_space
+from tests.search import write_toy
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    spec = write_toy(tmp_path_factory.mktemp("toy"))
+    bench = Workbench(EvalConfig(spec, "x86-avx2"))
+    yield spec, bench, build_space(bench.graph, bench.target)
+    torch.set_num_threads(old)
+
+
+def _mixed(space, with_act: bool):
+    act = next(lb for lb in space.labels() if lb.startswith("w8-ch+a"))  # x86-avx2: int7 activations
+    labels = ["bcq2-g128", "w4-g128", "fp32", "bcq4-g128", act if with_act else "w8-ch"]
+    a = []
+    for layer, lb in zip(space.layers, labels):
+        names = [ch.label for ch in layer.choices]
+        a.append(names.index(lb) if lb in names else names.index("w4-ch"))
+    return space.repair_ties(tuple(a))
+
+
+@pytest.mark.parametrize("with_act", [False, True])
+def test_trial_equals_qgraph_quantize_with_the_strategy(toy, with_act):
+    spec, bench, space = toy
+    strategy = space.strategy(_mixed(space, with_act))
+    assert strategy.needs_calibration == with_act
+    src = load_model_source(spec)
+    q = qgraph.quantize(src.module, src.example_inputs, target="x86-avx2", calib=bench.data.calib_batches,
+                        pipeline=strategy.pipeline(), strategy=strategy.config(), progress=False)
+    x = src.example_inputs
+    with torch.no_grad():
+        want = q(*x)
+        got = bench.apply(strategy).gm(*x)
+        ref = bench.graph.gm(*x)
+    assert torch.equal(got, want)
+    assert not torch.equal(got, ref)  # it did quantize
+    res = bench.evaluate(strategy)
+    cos = torch.nn.functional.cosine_similarity(want.double(), ref.double(), dim=-1).mean()
+    assert res["metric"] == pytest.approx(float(cos), abs=1e-12) and res["drop"] == pytest.approx(1 - float(cos))
+
+
+def test_memoized_weights_are_reused(toy):
+    _, bench, space = toy
+    s = space.strategy(space.uniform("bcq3-g128"))
+    bench.evaluate(s)
+    before = dict(bench._qweights)
+    bench.evaluate(s)
+    assert bench._qweights.keys() == before.keys() and all(bench._qweights[k] is before[k] for k in before)
+
+
+def test_cost_table_and_bytes_match_the_cost_model_and_quantized_weights(toy):
+    _, bench, space = toy
+    table = cost_table(bench.graph, space, bench.target)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        a = space.repair_ties(tuple(int(torch.randint(len(layer.choices), (1,), generator=gen)) for layer in space.layers))
+        g = fresh_copy(bench.graph)
+        nodes = {g.name(n): n for n in g.nodes()}
+        for layer, c in zip(space.layers, a):
+            ch = layer.choices[c]
+            if not ch.is_float:
+                g.meta(nodes[layer.node])[ANNOTATION_KEY] = ch.annotation
+        assert table.predict(a) == pytest.approx(estimate_cost(g, bench.target).latency_us, rel=1e-9)
+        stored = sum(bench.qweight(layer.node, layer.choices[c].weight).nbytes if layer.choices[c].weight is not None
+                     else layer.numel * 4 for layer, c in zip(space.layers, a))
+        assert space.weight_bytes(a) == stored
+
+
+def test_constraints_violation():
+    c = Constraints(max_bytes=100, avg_bits=4.0)
+    assert c.analytic_violation(100, 1e9, 4.0) == 0.0
+    assert c.analytic_violation(150, 0.0, 5.0) == pytest.approx(0.5 + 0.25)
+    assert Constraints(max_metric_drop=0.01).metric_ok(0.01) and not Constraints(max_metric_drop=0.01).metric_ok(0.02)
