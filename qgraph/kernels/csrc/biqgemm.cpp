@@ -28,7 +28,8 @@ constexpr int kRows = QG_TILE_ROWS;   // rows per tile
 constexpr int kBlock = QG_BLOCK_K;    // activations per block (8 chunks of mu = 4)
 constexpr int kBlockBytes = 128;      // packed bytes per (tile, block, plane) = 32 rows * 8 nibbles
 constexpr int kTable = 128;           // table entries per block = 8 chunks * 16
-constexpr int kBlocksPerStep = 16;    // blocks whose keys stay in L1 while looping over the batch
+constexpr int kMaxBlocksPerStep = 16; // blocks whose keys stay in L1 while looping over the batch
+constexpr int64_t kStepTableBytes = 16 << 10;  // tables of one step (all batch rows), kept in L1
 constexpr int64_t kBatchSlab = 64;    // input rows whose tables are built at once
 constexpr int64_t kPrivateTableRows = 4;  // up to this batch, each thread builds its own tables
 
@@ -73,9 +74,10 @@ struct Ctx {
   const float* offset;
   const float* bias;
   int64_t n;        // rows in this slab
-  float* tf;        // exact tables [n][nb][128]
-  int8_t* tq;       // fast tables  [n][nb][128]
-  float* ts;        // fast scales  [n][nb]
+  int64_t blocks_per_step;  // blocks processed for every batch row before moving on
+  float* tf;        // exact tables [nb][n][128]
+  int8_t* tq;       // fast tables  [nb][n][128]
+  float* ts;        // fast scales  [nb][n]
   float* gsum;      // [n][G] sums of x per group (only with offset)
 };
 
@@ -122,7 +124,7 @@ void tile_exact_scalar(const Ctx& c, int64_t t, float* ybuf) {
   for (int64_t n = 0; n < c.n; ++n) {
     float* yb = ybuf + n * kRows;
     for (int64_t b = 0; b < g.nb; ++b) {
-      const float* tab = c.tf + (n * g.nb + b) * kTable;
+      const float* tab = c.tf + (b * c.n + n) * kTable;
       const int64_t grp = b / g.bpg;
       for (int i = 0; i < g.q; ++i) {
         const uint8_t* kp = wt + (b * g.q + i) * kBlockBytes;
@@ -148,8 +150,8 @@ void tile_fast_scalar(const Ctx& c, int64_t t, float* ybuf) {
   for (int64_t n = 0; n < c.n; ++n) {
     float* yb = ybuf + n * kRows;
     for (int64_t b = 0; b < g.nb; ++b) {
-      const int8_t* tab = c.tq + (n * g.nb + b) * kTable;
-      const float scale = c.ts[n * g.nb + b];
+      const int8_t* tab = c.tq + (b * c.n + n) * kTable;
+      const float scale = c.ts[b * c.n + n];
       const int64_t grp = b / g.bpg;
       float z[kRows] = {0.f};
       for (int i = 0; i < g.q; ++i) {
@@ -219,14 +221,14 @@ QG_AVX2 void tile_exact_avx2(const Ctx& c, int64_t t, float* ybuf) {
   const uint8_t* wt = c.packed + t * g.nb * q * kBlockBytes;
   const float* at = c.alpha + t * g.g * q * kRows;
   std::memset(ybuf, 0, sizeof(float) * c.n * kRows);
-  for (int64_t kb0 = 0; kb0 < g.nb; kb0 += kBlocksPerStep) {
-    const int64_t kb1 = std::min<int64_t>(g.nb, kb0 + kBlocksPerStep);
+  for (int64_t kb0 = 0; kb0 < g.nb; kb0 += c.blocks_per_step) {
+    const int64_t kb1 = std::min<int64_t>(g.nb, kb0 + c.blocks_per_step);
     for (int64_t n = 0; n < c.n; ++n) {
       float* yb = ybuf + n * kRows;
       __m256 y0 = _mm256_load_ps(yb), y1 = _mm256_load_ps(yb + 8);
       __m256 y2 = _mm256_load_ps(yb + 16), y3 = _mm256_load_ps(yb + 24);
       for (int64_t b = kb0; b < kb1; ++b) {
-        const float* tab = c.tf + (n * g.nb + b) * kTable;
+        const float* tab = c.tf + (b * c.n + n) * kTable;
         const int64_t grp = b / g.bpg;
         for (int i = 0; i < q; ++i) {
           const uint8_t* kp = wt + (b * q + i) * kBlockBytes;
@@ -305,15 +307,15 @@ QG_AVX2 void tile_fast_avx2(const Ctx& c, int64_t t, float* ybuf) {
   const uint8_t* wt = c.packed + t * g.nb * q * kBlockBytes;
   const float* at = c.alpha + t * g.g * q * kRows;
   std::memset(ybuf, 0, sizeof(float) * c.n * kRows);
-  for (int64_t kb0 = 0; kb0 < g.nb; kb0 += kBlocksPerStep) {
-    const int64_t kb1 = std::min<int64_t>(g.nb, kb0 + kBlocksPerStep);
+  for (int64_t kb0 = 0; kb0 < g.nb; kb0 += c.blocks_per_step) {
+    const int64_t kb1 = std::min<int64_t>(g.nb, kb0 + c.blocks_per_step);
     for (int64_t n = 0; n < c.n; ++n) {
       float* yb = ybuf + n * kRows;
       __m256 y0 = _mm256_load_ps(yb), y1 = _mm256_load_ps(yb + 8);
       __m256 y2 = _mm256_load_ps(yb + 16), y3 = _mm256_load_ps(yb + 24);
       for (int64_t b = kb0; b < kb1; ++b) {
-        const int8_t* tab = c.tq + (n * g.nb + b) * kTable;
-        const __m256 scale = _mm256_set1_ps(c.ts[n * g.nb + b]);
+        const int8_t* tab = c.tq + (b * c.n + n) * kTable;
+        const __m256 scale = _mm256_set1_ps(c.ts[b * c.n + n]);
         const int64_t grp = b / g.bpg;
         __m256 z0 = _mm256_setzero_ps(), z1 = _mm256_setzero_ps();
         __m256 z2 = _mm256_setzero_ps(), z3 = _mm256_setzero_ps();
@@ -355,13 +357,13 @@ QG_AVX512 void tile_exact_avx512(const Ctx& c, int64_t t, float* ybuf) {
   const uint8_t* wt = c.packed + t * g.nb * q * kBlockBytes;
   const float* at = c.alpha + t * g.g * q * kRows;
   std::memset(ybuf, 0, sizeof(float) * c.n * kRows);
-  for (int64_t kb0 = 0; kb0 < g.nb; kb0 += kBlocksPerStep) {
-    const int64_t kb1 = std::min<int64_t>(g.nb, kb0 + kBlocksPerStep);
+  for (int64_t kb0 = 0; kb0 < g.nb; kb0 += c.blocks_per_step) {
+    const int64_t kb1 = std::min<int64_t>(g.nb, kb0 + c.blocks_per_step);
     for (int64_t n = 0; n < c.n; ++n) {
       float* yb = ybuf + n * kRows;
       __m512 y0 = _mm512_load_ps(yb), y1 = _mm512_load_ps(yb + 16);
       for (int64_t b = kb0; b < kb1; ++b) {
-        const float* tab = c.tf + (n * g.nb + b) * kTable;
+        const float* tab = c.tf + (b * c.n + n) * kTable;
         const int64_t grp = b / g.bpg;
         for (int i = 0; i < q; ++i) {
           const uint8_t* kp = wt + (b * q + i) * kBlockBytes;
@@ -403,17 +405,17 @@ QG_AVX512 void tile_fast_avx512(const Ctx& c, int64_t t, float* ybuf) {
   const __m512i off_lo = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi8(32), 1);
   const __m512i off_hi = _mm512_inserti64x4(_mm512_set1_epi8(16), _mm256_set1_epi8(48), 1);
   std::memset(ybuf, 0, sizeof(float) * c.n * kRows);
-  for (int64_t kb0 = 0; kb0 < g.nb; kb0 += kBlocksPerStep) {
-    const int64_t kb1 = std::min<int64_t>(g.nb, kb0 + kBlocksPerStep);
+  for (int64_t kb0 = 0; kb0 < g.nb; kb0 += c.blocks_per_step) {
+    const int64_t kb1 = std::min<int64_t>(g.nb, kb0 + c.blocks_per_step);
     for (int64_t n = 0; n < c.n; ++n) {
       float* yb = ybuf + n * kRows;
       __m256 y0 = _mm256_load_ps(yb), y1 = _mm256_load_ps(yb + 8);
       __m256 y2 = _mm256_load_ps(yb + 16), y3 = _mm256_load_ps(yb + 24);
       for (int64_t b = kb0; b < kb1; ++b) {
-        const int8_t* tab = c.tq + (n * g.nb + b) * kTable;
+        const int8_t* tab = c.tq + (b * c.n + n) * kTable;
         const __m512i ta = _mm512_load_si512(tab);
         const __m512i tb = _mm512_load_si512(tab + 64);
-        const __m256 scale = _mm256_set1_ps(c.ts[n * g.nb + b]);
+        const __m256 scale = _mm256_set1_ps(c.ts[b * c.n + n]);
         const int64_t grp = b / g.bpg;
         __m256 z0 = _mm256_setzero_ps(), z1 = _mm256_setzero_ps();
         __m256 z2 = _mm256_setzero_ps(), z3 = _mm256_setzero_ps();
@@ -526,11 +528,12 @@ struct Builders {
   BuildFastFn quant;
 };
 
-// Tables of items [lo, hi) of the slab, item = row * nb + block.
+// Tables of items [lo, hi) of the slab, item = block * n + row (block-major: one step's tables for
+// every batch row are contiguous, and rows never alias the same L1 sets).
 void build_tables(const Ctx& c, const Builders& bld, const float* xs0, int64_t lo, int64_t hi) {
   const Geometry& g = c.g;
   for (int64_t it = lo; it < hi; ++it) {
-    const int64_t r = it / g.nb, b = it % g.nb;
+    const int64_t b = it / c.n, r = it % c.n;
     int64_t k0, cnt;
     block_span(g, b, &k0, &cnt);
     alignas(64) float xs[kBlock];
@@ -797,6 +800,8 @@ QG_API int qg_biqgemm_f32(const float* x, int64_t n, int64_t k, const void* pack
 
   for (int64_t n0 = 0; n0 < n; n0 += slab) {
     cc.c.n = std::min(slab, n - n0);
+    const int64_t step_bytes = cc.c.n * kTable * (fast ? 1 : sizeof(float));
+    cc.c.blocks_per_step = std::max<int64_t>(1, std::min<int64_t>(kMaxBlocksPerStep, kStepTableBytes / step_bytes));
     cc.xs0 = x + n0 * k;
     cc.y0 = y + n0 * m;
     std::fill(cc.prepared, cc.prepared + nt, false);
