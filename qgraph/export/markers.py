@@ -7,8 +7,6 @@ attributes. The exporter never sees a dequantized float weight or a fake-quant d
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor, nn
 

@@ -11,6 +11,7 @@ import io
 import os
 import warnings
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -173,26 +174,55 @@ def _torch_export(module: torch.nn.Module, args: tuple, dynamic_shapes: Any, ops
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ep = torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
-    except Exception as e:  # torch.export raises many types from user code
+    except Exception as e:  # noqa: BLE001 - torch.export raises many types from user code
         raise ExportError(f"torch.export of the quantized model failed: {_first_line(e)}; check that the model "
                           f"runs on example_inputs (same count, dtypes and ranks as when it was quantized)") from None
     sink = io.StringIO()
     try:
         with contextlib.redirect_stdout(sink), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            program = torch.onnx.export(ep, args, dynamo=True, custom_translation_table=markers.translation_table(),
-                                        opset_version=opset, optimize=False, verbose=False)
-    except Exception as e:
+            model = _fast_translate(ep, opset)
+            if model is None:
+                model = torch.onnx.export(ep, args, dynamo=True, optimize=False, verbose=False, opset_version=opset,
+                                          custom_translation_table=markers.translation_table()).model
+    except Exception as e:  # noqa: BLE001 - any exporter failure becomes one ExportError line
         raise ExportError(f"the torch ONNX exporter failed: {_first_line(e)}. An op without an ONNX translation "
                           f"must be rewritten or kept out of the model before export") from None
-    _light_optimize(program.model)
-    return program.model
+    _light_optimize(model)
+    return model
+
+
+@lru_cache(maxsize=1)
+def _registry():
+    from torch.onnx._internal.exporter import _registration
+
+    registry = _registration.ONNXRegistry.from_torchlib()
+    for op, fn in markers.translation_table().items():
+        registry.register_op(op, fn, is_complex=False)
+    return registry
+
+
+def _fast_translate(ep, opset: int) -> ir.Model | None:
+    """``ExportedProgram`` → ONNX IR with a registry built once per process (``torch.onnx.export`` rebuilds
+    it from torchlib on every call, seconds each); None when this torch lacks the internal entry point."""
+    try:
+        from torch.onnx._internal.exporter import _constants, _core
+    except ImportError:
+        return None
+    if not hasattr(_core, "exported_program_to_ir") or opset < _constants.TORCHLIB_OPSET:
+        return None
+    model = _core.exported_program_to_ir(ep, registry=_registry())
+    if model.opset_imports.get("") != opset:
+        from onnxscript import version_converter
+
+        version_converter.convert_version(model, opset, fallback=True)
+    return model
 
 
 def _light_optimize(model: ir.Model) -> None:
     """Constant folding, dead code, constant lifting, dedup and CSE: what the exporter's own optimizer does
     minus its pattern rewriter, which costs seconds on a transformer and changes nothing qgraph relies on."""
-    import onnx_ir.passes.common as common
+    from onnx_ir.passes import common
     from onnxscript.optimizer import _constant_folding
 
     ir.passes.Sequential(
@@ -241,6 +271,6 @@ def load_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The ``qgraph.*`` metadata of an exported file (without loading its weights)."""
     try:
         proto = onnx.load(str(path), load_external_data=False)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - onnx raises protobuf/IO errors of many types
         raise ExportError(f"{path} is not a readable ONNX file: {e}") from None
     return {p.key: p.value for p in proto.metadata_props}

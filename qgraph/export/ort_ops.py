@@ -106,7 +106,7 @@ def _packed(planes, alpha, z, m, k, gs, bits):
                       alpha=torch.from_numpy(np.array(alpha, dtype=np.float32, copy=True)),
                       offset=torch.from_numpy(np.array(z, dtype=np.float32, copy=True)) if z.size else None,
                       shape=(m, k), group_size=gs)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - an unusable weight is reported as a KernelError
         raise KernelError(f"ai.qgraph::BiQGEMM got inputs that do not form a {m}x{k} BCQ weight: {e}") from None
     if w.bits != bits:
         raise KernelError(f"ai.qgraph::BiQGEMM: attribute bits={bits} but alpha holds {w.bits} planes")
@@ -167,7 +167,7 @@ def _install_array_hook() -> None:
     try:
         _ocos.PyCustomOpDef.install_hooker(_array_hook)
         ok = _self_test()
-    except Exception:  # any incompatibility: keep the library's own (slower) hook
+    except Exception:  # noqa: BLE001 - any incompatibility keeps the library's own hook
         ok = False
     if ok:
         _state["hook"] = "arrays"

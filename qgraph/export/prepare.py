@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 from qgraph.errors import ExportError
 from qgraph.export import markers
@@ -117,7 +117,8 @@ def _quantized_weight(g, node: fx.Node, q, out: Prepared) -> bool:
             f"'insert-fq' (or a lower-* pass) to the pipeline so the model computes what gets exported")
     if isinstance(q, BCQWeight):
         w = g.param(node, "weight")
-        if op == "Gemm" and w is not None and w.dim() == 2 and tuple(w.shape) == tuple(q.shape):
+        x_w_t = op == "Gemm" and "addmm" not in str(node.target)  # addmm holds Wᵀ: x @ W, not x @ Wᵀ
+        if x_w_t and w is not None and w.dim() == 2 and tuple(w.shape) == tuple(q.shape):
             module = markers.BiQGEMMExport(q, g.param(node, "bias"), name)
             _replace(g, node, module, "biqgemm", _activation(g, node))
             out.note(name, "biqgemm", f"{q.bits}-bit, group {q.group_size}")
@@ -171,8 +172,6 @@ def _lowered_name(g, node: fx.Node) -> str:
 
 
 def _activation(g, node: fx.Node) -> list[fx.Node]:
-    if node.op == "call_function" and "addmm" in str(node.target):
-        return [node.args[1]]
     return [g.inputs(node)[0]]
 
 

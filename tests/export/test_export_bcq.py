@@ -8,9 +8,9 @@ import onnx
 import onnx_ir as ir
 import pytest
 import torch
-import torch.nn as nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 
 import qgraph
 from qgraph.export import portable, prepare_onnx, schema, session_options
@@ -97,7 +97,7 @@ def test_custom_op_matches_reference(qmk_gs, offset, has_bias, n, seed):
 @settings(max_examples=25, deadline=None)
 @given(st.integers(1, 3), st.integers(1, 9), st.sampled_from([8, 16, 24, 64]), st.integers(0, 1000))
 def test_mu8_keys_are_the_packed_planes_when_groups_align(q, m, k, seed):
-    w = random_bcq(q, m, k, 8 if k > 8 else k, False, seed)
+    w = random_bcq(q, m, k, min(k, 8), False, seed)
     keys = portable.keys_of(w.planes.numpy(), k, w.group_size, 8)
     np.testing.assert_array_equal(keys, w.planes.numpy())
     assert portable.sign_matrix(4).shape == (4, 16) and set(np.unique(portable.sign_matrix(8))) == {-1.0, 1.0}

@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 
 import qgraph
 from qgraph.errors import ExportError
