@@ -5,15 +5,19 @@ The baseline is the fp32 model dequantized from the GGUF Q4_1 file the package s
 2-3 bits are the real test). Perplexity: fixed non-overlapping 512-token windows of an evaluation play;
 calibration: 512-token windows of the (disjoint) calibration plays. Quantized: the 210 Linear layers of the
 30 transformer blocks; the tied embedding / LM head stays fp32 unless a row says otherwise (ORT leaves it
-too: its LM head multiplies by a transposed initializer, which MatMulNBits does not take). Group size: 192
-for qgraph, the nearest divisor of both row lengths (576, 1536) to 128 that QSpec allows (128 does not
-divide 576); ORT uses block 128 (the last block of a 576 row padded), with fp32 scales.
+too: its LM head multiplies by a transposed initializer, which MatMulNBits does not take).
+Group size: 192 for qgraph (the divisor of both row lengths, 576 and 1536, nearest to 128: QSpec needs
+groups that divide the row, and 128 does not divide 576), plus one GPTQ-3 row at 64; ORT uses blocks of 128
+(the last block of a 576 row padded) with fp32 scales. qgraph's GPTQ rows use act_order and sequential
+(quantized-prefix) Hessians; GPTQ+BCQ fits α per group with the Hessian diagonal as importance
+(alternating BCQ), then rounds column by column. ORT's GPTQ runs symmetric: its asymmetric zero-point
+packing fails on rows with an odd number of blocks (576 = 4.5 x 128).
 
 Bytes: ``bytes`` is the whole model as stored (quantized linears at their bits with scales / zero points /
 α; every other tensor fp32; a tied table counted once); ``linear bytes`` the quantized linears alone.
 ORT's GPTQ re-runs the full model once per distinct MatMul input (120) and calibration window; those runs
 are identical, so the bench memoizes them (one forward per window; ORT's algorithm code is unchanged).
-The ONNX export (~4 min here) is cached under ``qgraph.models.smollm2.disk_cache_dir()``.
+The ONNX export (~4 min here, batch fixed at 1) is cached under ``qgraph.models.smollm2.disk_cache_dir()``.
 
     python bench/quality_llm.py [--quick] [--json out.json] [--methods ...] [--no-ort]
 """
@@ -31,29 +35,27 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from _records import Records, markdown_table  # noqa: E402
+import torch
+import torch.nn.functional as F
+from _records import Records, markdown_table
 
-import qgraph.passes  # noqa: E402,F401
-import qgraph.passes.embedding_rowwise  # noqa: E402,F401
-import qgraph.passes.gptq  # noqa: E402,F401
-from qgraph.context import PassContext  # noqa: E402
-from qgraph.data.text import evaluation_plays, load_play  # noqa: E402
-from qgraph.ir.trace import trace  # noqa: E402
-from qgraph.models import smollm2  # noqa: E402
-from qgraph.models.registry import BUNDLED  # noqa: E402
-from qgraph.pass_manager import PassManager  # noqa: E402
-from qgraph.passes.quantize_weights import QWEIGHT_KEY  # noqa: E402
-from qgraph.quant.qspec import Annotation, QSpec  # noqa: E402
+import qgraph.passes  # noqa: F401  (registers the built-in passes)
+from qgraph.context import PassContext
+from qgraph.data.text import evaluation_plays, load_play
+from qgraph.ir.trace import trace
+from qgraph.models import smollm2
+from qgraph.models.registry import BUNDLED
+from qgraph.pass_manager import PassManager
+from qgraph.passes.quantize_weights import QWEIGHT_KEY
+from qgraph.quant.qspec import Annotation, QSpec
 
 GROUP = 192
 GPTQ_U = "gptq{act_order=true}"
 GPTQ_B = "gptq{act_order=true,bcq_importance=hessian}"
 
 
-def _u(bits):
-    return QSpec.uniform(bits, granularity="group", group_size=GROUP, symmetric=False)
+def _u(bits, group=GROUP):
+    return QSpec.uniform(bits, granularity="group", group_size=group, symmetric=False)
 
 
 def _b(bits, method):
@@ -68,6 +70,7 @@ METHODS = {
     "GPTQ-4": (GPTQ_U, _u(4), ""),
     "GPTQ-3": (GPTQ_U, _u(3), ""),
     "GPTQ-2": (GPTQ_U, _u(2), ""),
+    "GPTQ-3-g64": (GPTQ_U, _u(3, 64), ""),
     "BCQ-3-greedy": ("", _b(3, "greedy"), ""),
     "BCQ-2-greedy": ("", _b(2, "greedy"), ""),
     "BCQ-3-weighted": ("", _b(3, "weighted"), ""),
@@ -76,7 +79,8 @@ METHODS = {
     "GPTQ+BCQ-2": (GPTQ_B, _b(2, "alternating"), ""),
     "GPTQ+BCQ-3 emb8": (GPTQ_B, _b(3, "alternating"), "embedding-rowwise{bits=8,tied=true}"),
 }
-ORT_METHODS = ("ORT-RTN-4", "ORT-GPTQ-4")
+OPTIONAL = ("GPTQ+BCQ-3 emb8",)  # only when named in --methods
+ORT_METHODS = ("ORT-RTN-4", "ORT-GPTQ-4-sym")
 QUICK = ("RTN-4", "GPTQ-3", "BCQ-3-weighted")
 
 
@@ -169,7 +173,7 @@ def onnx_path(lm) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     print("exporting SmolLM2 to ONNX (dynamo; cached for later runs)...", file=sys.stderr)
     ids = torch.randint(0, 1000, (1, 64))
-    dims = ({0: torch.export.Dim("batch", max=64), 1: torch.export.Dim("seq", max=2048)},)
+    dims = ({1: torch.export.Dim("seq", max=2048)},)
     with contextlib.redirect_stdout(sys.stderr):
         prog = torch.onnx.export(smollm2.CausalLMLogits(lm).eval(), (ids,), dynamo=True, input_names=["input_ids"],
                                  output_names=["logits"], dynamic_shapes=dims, optimize=True)
@@ -216,14 +220,17 @@ class _OrtShim:
 def run_ort(name, path: Path, calib_windows: torch.Tensor):
     import onnx
     import onnxruntime as ort
-    from onnxruntime.quantization.matmul_nbits_quantizer import GPTQWeightOnlyQuantConfig, MatMulNBitsQuantizer
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        GPTQWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
     from onnxruntime.quantization.neural_compressor import weight_only
 
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
     model = onnx.load(str(path))
     start = time.perf_counter()
-    if name == "ORT-RTN-4":
+    if name == ORT_METHODS[0]:
         q = MatMulNBitsQuantizer(model, bits=4, block_size=128, is_symmetric=False)
         q.process()
     else:
@@ -242,7 +249,9 @@ def run_ort(name, path: Path, calib_windows: torch.Tensor):
                 return iter(self.rows)
 
         cfg = GPTQWeightOnlyQuantConfig(calibration_data_reader=Reader(), percdamp=0.01, block_size=128)
-        q = MatMulNBitsQuantizer(model, bits=4, block_size=128, is_symmetric=False, algo_config=cfg)
+        # symmetric: ORT's GPTQ packs asymmetric zero points wrongly when a row has an odd number of blocks
+        # (576 = 4.5 blocks of 128 -> "cannot reshape array of size 1440 into shape (576, -1)")
+        q = MatMulNBitsQuantizer(model, bits=4, block_size=128, is_symmetric=True, algo_config=cfg)
         saved = weight_only.ort
         weight_only.ort = _OrtShim(ort)
         try:
@@ -259,7 +268,11 @@ def run_ort(name, path: Path, calib_windows: torch.Tensor):
     so = ort.SessionOptions()
     so.intra_op_num_threads = torch.get_num_threads()
     sess = ort.InferenceSession(qm.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    return (lambda ids: torch.from_numpy(sess.run(["logits"], {"input_ids": ids.numpy()})[0])), seconds, total, linear
+
+    def run(ids):  # the export has batch 1 (torch.export specializes a size-1 example dimension)
+        return torch.cat([torch.from_numpy(sess.run(["logits"], {"input_ids": row[None].numpy()})[0]) for row in ids])
+
+    return run, seconds, total, linear
 
 
 def _init_bytes(init) -> int:
@@ -275,16 +288,17 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help=f"{', '.join(QUICK)} on 2 windows, 4 calibration windows")
     ap.add_argument("--json", metavar="PATH", help="write records (case, metric, value) as JSON")
     ap.add_argument("--methods", nargs="*", help=f"subset of: {', '.join(list(METHODS) + list(ORT_METHODS))}")
-    ap.add_argument("--eval-windows", type=int, help="512-token evaluation windows (default 8; quick 2)")
+    ap.add_argument("--eval-windows", type=int, help="512-token evaluation windows (default 4; quick 2)")
     ap.add_argument("--calib-windows", type=int, help="512-token calibration windows (default 16; quick 4)")
     ap.add_argument("--no-ort", action="store_true", help="skip the onnxruntime rows")
     ap.add_argument("--progress", action="store_true", help="show progress bars")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    n_eval = args.eval_windows or (2 if args.quick else 8)
+    n_eval = args.eval_windows or (2 if args.quick else 4)
     n_calib = args.calib_windows or (4 if args.quick else 16)
-    names = args.methods or (list(QUICK) if args.quick else list(METHODS) + list(ORT_METHODS))
+    default = [n for n in METHODS if n not in OPTIONAL] + list(ORT_METHODS)
+    names = args.methods or (list(QUICK) if args.quick else default)
     if args.no_ort or args.quick and not args.methods:
         names = [n for n in names if n not in ORT_METHODS]
     unknown = [n for n in names if n not in METHODS and n not in ORT_METHODS]

@@ -14,7 +14,7 @@ gather stays a simulated float gather after lowering.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 
@@ -112,9 +112,9 @@ class EmbeddingBitsByFrequency(Pass):
         avg_bits: float = 2.5
         method: Literal["greedy", "alternating", "weighted"] = "alternating"
         rounds: int = 15
-        group_size: Optional[int] = None
+        group_size: int | None = None
         prior: float = 1.0
-        max_batches: Optional[int] = None
+        max_batches: int | None = None
 
     def run(self, graph, ctx) -> PassResult:
         o = self.options
@@ -134,8 +134,9 @@ class EmbeddingBitsByFrequency(Pass):
         summary = {}
         for node, w in todo:
             counts = self._counts(graph, node, ctx, w.shape[0])
-            q, errs = self._quantize(w.detach().float(), counts, bits)
+            q = self._quantize(w.detach().float(), counts, bits)
             graph.meta(node)[QWEIGHT_KEY] = q
+            w = w.detach()
             rel = float((q.dequantize() - w).norm() / w.norm().clamp_min(1e-30))
             hist = {b: int((q.row_bits == b).sum()) for b in bits}
             covered = {b: float(counts[q.row_bits == b].sum() / counts.sum().clamp_min(1)) for b in bits}
@@ -180,7 +181,7 @@ class EmbeddingBitsByFrequency(Pass):
                 # a row's BCQ fit only depends on the row itself, so the full fit's rows are reused as is
                 parts.append((b, rows, _select_rows(fits[b], rows)))
         row_bits = torch.tensor(bits, dtype=torch.uint8)[choice]
-        return MixedBitsBCQWeight(tuple(parts), row_bits, (int(w.shape[0]), int(w.shape[1]))), errors
+        return MixedBitsBCQWeight(tuple(parts), row_bits, (int(w.shape[0]), int(w.shape[1])))
 
 
 def _select_rows(bq: BCQWeight, rows: torch.Tensor) -> BCQWeight:

@@ -10,7 +10,6 @@ the path, never worse than min/max). All rows move at once (vectorized), in chun
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -93,7 +92,7 @@ class EmbeddingRowwise(Pass):
 
     @dataclass(frozen=True)
     class Options:
-        bits: Optional[int] = None
+        bits: int | None = None
         bins: int = 200
         max_trim: float = 0.16
         tied: bool = False

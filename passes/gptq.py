@@ -18,7 +18,7 @@ Hessians of every layer input are accumulated from the float model in one stream
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 
@@ -50,7 +50,7 @@ class GPTQPass(Pass):
         clip_search: bool = False
         p: float = 2.4
         bcq_importance: Literal["spec", "hessian"] = "spec"
-        max_batches: Optional[int] = None
+        max_batches: int | None = None
 
     def run(self, graph, ctx) -> PassResult:
         todo, rest, notes = self._select(graph)
@@ -182,7 +182,8 @@ def _not_gptq_able(graph, node, spec) -> str:
     if graph.op_type(node) != "Gemm":
         return f"{graph.op_type(node)} is not a Linear"
     target = getattr(node, "target", None)
-    is_linear = (node.op == "call_module" and isinstance(graph.module_of(node), torch.nn.Linear)) or \
+    is_module = getattr(node, "op", None) == "call_module" and hasattr(graph, "module_of")
+    is_linear = (is_module and isinstance(graph.module_of(node), torch.nn.Linear)) or \
         target is torch.nn.functional.linear or "aten.linear" in str(target)
     if not is_linear:
         return "only y = x Wᵀ layouts (nn.Linear, F.linear, aten.linear) take GPTQ"
@@ -226,6 +227,8 @@ def _stack(data: list[tuple], graph) -> tuple | None:
 
 def _layer_row(graph, node, res: GPTQResult, w: torch.Tensor) -> dict:
     w = w.detach()
-    return {"node": graph.qualname(node), "op": graph.op_type(node), "spec": str(graph.meta(node)[ANNOTATION_KEY].weight),
-            "method": "gptq", "rel_weight_err": float((res.w_hat.reshape(w.shape) - w).norm() / w.norm().clamp_min(1e-30)),
-            "output_err": res.error, "damp": res.damp, "fp32_bytes": w.numel() * 4, "bytes": int(res.qweight.nbytes)}
+    rel = float((res.w_hat.reshape(w.shape) - w).norm() / w.norm().clamp_min(1e-30))
+    return {"node": graph.qualname(node), "op": graph.op_type(node),
+            "spec": str(graph.meta(node)[ANNOTATION_KEY].weight), "method": "gptq", "rel_weight_err": rel,
+            "output_err": res.error, "rel_output_err": res.rel_error, "damp": res.damp,
+            "fp32_bytes": w.numel() * 4, "bytes": int(res.qweight.nbytes)}

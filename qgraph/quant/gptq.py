@@ -77,11 +77,13 @@ def output_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float
 @dataclass(frozen=True)
 class GPTQResult:
     """``qweight``: `UniformWeight` or `BCQWeight`; ``w_hat``: its float32 value ``[M, K]``; ``error``:
-    ``output_error(W, Ŵ, H)`` with the undamped H; ``damp``: the damping fraction finally used."""
+    ``output_error(W, Ŵ, H)`` with the undamped H; ``rel_error``: that over ``tr(W H Wᵀ)`` (the output's own
+    energy); ``damp``: the damping fraction finally used."""
 
     qweight: UniformWeight | BCQWeight
     w_hat: torch.Tensor
     error: float
+    rel_error: float
     damp: float
 
 
@@ -137,7 +139,8 @@ def gptq(
         qweight = quant.result()
         w_hat32 = qweight.dequantize().reshape(m, k)
         error = output_error(w64, w_hat32, h64)
-    return GPTQResult(qweight, w_hat32, error, used_damp)
+        energy = float(((w64 @ h64) * w64).sum())
+    return GPTQResult(qweight, w_hat32, error, error / max(energy, 1e-300), used_damp)
 
 
 def _sweep(wt: torch.Tensor, u: torch.Tensor, perm: torch.Tensor, pos_of: torch.Tensor, hdiag: torch.Tensor,
@@ -308,8 +311,9 @@ class _BCQColumns:
 
     def fit(self, group: int, cols: torch.Tensor, hdiag: torch.Tensor) -> None:
         s = self.spec
-        kw = dict(method=s.bcq_method, rounds=s.bcq_rounds, importance_exp=float(s.importance_exp),
-                  clip_quantile=s.importance_clip_quantile if s.bcq_method == "weighted" else None, offset=s.bcq_offset)
+        kw = {"method": s.bcq_method, "rounds": s.bcq_rounds, "importance_exp": float(s.importance_exp),
+              "clip_quantile": s.importance_clip_quantile if s.bcq_method == "weighted" else None,
+              "offset": s.bcq_offset}
         if self.importance == "hessian":
             imp = hdiag.clamp_min(0).to(torch.float64)[None, :].expand(cols.shape).clone()
             if s.bcq_method == "weighted" and s.importance_exp:

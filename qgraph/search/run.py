@@ -143,13 +143,13 @@ def run_search(opts: SearchOptions, *, progress: Callable[[str], None] | None = 
         say(f"cache {opts.cache}: {len(cache)} finished trial(s) on disk")
     runner = TrialRunner(config, cache=cache, workers=opts.workers, ray_address=opts.ray_address, on_result=on_trial)
     try:
-        if opts.workers > 0 or opts.ray_address is not None:
-            runner.start()
         say(f"loading and tracing {opts.model}")
         t = time.perf_counter()
         bench = bench if bench is not None else Workbench(config)
         runner.bench = bench
         timings["load_trace"] = time.perf_counter() - t
+        if opts.workers > 0 or opts.ray_address is not None:
+            runner.start()  # workers load the model while this process computes sensitivities
         space = build_space(bench.graph, bench.target, opts.space)
         say(f"space: {len(space.searchable)} searched nodes, {len(space.layers) - len(space.searchable)} fixed, "
             f"{len(space.ties)} tie groups; choices {', '.join(space.labels())}")

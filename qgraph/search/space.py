@@ -365,7 +365,9 @@ def layer_choices(target: Any, op: str, shape: tuple[int, ...], weights: Iterabl
         try:
             w.check_tensor(shape)
         except SpecError:
-            continue
+            if w.granularity != "group":
+                continue
+            w = w.replace(granularity="channel", group_size=None)  # as annotate does: per row instead
         if w.granularity == "group" and w.group_size >= row_len and \
                 w.replace(granularity="channel", group_size=None) in weights:
             continue  # one group per row is the per-channel spec, offered already

@@ -1,9 +1,9 @@
 """embedding-rowwise (greedy range shrink, lower-embedding, tied heads) and embedding-bits-by-frequency."""
 import pytest
 import torch
-import torch.nn as nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 
 import qgraph
 from qgraph.context import PassContext
