@@ -167,6 +167,7 @@ class SymmetricHistogram:
         self.counts = torch.zeros(bins, dtype=torch.float64)
         self.min_seen = math.inf
         self.max_seen = -math.inf
+        self.zeros = 0.0
 
     @property
     def total(self) -> float:
@@ -180,6 +181,7 @@ class SymmetricHistogram:
         x = x.reshape(-1).to(torch.float64)
         lo, hi = float(x.min()), float(x.max())
         self.min_seen, self.max_seen = min(self.min_seen, lo), max(self.max_seen, hi)
+        self.zeros += float((x == 0).sum())
         xa = max(-lo, hi)
         if self.a is None:
             self.a = xa if xa > 0 else 2.0**-100
@@ -320,7 +322,13 @@ class EntropyObserver(_HistogramObserver):
 
     def _range(self, spec: QSpec) -> Range:
         folded, w = self.hist.folded()
-        nlev = 1 << (spec.bits - 1 if spec.signed else spec.bits)
+        # exact zeros (ReLU outputs) are exact at any threshold; left in, their spike drags the threshold
+        # down to where one level holds one bin
+        folded = folded.copy()
+        folded[0] = max(folded[0] - self.hist.zeros, 0.0)
+        # levels on |x|: all of them when the data is one-signed, half when it spans both signs
+        one_sided = self.hist.min_seen >= 0 or self.hist.max_seen <= 0
+        nlev = 1 << (spec.bits if one_sided and not spec.symmetric else spec.bits - 1)
         last = int(np.flatnonzero(folded)[-1]) + 1 if folded.any() else 1
         if last <= nlev:
             return self._symmetric(last * w)

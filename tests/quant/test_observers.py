@@ -235,3 +235,30 @@ def test_constant_and_zero_inputs():
         obs.observe(torch.full((10,), 0.5))
         lo, hi = obs.range()
         assert math.isfinite(float(lo)) and 0.0 < float(hi) <= 0.5
+
+
+@pytest.mark.parametrize("zero_fraction", [0.0, 0.5, 0.9])
+def test_entropy_ignores_the_relu_zero_spike(zero_fraction):
+    """Exact zeros are exact at every threshold: a ReLU's spike of zeros must not pull the threshold down
+    (it used to clip a half-normal at 2.0 of 4.6 with 7 bits, which broke MobileNetV2)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200_000, generator=g).abs()
+    x[: int(zero_fraction * len(x))] = 0.0
+    obs = EntropyObserver()
+    obs.observe(x[torch.randperm(len(x), generator=g)])
+    lo, hi = obs.range(QSpec.uniform(7, symmetric=False))
+    assert float(lo) < 1e-3
+    assert 3.2 < float(hi) <= float(x.max())
+
+
+def test_entropy_levels_follow_the_data_sign():
+    """On signed data an affine 7-bit spec has 64 levels per side, like a symmetric 7-bit one: same threshold.
+    On one-signed data the affine spec puts all 128 levels on the one side: it may clip harder."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(200_000, generator=g)
+    signed, one_sided = EntropyObserver(), EntropyObserver()
+    signed.observe(x)
+    one_sided.observe(x.abs())
+    affine, sym = QSpec.uniform(7, symmetric=False), QSpec.uniform(7, symmetric=True)
+    assert float(signed.range(affine)[1]) == float(signed.range(sym)[1])
+    assert float(one_sided.range(affine)[1]) <= float(one_sided.range(sym)[1])
