@@ -199,18 +199,35 @@ class OnnxGraph:
         """Insert QuantizeLinear→DequantizeLinear on input ``idx`` (the ONNX form of a per-tensor fake quant)."""
         if target is not torch.fake_quantize_per_tensor_affine:
             raise ExportError(f"the ONNX adapter can only insert per-tensor fake quantization, not {target}")
-        scale, zp, qmin, _ = extra_args
+        scale, zp, qmin, qmax = extra_args
         value = self.inputs(node)[idx]
         dtype = np.int8 if qmin < 0 else np.uint8
+        info = np.iinfo(dtype)
         s = ir.Value(name=self._fresh_name(f"{node.name}_in{idx}_scale"), const_value=ir.tensor(np.float32(scale)))
         z = ir.Value(name=self._fresh_name(f"{node.name}_in{idx}_zp"), const_value=ir.tensor(dtype(zp)))
-        for c in (s, z):
+        consts = [s, z]
+        new_nodes = []
+        if (qmin, qmax) != (info.min, info.max):
+            # a narrower code range (e.g. 7-bit activations): QuantizeLinear saturates only to the dtype's
+            # range, so clip x to the codes' float range first (same result as clamping the codes)
+            lo = ir.Value(name=self._fresh_name(f"{node.name}_in{idx}_lo"),
+                          const_value=ir.tensor(np.float32(scale * (qmin - zp))))
+            hi = ir.Value(name=self._fresh_name(f"{node.name}_in{idx}_hi"),
+                          const_value=ir.tensor(np.float32(scale * (qmax - zp))))
+            consts += [lo, hi]
+            clip = ir.Node("", "Clip", [value, lo, hi], name=self._fresh_name(f"{node.name}_clip{idx}"))
+            clip.outputs[0].name = self._fresh_name(f"{node.name}_in{idx}_clipped")
+            new_nodes.append(clip)
+            value_in = clip.outputs[0]
+        else:
+            value_in = value
+        for c in consts:
             self.model.graph.register_initializer(c)
-        q = ir.Node("", "QuantizeLinear", [value, s, z], name=self._fresh_name(f"{node.name}_quant{idx}"))
+        q = ir.Node("", "QuantizeLinear", [value_in, s, z], name=self._fresh_name(f"{node.name}_quant{idx}"))
         dq = ir.Node("", "DequantizeLinear", [q.outputs[0], s, z], name=self._fresh_name(f"{node.name}_dequant{idx}"))
         q.outputs[0].name = self._fresh_name(f"{node.name}_in{idx}_q")
         dq.outputs[0].name = self._fresh_name(f"{node.name}_in{idx}_dq")
-        self.model.graph.insert_before(node, [q, dq])
+        self.model.graph.insert_before(node, [*new_nodes, q, dq])
         pos = next(i for i, v in enumerate(node.inputs) if v is value)
         node.replace_input_with(pos, dq.outputs[0])
         self._session = None

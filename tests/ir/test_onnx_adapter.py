@@ -62,6 +62,8 @@ def test_onnx_model_through_the_shared_passes_matches_the_torch_path(trans_b):
     torch.testing.assert_close(g(x), twin(x), rtol=1e-5, atol=1e-5)
     calib = [torch.randn(8, 16) for _ in range(3)]
     for pipe in ["annotate{act_bits=8},calibrate,quantize-weights,insert-fq",
+                 "annotate{act_bits=7},calibrate,quantize-weights,insert-fq",
+                 "annotate{act_bits=4},calibrate,quantize-weights,insert-fq",
                  "annotate{scheme=bcq,bits=3,group_size=8},quantize-weights,insert-fq"]:
         q_onnx = qgraph.quantize(load_onnx(proto), calib=calib, progress=False, pipeline=pipe)
         q_torch = qgraph.quantize(twin, (x,), calib=calib, progress=False, pipeline=pipe)
