@@ -4,11 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from qgraph.passes.quantize_weights import QWEIGHT_KEY
-
 from qgraph.ir.graph_view import ANNOTATION_KEY
-from qgraph.lowering import LOWERED_FROM_KEY, record, snapshot_simulation, target_of
+from qgraph.lowering import LOWERED_FROM_KEY, record, snapshot_simulation, target_of, weight_layout
 from qgraph.pass_base import Pass, PassResult
+from qgraph.passes.quantize_weights import QWEIGHT_KEY
 from qgraph.quant.bcq_weight import BCQWeight
 from qgraph.registry import register_pass
 
@@ -39,7 +38,8 @@ class LowerBCQ(Pass):
                 record(ctx, name, op, "float", "float", f"target {target.name} has no BiQGEMM kernel for {op}")
                 continue
             w = graph.param(node, "weight")
-            if op != "Gemm" or w is None or tuple(w.shape) != tuple(q.shape):
+            nk = op == "Gemm" and w is not None and weight_layout(graph, node, op) == "nk"
+            if not nk or tuple(w.shape) != tuple(q.shape):
                 record(ctx, name, op, "float", "float", "BiQGEMM runs x @ Wᵀ (Gemm) only; kept as simulated float")
                 continue
             module = BCQLinear(q, graph.param(node, "bias"), mode=self.options.mode)

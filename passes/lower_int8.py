@@ -25,11 +25,12 @@ from qgraph.errors import CalibrationError, PipelineError
 from qgraph.ir.fx import FxGraph
 from qgraph.ir.graph_view import ANNOTATION_KEY, FUSION_KEY
 from qgraph.kernels.int8 import ActQuant, Int8Conv2d, Int8Linear, saturation_possible
-from qgraph.lowering import LOWERED_FROM_KEY, record, snapshot_simulation, target_of
+from qgraph.lowering import LOWERED_FROM_KEY, record, snapshot_simulation, target_of, weight_layout
 from qgraph.pass_base import Pass, PassResult
 from qgraph.passes.calibrate import QPARAMS_KEY
 from qgraph.passes.insert_fq import FQ_KEY
 from qgraph.passes.quantize_weights import QWEIGHT_KEY
+from qgraph.quant.qtensor import UniformWeight
 from qgraph.registry import register_pass
 
 LOWERED_KEY = "qgraph.lowered"
@@ -50,21 +51,6 @@ def require_fx(graph, name: str) -> None:
 def is_fake_quant(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in (
         torch.fake_quantize_per_tensor_affine, torch.ops.aten.fake_quantize_per_tensor_affine.default)
-
-
-def weight_layout(graph, node, op: str) -> str | None:
-    """``"nk"`` when the weight is ``[out, in]`` (Linear, linear, Conv), ``"kn"`` when it is the right
-    operand of a matmul ``[in, out]`` (MatMul, addmm); None for anything else (batched weights)."""
-    w = graph.param(node, "weight")
-    if w is None:
-        return None
-    if op == "Conv":
-        return "nk"
-    if w.dim() != 2:
-        return None
-    if op == "Gemm":
-        return "kn" if node.op == "call_function" and "addmm" in str(node.target) else "nk"
-    return "kn"
 
 
 def codes_nk(qweight, layout: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | str:
@@ -264,6 +250,8 @@ class LowerInt8(Pass):
         if qweight is None:
             raise PipelineError(f"lower-int8: node {name} has a weight spec but no quantized weight; run "
                                 f"quantize-weights before lower-int8")
+        if not isinstance(qweight, UniformWeight):
+            return "float", f"no int8 kernel takes a {type(qweight).__name__}"
         kernel = target.kernel_for(op, w_spec, a_spec)
         if kernel is None and (a_spec.bits < 8 or w_spec.bits < 8):
             # narrower codes run on the 8-bit kernel unchanged

@@ -20,7 +20,7 @@ from typing import Literal
 from qgraph.errors import KernelError, PipelineError
 from qgraph.ir.graph_view import ANNOTATION_KEY
 from qgraph.kernels.int8 import INT4_GROUP_SIZES, DequantLinear, Int4WeightOnlyLinear, Int8WeightOnlyLinear
-from qgraph.lowering import snapshot_simulation, target_of
+from qgraph.lowering import snapshot_simulation, target_of, weight_layout
 from qgraph.pass_base import Pass, PassResult
 from qgraph.passes.insert_fq import FQ_KEY
 from qgraph.passes.lower_int8 import (
@@ -30,9 +30,9 @@ from qgraph.passes.lower_int8 import (
     module_name,
     report_entry,
     require_fx,
-    weight_layout,
 )
 from qgraph.passes.quantize_weights import QWEIGHT_KEY
+from qgraph.quant.qtensor import UniformWeight
 from qgraph.registry import register_pass
 
 WEIGHT_ONLY_KERNELS = ("int8_weight_only", "int4_weight_only")
@@ -69,6 +69,10 @@ class LowerWeightOnly(Pass):
                                     f"run quantize-weights before lower-weight-only")
             kernel = target.kernel_for(op, ann.weight, None)
             simulated = "; kept as the fake-quant simulation" if graph.meta(node).get(FQ_KEY) else ""
+            if not isinstance(qweight, UniformWeight):
+                report_entry(ctx, graph, node, op, "float", "float",
+                             f"no weight-only kernel takes a {type(qweight).__name__}{simulated}")
+                continue
             if kernel not in WEIGHT_ONLY_KERNELS:
                 why = (f"target {target.name} has no weight-only kernel for {op} with {ann.weight}" if kernel is None
                        else f"target {target.name} maps {op} with {ann.weight} to {kernel!r}")

@@ -24,3 +24,18 @@ def record(ctx: Any, node: str, op: str, kernel: str, status: str, reason: str =
 def target_of(ctx: Any):
     t = ctx.target if ctx.target is not None else load_target("generic")
     return load_target(t) if isinstance(t, str) else t
+
+
+def weight_layout(graph, node, op: str) -> str | None:
+    """``"nk"`` when the weight is ``[out, in]`` (Linear, linear, Conv), ``"kn"`` when it is the right
+    operand of a matmul ``[in, out]`` (MatMul, addmm); None for anything else (batched weights)."""
+    w = graph.param(node, "weight")
+    if w is None:
+        return None
+    if op == "Conv":
+        return "nk"
+    if w.dim() != 2:
+        return None
+    if op == "Gemm":
+        return "kn" if node.op == "call_function" and "addmm" in str(node.target) else "nk"
+    return "kn"

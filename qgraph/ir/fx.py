@@ -95,6 +95,8 @@ class FxGraph:
         op = self.op_type(node)
         if op == "BatchNormalization":
             return _BN_ARGS.get(role)
+        if op == "Gemm" and "addmm" in str(node.target):  # addmm(bias, x, weight[in, out])
+            return {"weight": 2, "bias": 0}.get(role)
         if role == "weight":
             return ops.WEIGHT_INPUT_INDEX.get(op)
         if role == "bias":
@@ -108,8 +110,6 @@ class FxGraph:
         if node.op != "call_function":
             return None
         idx = self._const_arg_index(node, role)
-        if self.op_type(node) == "Gemm" and "addmm" in str(node.target):
-            idx = {"weight": 2, "bias": 0}.get(role)
         if idx is None or idx >= len(node.args):
             return None
         arg = node.args[idx]

@@ -57,6 +57,8 @@ FUNCTION_OPS: dict[object, str] = {
     F.softmax: "Softmax",
     F.dropout: "Dropout",
     F.adaptive_avg_pool2d: "GlobalAveragePool",
+    torch.addmm: "Gemm",
+    torch.mm: "MatMul",
     torch.matmul: "MatMul",
     operator.matmul: "MatMul",
     torch.bmm: "MatMul",

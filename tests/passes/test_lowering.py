@@ -79,3 +79,28 @@ def test_bcq_on_conv_stays_float_and_is_reported():
 def test_verify_needs_a_lowering_pass_first():
     with pytest.raises(qgraph.PipelineError, match="requires the graph to be 'lowered'"):
         qgraph.quantize(TinyLM().eval(), (torch.randint(0, 60, (2, 5)),), progress=False, pipeline="annotate,verify")
+
+
+class SquareAddmm(nn.Module):
+    """``addmm(b, x, W)`` multiplies by W itself (an ``[in, out]`` weight): with a square W the shapes cannot
+    tell it from ``x @ Wᵀ``, the layout BiQGEMM runs."""
+
+    def __init__(self, d=64):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(d, d) / d**0.5)
+        self.b = nn.Parameter(torch.randn(d))
+
+    def forward(self, x):
+        return torch.addmm(self.b, x, self.w)
+
+
+def test_square_addmm_is_not_lowered_as_x_times_w_transposed():
+    model, x = SquareAddmm().eval(), torch.randn(5, 64)
+    pipe = "annotate{scheme=bcq,bits=3,granularity=channel},quantize-weights,insert-fq"
+    sim = qgraph.quantize(model, (x,), progress=False, pipeline=pipe)
+    low = qgraph.quantize(model, (x,), progress=False, pipeline=pipe + ",lower-bcq")
+    assert sim.report["stats"]["quantize-weights"]["quantized"] == 1
+    assert [r["status"] for r in low.report["lowering"]] == ["float"]
+    assert "x @ Wᵀ" in low.report["lowering"][0]["reason"]
+    assert rel_err(low(x), sim(x)) <= 1e-6
+    assert rel_err(sim(x), model(x)) < 0.5  # the simulation itself is a 3-bit approximation of the model
