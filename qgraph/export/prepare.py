@@ -72,7 +72,7 @@ def prepare(qmodel) -> Prepared:
             out.note(name, "biqgemm", f"{mod.bits}-bit, group {mod.group_size}")
             changed = True
         elif isinstance(mod, RowwiseQuantizedEmbedding):
-            zp = mod.zero_point + (8.0 if mod.bits <= 4 else 0.0)
+            zp = mod.zero_point + float(mod.code_offset)
             _swap_module(g, node, markers.RowwiseGatherExport(mod.codes, mod.scale, zp, mod.bits, mod.dim, name))
             out.note(name, "rowwise-gather", f"{mod.bits}-bit rows")
             changed = True
