@@ -27,6 +27,9 @@ from qgraph.models.minilm import dynamic_shapes, encode, load_minilm
 CANON = "fold-bn,dce,fuse-activation"
 METHODS = {
     "W8A8": f"{CANON},annotate{{bits=8,act_bits=8}},calibrate,quantize-weights,insert-fq",
+    "W8A8 SmoothQuant": f"{CANON},annotate{{bits=8,act_bits=8}},smooth-quant,calibrate,quantize-weights,insert-fq",
+    "W8A8 SmoothQuant a0.75": f"{CANON},annotate{{bits=8,act_bits=8}},smooth-quant{{alpha=0.75}},calibrate,"
+                              "quantize-weights,insert-fq",
     "W4-g128": f"{CANON},annotate{{bits=4,group_size=128,act_bits=0}},quantize-weights,insert-fq",
     "RTN-3-g128": f"{CANON},annotate{{bits=3,group_size=128,act_bits=0}},quantize-weights,insert-fq",
     "BCQ-3-greedy": f"{CANON},annotate{{scheme=bcq,bits=3,group_size=128,method=greedy}},quantize-weights,insert-fq",

@@ -1,0 +1,125 @@
+"""smooth-quant: move activation outliers into the weights before static int8 activations (SmoothQuant).
+
+For every annotated ``y = x Wᵀ`` (Linear / linear / aten.linear) whose input activation is quantized, with
+per-input-channel maxima ``a_j = max|x_j|`` over the calibration data and ``w_j = max_i |W_ij|``:
+
+    s_j = a_j^α / w_j^(1−α),    x' = x / s,    W' = W · diag(s)          (x' W'ᵀ = x Wᵀ exactly)
+
+so channels with outlier activations get a smaller range and the weights absorb it (α = 0.5 balances
+the two; Xiao et al., "SmoothQuant", 2023). Linears that read the same tensor (Q/K/V after one
+LayerNorm) share one ``s`` (``w_j`` is the maximum over the group) and one inserted ``x · (1/s)``
+node; that node runs in float before the activation's fake quant (a deployment folds it into the
+preceding op's output scale or the quantize step). Runs between ``annotate`` and ``calibrate`` so
+calibration sees the smoothed activations and ``quantize-weights`` the smoothed weights.
+
+Measured on all-MiniLM-L6-v2 W8A8 (x86-avx2, 64 sentences): mean cosine to fp32 0.9904 without, 0.9857 at
+α=0.5, 0.9950 at 0.6, 0.9973 at 0.75, 0.9972 at 0.85, 0.9921 at 1.0: hence the default 0.75. Choosing α per
+group by the fake-quantized output error on calibration rows was tried and gave 0.9968 at 9x the time.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+from qgraph.errors import CalibrationError, PipelineError
+from qgraph.ir.graph_view import ANNOTATION_KEY
+from qgraph.ir.inputs import batches
+from qgraph.lowering import weight_layout
+from qgraph.pass_base import Pass, PassResult
+from qgraph.progress import progress
+from qgraph.registry import register_pass
+
+
+@register_pass("smooth-quant", after=("annotate",), before=("calibrate", "quantize-weights", "gptq"),
+               requires=("annotated",))
+class SmoothQuant(Pass):
+    """Per-channel scaling that shifts activation range into the weights of quantized Linear inputs."""
+
+    @dataclass(frozen=True)
+    class Options:
+        alpha: float = 0.75
+        max_batches: int | None = None
+        min_scale: float = 1e-5
+
+    def run(self, graph, ctx) -> PassResult:
+        o = self.options
+        if not 0.0 <= o.alpha <= 1.0:
+            raise PipelineError(f"smooth-quant: alpha must be in [0, 1], got {o.alpha}")
+        if not hasattr(graph, "gm"):
+            raise PipelineError("smooth-quant edits torch graphs only; for an ONNX model, quantize the torch "
+                                "model or drop smooth-quant from the pipeline")
+        groups = self._groups(graph)
+        if not groups:
+            return PassResult(graph, modified=False, preserved=frozenset({"*"}), stats={"smoothed": 0})
+        if ctx.calibration is None:
+            raise CalibrationError("smooth-quant needs calibration data for the activation ranges: pass "
+                                   "calib=[batch, ...] to qgraph.quantize")
+        consumers = [nodes[0] for nodes in groups.values()]
+        amax: list[torch.Tensor | None] = [None] * len(consumers)
+
+        def on_value(i, t):  # per input channel max |x| over every other dimension and batch
+            m = t.detach().abs().reshape(-1, t.shape[-1]).amax(0).float()
+            amax[i] = m if amax[i] is None else torch.maximum(amax[i], m)
+
+        data = progress(batches(ctx.calibration, graph, o.max_batches), desc="smooth-quant", enabled=ctx.progress,
+                        unit="batch")
+        if graph.collect([(n, 0) for n in consumers], data, on_value) == 0:
+            raise CalibrationError("calibration data is empty: give at least one batch")
+        rows = []
+        for (producer, nodes), a in zip(groups.items(), amax):
+            weights = [graph.param(n, "weight").detach() for n in nodes]
+            w = torch.stack([wt.abs().amax(0) for wt in weights]).amax(0).float()
+            s = _scales(a, w, o.alpha, o.min_scale)
+            for n, wt in zip(nodes, weights):
+                graph.set_param(n, "weight", (wt * s.to(wt.dtype)[None, :]).to(wt.dtype))
+            self._insert_divide(graph, producer, nodes, (1.0 / s).to(torch.float32))
+            rows.append({"nodes": [graph.qualname(n) for n in nodes], "channels": int(a.numel()),
+                         "act_max_before": float(a.max()), "act_max_after": float((a / s).max()),
+                         "s_min": float(s.min()), "s_max": float(s.max())})
+        graph.recompile()
+        ctx.report["smooth-quant"] = rows
+        return PassResult(graph, modified=True, preserved=frozenset(),
+                          stats={"smoothed": sum(len(r["nodes"]) for r in rows), "groups": len(rows)})
+
+    @staticmethod
+    def _groups(graph) -> dict:
+        """Annotated x Wᵀ nodes with a quantized input 0, grouped by the node producing that input."""
+        groups: dict = defaultdict(list)
+        for node in graph.nodes():
+            ann = graph.meta(node).get(ANNOTATION_KEY)
+            if ann is None or ann.inputs.get(0) is None or graph.op_type(node) != "Gemm":
+                continue
+            w = graph.param(node, "weight")
+            if w is None or w.dim() != 2 or weight_layout(graph, node, "Gemm") != "nk":
+                continue
+            groups[graph.inputs(node)[0]].append(node)
+        readers = _weight_readers(graph)  # a weight read elsewhere too (tied) must not be scaled
+        return {p: nodes for p, nodes in groups.items()
+                if all(readers[graph.param(n, "weight").data_ptr()] == 1 for n in nodes)}
+
+    @staticmethod
+    def _insert_divide(graph, producer, nodes, inv_scale: torch.Tensor) -> None:
+        attr = graph.constant_attr(f"{graph.name(nodes[0])}_smooth_inv_scale", inv_scale)
+        fxg = graph.gm.graph
+        with fxg.inserting_before(nodes[0]):
+            const = fxg.get_attr(attr)
+            mul = fxg.call_function(torch.mul, (producer, const))
+        mul.meta.update({k: v for k, v in producer.meta.items() if k in ("val", "tensor_meta")})
+        for n in nodes:
+            n.replace_input_with(producer, mul)
+
+
+def _scales(a: torch.Tensor, w: torch.Tensor, alpha: float, floor: float) -> torch.Tensor:
+    return (a.clamp_min(floor).pow(alpha) / w.clamp_min(floor).pow(1 - alpha)).clamp_min(floor)
+
+
+def _weight_readers(graph) -> dict[int, int]:
+    """How many nodes read each stored weight (by storage pointer)."""
+    readers: dict[int, int] = defaultdict(int)
+    for n in graph.nodes():
+        w = graph.param(n, "weight")
+        if w is not None:
+            readers[w.data_ptr()] += 1
+    return readers
