@@ -16,5 +16,6 @@ from qgraph.passes import (  # noqa: F401
     lower_int8,
     lower_weight_only,
     quantize_weights,
+    smooth_quant,
     verify,
 )
