@@ -4,6 +4,7 @@ from qgraph.passes import (  # noqa: F401
     annotate,
     calibrate,
     check_target,
+    clip_search,
     dce,
     embedding_bits_by_frequency,
     embedding_rowwise,
@@ -15,7 +16,9 @@ from qgraph.passes import (  # noqa: F401
     lower_embedding,
     lower_int8,
     lower_weight_only,
+    multipoint,
     quantize_weights,
     smooth_quant,
+    sparq,
     verify,
 )

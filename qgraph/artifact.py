@@ -29,6 +29,7 @@ def save_artifact(qmodel: Any, path: str | Path, *, source: str | None = None) -
     from qgraph.passes.calibrate import QPARAMS_KEY
     from qgraph.passes.quantize_weights import QWEIGHT_KEY
     from qgraph.quant.bcq_weight import BCQWeight
+    from qgraph.quant.multipoint import MultipointWeight
 
     sim = qmodel.artifacts.get("simulation", qmodel.graph)
     out = Path(path)
@@ -44,6 +45,9 @@ def save_artifact(qmodel: Any, path: str | Path, *, source: str | None = None) -
         prefix = f"n{i}."
         if isinstance(q, BCQWeight):
             entry["qweight"] = {"kind": "bcq", "prefix": prefix, "manifest": q.manifest()}
+            tensors.update(q.tensors(prefix))
+        elif isinstance(q, MultipointWeight):
+            entry["qweight"] = {"kind": "multipoint", "prefix": prefix, "manifest": q.manifest()}
             tensors.update(q.tensors(prefix))
         elif q is not None:
             entry["qweight"] = {"kind": "uniform", "prefix": prefix, "spec": q.spec.to_dict()}
@@ -127,6 +131,7 @@ def _restore(graph: Any, nodes: dict, tensors: dict, ctx: Any) -> None:
     from qgraph.passes.calibrate import QPARAMS_KEY
     from qgraph.passes.quantize_weights import QWEIGHT_KEY
     from qgraph.quant.bcq_weight import BCQWeight
+    from qgraph.quant.multipoint import MultipointWeight
     from qgraph.quant.qspec import Annotation, QSpec
     from qgraph.quant.qtensor import UniformWeight
 
@@ -149,6 +154,8 @@ def _restore(graph: Any, nodes: dict, tensors: dict, ctx: Any) -> None:
         p = qw["prefix"]
         if qw["kind"] == "bcq":
             q = BCQWeight.from_parts(qw["manifest"], tensors, prefix=p)
+        elif qw["kind"] == "multipoint":
+            q = MultipointWeight.from_parts(qw["manifest"], tensors, prefix=p)
         else:
             q = UniformWeight(tensors[p + "codes"], tensors[p + "scale"], tensors[p + "zero_point"],
                               QSpec.from_dict(qw["spec"]))

@@ -1,7 +1,8 @@
 """The bundled real models by name, each with its loader, example inputs and default calibration data.
 
 Every input builder returns positional-argument tuples for ``loaded.module``: MiniLM ``(input_ids,
-attention_mask)``, SmolLM2 ``(input_ids,)`` (the module returns logits), MobileNetV2 ``(images,)``.
+attention_mask)``, SmolLM2 ``(input_ids,)`` (the module returns logits), MobileNetV2 ``(images,)``,
+the digits CNN ``(images [B,1,8,8],)`` (example and calibration images from the training split only).
 Example inputs have batch 2 so ``torch.export`` does not specialize a dynamic batch dimension to 1.
 """
 
@@ -16,9 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from qgraph.data import images, text
+from qgraph.data import digits, images, text
 from qgraph.errors import ModelLoadError
-from qgraph.models import minilm, mobilenetv2, smollm2
+from qgraph.models import digits_cnn, minilm, mobilenetv2, smollm2
 
 Inputs = tuple[torch.Tensor, ...]
 
@@ -120,6 +121,25 @@ def _mobilenet_dynamic() -> dict[str, dict[int, Any]]:
     return {"x": {0: torch.export.Dim("batch", max=1024)}}
 
 
+# --- digits CNN (trained here on scikit-learn digits) --------------------------------------------------
+
+
+def _digits_load() -> LoadedModel:
+    return LoadedModel("digits-cnn", digits_cnn.load_digits_cnn())
+
+
+def _digits_example(loaded: LoadedModel) -> Inputs:
+    return (digits.digits_split().x_train[:2],)
+
+
+def _digits_calibration(loaded: LoadedModel, n: int) -> list[Inputs]:
+    return [(b,) for b in digits.calibration_batches(n, batch_size=32)]
+
+
+def _digits_dynamic() -> dict[str, dict[int, Any]]:
+    return {"x": {0: torch.export.Dim("batch", max=4096)}}
+
+
 BUNDLED: dict[str, BundledModel] = {
     "minilm": BundledModel(
         name="minilm",
@@ -150,6 +170,17 @@ BUNDLED: dict[str, BundledModel] = {
         example_inputs=_mobilenet_example,
         calibration_batches=_mobilenet_calibration,
         dynamic_shapes=_mobilenet_dynamic,
+    ),
+    "digits-cnn": BundledModel(
+        name="digits-cnn",
+        summary="small residual CNN trained here on scikit-learn 8x8 digits (9.9k params, 98.9% test accuracy) "
+                "-> logits [B,10]",
+        packages=("sklearn",),
+        install=digits_cnn.INSTALL_HINT,
+        load=_digits_load,
+        example_inputs=_digits_example,
+        calibration_batches=_digits_calibration,
+        dynamic_shapes=_digits_dynamic,
     ),
 }
 
