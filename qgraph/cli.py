@@ -214,7 +214,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 BENCHES = {"kernel": "biqgemm.py", "kernel-cuda": "biqgemm_cuda.py", "quality-minilm": "quality_minilm.py",
-           "quality-llm": "quality_llm.py", "mobilenetv2": "lowered_mobilenetv2.py", "search": "search_minilm.py"}
+           "quality-llm": "quality_llm.py", "quality-reconstruction": "quality_reconstruction.py",
+           "mobilenetv2": "lowered_mobilenetv2.py", "search": "search_minilm.py"}
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -246,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
 
     lo = sub.add_parser("lower", help="quantize a model and lower it to real kernels for a target")
-    lo.add_argument("model", help="bundled name (minilm, smollm2, mobilenetv2), path/to/file.py:factory, a "
+    lo.add_argument("model", help="bundled name (minilm, smollm2, mobilenetv2, digits-cnn), path/to/file.py:factory, a "
                                   "model.onnx file, or a local Hugging Face model folder")
     lo.add_argument("--target", default=None, help="target name or .toml path (default x86-avx2)")
     lo.add_argument("--calib", help="calibration data: .pt/.npy tensor file, .txt file or image folder")
