@@ -52,14 +52,15 @@ from qgraph.quant.qspec import Annotation, QSpec
 GROUP = 192
 GPTQ_U = "gptq{act_order=true}"
 GPTQ_B = "gptq{act_order=true,bcq_importance=hessian}"
+AESPA = "aespa{act_order=true}"
 
 
 def _u(bits, group=GROUP):
     return QSpec.uniform(bits, granularity="group", group_size=group, symmetric=False)
 
 
-def _b(bits, method):
-    return QSpec.bcq(bits, group_size=GROUP, method=method)
+def _b(bits, method, **kw):
+    return QSpec.bcq(bits, group_size=GROUP, method=method, **kw)
 
 
 # name -> (weight-optimizing pass or "", spec of the block linears, extra passes before it)
@@ -75,8 +76,13 @@ METHODS = {
     "BCQ-2-greedy": ("", _b(2, "greedy"), ""),
     "BCQ-3-weighted": ("", _b(3, "weighted"), ""),
     "BCQ-2-weighted": ("", _b(2, "weighted"), ""),
+    "BCQ-3-weighted+z": ("", _b(3, "weighted", bcq_offset=True), ""),
+    "BCQ-2-weighted+z": ("", _b(2, "weighted", bcq_offset=True), ""),
     "GPTQ+BCQ-3": (GPTQ_B, _b(3, "alternating"), ""),
     "GPTQ+BCQ-2": (GPTQ_B, _b(2, "alternating"), ""),
+    "aespa-3": (AESPA, _u(3), ""),
+    "aespa-2": (AESPA, _u(2), ""),
+    "aespa-3-g64": (AESPA, _u(3, 64), ""),
     "GPTQ+BCQ-3 emb8": (GPTQ_B, _b(3, "alternating"), "embedding-rowwise{bits=8,tied=true}"),
 }
 OPTIONAL = ("GPTQ+BCQ-3 emb8",)  # only when named in --methods
@@ -329,8 +335,11 @@ def main(argv=None) -> int:
         records.add(f"smollm2 {name}", "bytes", total)
         records.add(f"smollm2 {name} linears", "bytes", linear)
         records.add(f"smollm2 {name}", "seconds", seconds)
+        records.add(f"smollm2 {name}", "load1", os.getloadavg()[0])
+        records.write(args.json)  # after every row: a long run that dies keeps what it measured
         print(f"{name:<18} ppl={ppl:9.3f} linears={linear / 2**20:6.1f} MiB ({bpw:.2f} b/w) "
-              f"total={total / 2**20:6.1f} MiB {seconds:6.1f}s  [{time.perf_counter() - t0:.0f}s]", file=sys.stderr)
+              f"total={total / 2**20:6.1f} MiB {seconds:6.1f}s  load {os.getloadavg()[0]:.1f}  "
+              f"[{time.perf_counter() - t0:.0f}s]", file=sys.stderr, flush=True)
 
     add("fp32", ref, 0.0, base_total, fp32_linear)
     for name in [n for n in names if n in METHODS]:

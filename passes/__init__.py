@@ -1,7 +1,10 @@
 """Built-in passes, one per module; importing this package registers them all."""
 import qgraph.analyses  # noqa: F401  (registers the built-in analyses)
 from qgraph.passes import (  # noqa: F401
+    adaround,
+    aespa,
     annotate,
+    brecq,
     calibrate,
     check_target,
     clip_search,
