@@ -56,13 +56,17 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                     help="cap on Hutchinson iterations (stops earlier at 1e-3 relative change)")
     sp.add_argument("--metric", choices=["auto", "cosine", "perplexity"], default="auto")
     sp.add_argument("--eval-size", type=int, default=32, dest="eval_size",
-                    help="held-out sentences (MiniLM) / windows (SmolLM2) / batches per trial")
+                    help="sentences (MiniLM) / windows (SmolLM2) / batches each trial is scored on")
     sp.add_argument("--group-sizes", default="128", dest="group_sizes",
                     help="comma-separated group sizes offered for int4 and BCQ (default 128)")
     sp.add_argument("--no-act", action="store_true", dest="no_act", help="do not offer int8 activations")
     sp.add_argument("--embeddings", action="store_true", help="search embedding (Gather) nodes too")
+    sp.add_argument("--keep-float", default="", dest="keep_float",
+                    help="comma-separated node-key patterns kept in float and out of the search (e.g. 'lm.lm_head')")
     sp.add_argument("--measure-latency", action="store_true", dest="measure_latency",
                     help="also lower each trial to real kernels and time it on this host")
+    sp.add_argument("--no-anchor", action="store_true", dest="no_anchor",
+                    help="do not scale the sensitivities by uniform strategies measured before the search")
     sp.add_argument("--baselines", default="bcq3-g128,bcq4-g128,w4-g128,w8-ch",
                     help="uniform strategies to evaluate for comparison (choice labels; '' for none)")
     sp.add_argument("--out", help="report folder (default qgraph-out/search-<model>-<target>)")
@@ -96,8 +100,10 @@ def _options(args: argparse.Namespace) -> Any:
         constraints=constraints, max_bytes_fraction=fraction, cache=args.cache, workers=args.workers,
         ray_address=args.ray, sensitivity=args.sensitivity, hutchinson_max_iter=args.hutchinson_iters,
         space=SpaceOptions(uniform_group_sizes=groups, bcq_group_sizes=groups, act=not args.no_act,
-                           embeddings=args.embeddings),
-        metric=args.metric, n_eval=args.eval_size, measure_latency=args.measure_latency, baselines=baselines)
+                           embeddings=args.embeddings,
+                           keep_float=tuple(k.strip() for k in args.keep_float.split(",") if k.strip())),
+        metric=args.metric, n_eval=args.eval_size, measure_latency=args.measure_latency, baselines=baselines,
+        anchor=not args.no_anchor)
 
 
 def cmd_search(args: argparse.Namespace) -> int:

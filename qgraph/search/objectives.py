@@ -8,6 +8,11 @@
   `qgraph.quantize` runs with ``strategy=``) on a copy of the graph that shares the float weights.
 - Metrics: ``cosine`` (mean cosine of output rows to fp32; MiniLM embeddings) and ``perplexity``
   (next-token perplexity on held-out windows; SmolLM2).
+- Data splits of the bundled text models: a search scores trials on ``split="search"`` data (MiniLM:
+  sentences of the evaluation plays but the last; SmolLM2: windows of the first evaluation play) and
+  computes sensitivities on other text (MiniLM: calibration plays; SmolLM2: the second evaluation
+  play); ``split="holdout"`` (`Workbench.holdout`) scores on the last evaluation play, which no search
+  step reads, for final numbers.
 - `CostTable`: predicted latency per (layer, choice) from the target's roofline cost model, so the latency
   of any assignment is a sum (and the ILP stays linear).
 - `Constraints`: hard limits on bytes, latency, average weight bits and metric drop.
@@ -17,10 +22,13 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,8 +39,10 @@ from qgraph.ir.graph_view import ANNOTATION_KEY
 from qgraph.search.space import Assignment, SearchError, Space
 from qgraph.search.strategy import CANONICALIZE, Strategy
 
-SEARCH_VERSION = 1
+SEARCH_VERSION = 4  # 2: search / holdout split of the evaluation plays; 3, 4: trace floor, anchored Ω
+QWEIGHT_VERSION = 2  # bump when a quantizer changes its output (keys the shared quantized weights)
 TRIAL_PIPELINE = "annotate,check-target,quantize-weights,insert-fq"
+SPLITS = ("search", "holdout")
 
 
 # --- metrics ---------------------------------------------------------------------------------------
@@ -162,9 +172,12 @@ def cost_table(graph: Any, space: Space, target: Any) -> CostTable:
 @dataclass(frozen=True)
 class EvalConfig:
     """How trials are evaluated. ``model``: a bundled name or ``path/file.py:factory``; ``metric``:
-    ``auto`` (perplexity for smollm2, else cosine), ``cosine`` or ``perplexity``; ``n_eval``: held-out
-    sentences (MiniLM) / windows (SmolLM2) / batches (other models); ``measure_latency``: also lower the
-    strategy to real kernels and time it on this host."""
+    ``auto`` (perplexity for smollm2, else cosine), ``cosine`` or ``perplexity``; ``n_eval``: sentences
+    (MiniLM) / windows (SmolLM2) / batches (other models) each trial is scored on; ``split``: ``search`` (what trials
+    are scored on) or ``holdout`` (data no search step reads; bundled text models only);
+    ``measure_latency``: also lower the strategy to real kernels and time it on this host;
+    ``qweight_dir``: a folder where quantized weights are shared between processes and runs (not part of
+    the fingerprint: it changes where results are kept, not what they are)."""
 
     model: str
     target: str
@@ -175,6 +188,8 @@ class EvalConfig:
     n_calib: int = 2
     measure_latency: bool = False
     threads: int = 1
+    split: str = "search"
+    qweight_dir: str | None = None
 
     def resolved_metric(self) -> Metric:
         name = self.metric
@@ -185,7 +200,7 @@ class EvalConfig:
         return METRICS[name]
 
     def fingerprint(self) -> str:
-        d = {**asdict(self), "threads": None, "version": SEARCH_VERSION}
+        d = {**asdict(self), "threads": None, "qweight_dir": None, "version": SEARCH_VERSION}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -219,6 +234,8 @@ class Workbench:
         from qgraph.pass_manager import PassManager
         from qgraph.target import load_target
 
+        if config.split not in SPLITS:
+            raise SearchError(f"unknown data split {config.split!r}; use one of {', '.join(SPLITS)}")
         self.config = config
         self.metric = config.resolved_metric()
         self.target = load_target(config.target)
@@ -230,48 +247,73 @@ class Workbench:
         self.graph = graph
         self.data = self._data()
         with torch.no_grad():
-            self.reference = [_first_tensor(self.graph.gm(*b)).detach() for b in self.data.eval_batches]
+            # perplexity needs no float outputs kept (LM logits are large: 128 tokens × 49152 × 4 B a window)
+            self.reference = [] if self.metric.name == "perplexity" else \
+                [_first_tensor(self.graph.gm(*b)).detach() for b in self.data.eval_batches]
             self.sens_reference = [_first_tensor(self.graph.gm(*b)).detach() for b in self.data.sens_batches]
-        self.base_metric = self._score(self.reference)
+        self.base_metric = self.score_graph(self.graph) if self.metric.name == "perplexity" else \
+            self._score(self.reference)
         self._qweights: dict[tuple[str, str], Any] = {}
         self._qparams: dict[tuple[str, str], tuple] = {}
+
+    def holdout(self, n_eval: int | None = None, eval_seed: int | None = None) -> Workbench:
+        """A workbench on the same model and graph that scores on held-out data (``split="holdout"``: text
+        no search step reads) and shares this one's quantized weights and activation qparams."""
+        cfg = replace(self.config, split="holdout", n_eval=n_eval or self.config.n_eval,
+                      eval_seed=self.config.eval_seed if eval_seed is None else eval_seed)
+        other = Workbench(cfg, source=self.source, graph=self.graph)
+        other._qweights, other._qparams = self._qweights, self._qparams
+        return other
 
     # --- data ----------------------------------------------------------------------------------
     def _data(self) -> _Data:
         c, src = self.config, self.source
+        hold = c.split == "holdout"
         if src.name == "minilm" and src.tokenizer is not None:
-            from qgraph.data.text import calibration_plays, evaluation_plays, sentences
+            from qgraph.data.text import calibration_plays, sentences
             from qgraph.models.minilm import encode
 
             def enc(texts: list[str]) -> tuple:
                 e = encode(texts, src.tokenizer, max_length=64)
                 return e["input_ids"], e["attention_mask"]
 
-            ev = sentences(evaluation_plays(), c.n_eval, seed=c.eval_seed)
+            ev = eval_sentences(c.split, c.n_eval, c.eval_seed)
             sens = sentences(calibration_plays(), c.n_sens, seed=c.eval_seed + 100)
             return _Data([enc(ev[i:i + 32]) for i in range(0, len(ev), 32)], [enc(sens)],
                          list(src.calibration or [])[: c.n_calib])
         if src.name == "smollm2" and src.tokenizer is not None:
-            from qgraph.data.text import evaluation_plays, load_play
+            from qgraph.data.text import load_play
             from qgraph.models.smollm2 import token_windows
 
-            rows = token_windows(src.tokenizer, load_play(evaluation_plays()[0]), 128, c.n_eval)
-            sens = token_windows(src.tokenizer, load_play(evaluation_plays()[1]), 64, 1)
+            play = eval_plays(c.split)[0]
+            rows = token_windows(src.tokenizer, load_play(play), 128, c.n_eval)
+            if rows.shape[0] < c.n_eval:
+                raise SearchError(f"{play} holds {rows.shape[0]} windows of 128 tokens; ask for at most that many")
+            sens = token_windows(src.tokenizer, load_play(sensitivity_play()), 64, 1)
             return _Data([(rows[i:i + 1],) for i in range(rows.shape[0])], [(sens,)],
                          list(src.calibration or [])[: c.n_calib])
+        if hold:
+            raise SearchError(f"held-out scoring needs data no search step reads; only the bundled text models "
+                              f"(minilm, smollm2) define such a split, model {c.model} does not")
         batches = list(src.calibration or [])[: max(c.n_eval, 1)] or [tuple(src.example_inputs)]
         return _Data(batches, batches[:1], batches[: c.n_calib])
 
     # --- scoring -------------------------------------------------------------------------------
     def _score(self, outputs: list[torch.Tensor]) -> float:
-        if self.metric.name == "perplexity":
-            logits = torch.cat([o.reshape(-1, *o.shape[-2:]) for o in outputs])
-            ids = torch.cat([b[0] for b in self.data.eval_batches])
-            return perplexity_of(logits, ids)
+        """Mean cosine of the outputs' rows to the float outputs (perplexity is scored in `score_graph`)."""
         return float(torch.cat([cosine_rows(o, r) for o, r in zip(outputs, self.reference)]).mean())
 
     def score_graph(self, graph: Any) -> float:
         with torch.no_grad():
+            if self.metric.name == "perplexity":  # streamed: one window's logits alive at a time
+                nll, count = 0.0, 0
+                for b in self.data.eval_batches:
+                    logits, ids = _first_tensor(graph.gm(*b)), b[0]
+                    logits = logits.reshape(-1, *logits.shape[-2:])
+                    nll += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).double(),
+                                                 ids[:, 1:].reshape(-1), reduction="sum"))
+                    count += ids[:, 1:].numel()
+                return math.exp(nll / max(count, 1))
             outs = [_first_tensor(graph.gm(*b)) for b in self.data.eval_batches]
         return self._score(outs)
 
@@ -290,9 +332,24 @@ class Workbench:
 
         key = (node_name, str(spec))
         if key not in self._qweights:
-            node = self.graph.find(node_name)
-            self._qweights[key] = quantize_tensor(self.graph.param(node, "weight").detach(), spec)
+            w = self.graph.param(self.graph.find(node_name), "weight").detach()
+            path = self._qweight_path(node_name, spec, w)
+            q = _load_qweight(path) if path is not None else None
+            if q is None:
+                q = quantize_tensor(w, spec)
+                if path is not None:
+                    _save_qweight(path, q)
+            self._qweights[key] = q
         return self._qweights[key]
+
+    def _qweight_path(self, node_name: str, spec: Any, w: torch.Tensor) -> Path | None:
+        """Where ``config.qweight_dir`` keeps a node's quantized weight: keyed by node, spec, the weight's
+        bytes and ``QWEIGHT_VERSION``, so a changed model or quantizer never reads a stale file."""
+        if not self.config.qweight_dir:
+            return None
+        h = hashlib.blake2b(w.contiguous().numpy().tobytes(), digest_size=16)
+        h.update(f"|{node_name}|{spec}|{QWEIGHT_VERSION}".encode())
+        return Path(self.config.qweight_dir) / f"{h.hexdigest()}.pt"
 
     def qparams(self, node_name: str, spec: Any) -> tuple:
         """Activation qparams of input 0 of a node under a spec (observed on the float graph, which is what
@@ -377,6 +434,61 @@ class Workbench:
                 g.gm(*x)
                 times.append((time.perf_counter() - t) * 1e6)
         return statistics.median(times)
+
+
+def eval_plays(split: str) -> tuple[str, ...]:
+    """Plays trials are scored on (``search``: the evaluation plays but the last) or final numbers are
+    (``holdout``: the last evaluation play, which no search step reads)."""
+    from qgraph.data.text import evaluation_plays
+
+    plays = evaluation_plays()
+    if split not in SPLITS:
+        raise SearchError(f"unknown data split {split!r}; use one of {', '.join(SPLITS)}")
+    return plays[-1:] if split == "holdout" else plays[:-1]
+
+
+def sensitivity_play() -> str:
+    """The play SmolLM2's sensitivity window comes from: a search play other than the one trials read first."""
+    return eval_plays("search")[-1]
+
+
+def eval_sentences(split: str, n: int, seed: int) -> list[str]:
+    """``n`` distinct sentences of the split's plays (MiniLM). Held-out ones also skip any sentence that
+    occurs verbatim in a search play."""
+    from qgraph.data.text import sentences
+
+    plays = eval_plays(split)
+    if split == "search":
+        return sentences(plays, n, seed=seed)
+    seen = set(_all_sentences(eval_plays("search")))
+    out = [x for x in sentences(plays, len(_all_sentences(plays)), seed=seed) if x not in seen]
+    if len(out) < n:
+        raise SearchError(f"the held-out play(s) {', '.join(plays)} hold {len(out)} sentences; ask for at most that many")
+    return out[:n]
+
+
+def _all_sentences(plays: Sequence[str]) -> list[str]:
+    from qgraph.data.text import _sentences_of, load_play
+
+    return list(dict.fromkeys(x for p in plays for x in _sentences_of(load_play(p), 5)))
+
+
+def _load_qweight(path: Path) -> Any:
+    try:
+        return torch.load(path, weights_only=False)
+    except (OSError, EOFError, RuntimeError, ValueError, AttributeError, ImportError):
+        return None  # absent, or torn by a kill: quantize again
+
+
+def _save_qweight(path: Path, q: Any) -> None:
+    """Atomic write (temporary file, then rename), so a reader sees a whole file or none."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        torch.save(q, tmp)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a cache only: a full or read-only disk costs time, not results
 
 
 # --- analytic objectives ---------------------------------------------------------------------------

@@ -103,7 +103,11 @@ def write_search_report(result: Any, out_dir: str | Path) -> Path:
           f"- metric: {result.metric_name} (float model: {result.base_metric:.4f})",
           f"- sensitivity: {result.sens.method}" + (f", {result.sens.iterations} Hutchinson iterations"
                                                     f"{' (converged)' if result.sens.converged else ''}"
-                                                    if result.sens.method == "hessian" else ""),
+                                                    if result.sens.method.startswith("hessian") else ""),
+          *([("- anchors (measured before the search, outside the trial budget): "
+              + ", ".join(f"{k}: {v:.4f}" for k, v in result.anchors.items())),
+             "- Ω scale per label: " + ", ".join(f"{k} ×{v:.3g}" for k, v in result.anchor_scales.items())]
+            if result.anchors else []),
           (f"- space: {len(space.searchable)} searched nodes, choices {', '.join(space.labels())}; "
            f"{len(space.ties)} tie groups"), "",
           "## Chosen vs uniform", "",

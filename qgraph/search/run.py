@@ -6,6 +6,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from qgraph.search.drivers import DRIVERS, Problem, run_driver
@@ -21,7 +22,17 @@ from qgraph.search.objectives import (
     summarize,
 )
 from qgraph.search.pareto import pareto_front
-from qgraph.search.sensitivity import Sensitivity, compute_sensitivity, layer_traces
+from qgraph.search.sensitivity import (
+    Sensitivity,
+    anchor_sensitivity,
+    compute_sensitivity,
+    layer_traces,
+    local_anchor_scales,
+    local_probe,
+    metric_loss,
+    probe_layers,
+    scale_sensitivity,
+)
 from qgraph.search.space import SearchError, Space, SpaceOptions, build_space
 from qgraph.search.strategy import Strategy
 from qgraph.search.trials import TrialCache, TrialRunner
@@ -32,7 +43,9 @@ DEFAULT_BASELINES = ("bcq3-g128", "bcq4-g128", "w4-g128", "w8-ch")
 @dataclass(frozen=True)
 class SearchOptions:
     """Everything a search run needs. ``max_bytes`` may be absolute (float) or a fraction of the float
-    weight bytes (``max_bytes_fraction``)."""
+    weight bytes (``max_bytes_fraction``). ``anchor``: before the driver runs, evaluate every choice label
+    as a uniform strategy (outside the trial budget) and scale Ω per label to match (see
+    `anchor_sensitivity`)."""
 
     model: str
     target: str = "x86-avx2"
@@ -52,10 +65,14 @@ class SearchOptions:
     n_eval: int = 32
     measure_latency: bool = False
     baselines: tuple[str, ...] = DEFAULT_BASELINES
+    anchor: bool = True
 
     def eval_config(self) -> EvalConfig:
+        """How trials are scored; with a trial cache, quantized weights are shared through a folder beside it
+        (``<cache>.qweights``), so workers and resumed runs do not quantize a (layer, spec) again."""
+        qdir = None if self.cache is None else str(Path(self.cache).with_name(Path(self.cache).name + ".qweights"))
         return EvalConfig(model=self.model, target=self.target, metric=self.metric, n_eval=self.n_eval,
-                          eval_seed=1, measure_latency=self.measure_latency, threads=1)
+                          eval_seed=1, measure_latency=self.measure_latency, threads=1, qweight_dir=qdir)
 
 
 @dataclass
@@ -74,6 +91,8 @@ class SearchResult:
     cached: int
     seconds: float
     timings: dict[str, float] = field(default_factory=dict)
+    anchors: dict[str, float] = field(default_factory=dict)
+    anchor_scales: dict[str, float] = field(default_factory=dict)
 
     @property
     def front(self) -> list[Trial]:
@@ -97,7 +116,8 @@ class SearchResult:
                 "trials": len(self.trials), "evaluated": self.evaluated, "cached": self.cached,
                 "seconds": round(self.seconds, 2), "timings": {k: round(v, 2) for k, v in self.timings.items()},
                 "sensitivity": {"method": self.sens.method, "iterations": self.sens.iterations,
-                                "converged": self.sens.converged},
+                                "converged": self.sens.converged, "anchor_scales": self.anchor_scales},
+                "anchors": self.anchors,
                 "float_bytes": self.space.float_bytes(),
                 "chosen": row(self.chosen), "baselines": {k: row(v) for k, v in self.baselines.items()},
                 "front": [row(t) for t in self.front]}
@@ -145,6 +165,11 @@ def run_search(opts: SearchOptions, *, progress: Callable[[str], None] | None = 
     try:
         say(f"loading and tracing {opts.model}")
         t = time.perf_counter()
+        if bench is not None and bench.config.fingerprint() != config.fingerprint():
+            raise SearchError(f"the workbench given to run_search scores differently ({bench.config}) from the "
+                              f"search's workers ({config}); build it from opts.eval_config()")
+        if bench is not None and bench.config.qweight_dir is None and config.qweight_dir is not None:
+            bench.config = replace(bench.config, qweight_dir=config.qweight_dir)  # share its quantized weights
         bench = bench if bench is not None else Workbench(config)
         runner.bench = bench
         timings["load_trace"] = time.perf_counter() - t
@@ -186,6 +211,13 @@ def run_search(opts: SearchOptions, *, progress: Callable[[str], None] | None = 
                                        max_iter=opts.hutchinson_max_iter, seed=opts.seed, progress=say, traces=traces)
             cache.save_side(f"sens-{fp[:16]}", fp, sens.to_dict())
         timings["sensitivity"] = time.perf_counter() - t
+        anchors: dict[str, float] = {}
+        scales: dict[str, float] = {}
+        if opts.anchor:
+            t = time.perf_counter()
+            sens, anchors, scales = _anchor(space, sens, runner, bench, costs, constraints, opts.seed, say)
+            say("anchored Ω on uniform strategies: " + ", ".join(f"{k} ×{v:.3g}" for k, v in scales.items()))
+            timings["anchors"] = time.perf_counter() - t
         problem = Problem(space, costs, sens, constraints, bench.metric, runner.run, max_trials=opts.trials,
                           use_latency=constraints.max_latency_us is not None)
         say(f"searching: driver {opts.driver}, {opts.trials} trials, constraints: {constraints.describe()}")
@@ -199,7 +231,40 @@ def run_search(opts: SearchOptions, *, progress: Callable[[str], None] | None = 
         runner.close()
     chosen = problem.best()
     return SearchResult(opts, space, costs, sens, constraints, problem.trials, chosen, baselines, bench.base_metric,
-                        bench.metric.name, runner.evaluated, runner.cached, time.perf_counter() - t0, timings)
+                        bench.metric.name, runner.evaluated, runner.cached, time.perf_counter() - t0, timings,
+                        anchors, scales)
+
+
+def _anchor(space: Space, sens: Sensitivity, runner: TrialRunner, bench: Workbench, costs: CostTable,
+            constraints: Constraints, seed: int,
+            say: Callable[[str], None]) -> tuple[Sensitivity, dict[str, float], dict[str, float]]:
+    """Anchor Ω on measured strategies (cached like trials; outside the trial budget): each choice label as a
+    uniform strategy, then each label on a quarter of the layers on top of the best uniform strategy that
+    meets the limits (see the sensitivity module). Returns (anchored Ω, metric per anchor, scale per label)."""
+    metric = bench.metric
+    labels = [lb for lb in space.labels() if lb != "fp32"]
+    uniform = {lb: space.uniform(lb) for lb in labels}
+    results = runner.run([space.strategy(a) for a in uniform.values()])
+    metrics = {f"uniform {lb}": float(r["metric"]) for lb, r in zip(labels, results)}
+    loss = {lb: metric_loss(metric.name, bench.base_metric, metrics[f"uniform {lb}"]) for lb in labels}
+    anchored, scales = anchor_sensitivity(sens, space, {lb: (uniform[lb], loss[lb]) for lb in labels})
+    # local anchors around the best uniform strategy that meets the limits (or the nearest to meeting them)
+    limits = replace(constraints, max_metric_drop=None)
+    ref_label = min(labels, key=lambda lb: (analytic(space, costs, limits, uniform[lb]).violation,
+                                            metric.error(metrics[f"uniform {lb}"])))
+    ref = uniform[ref_label]
+    layers = probe_layers(space, seed=seed)
+    probes = {lb: a for lb in labels if lb != ref_label and (a := local_probe(space, ref, lb, layers)) is not None}
+    if probes:
+        results = runner.run([space.strategy(a) for a in probes.values()])
+        for lb, r in zip(probes, results):
+            metrics[f"{ref_label} + {lb} on {len(layers)} layers"] = float(r["metric"])
+        local = {lb: (a, metric_loss(metric.name, bench.base_metric, float(r["metric"])))
+                 for (lb, a), r in zip(probes.items(), results)}
+        scales = local_anchor_scales(sens, space, scales, ref, loss[ref_label], local)
+        anchored = scale_sensitivity(sens, space, scales)
+        say(f"local anchors: {len(probes)} label(s) on {len(layers)} layers over uniform {ref_label}")
+    return anchored, metrics, scales
 
 
 def _baselines(problem: Problem, runner: TrialRunner, labels: tuple[str, ...]) -> dict[str, Trial]:

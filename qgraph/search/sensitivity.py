@@ -10,6 +10,22 @@
 - ``proxy`` (no gradients needed): Ω_i(c) = 2·ΔL measured by quantizing layer i alone, one forward pass
   per (layer, choice).
 
+A Hessian's trace at the float weights (a minimum of the loss) is ≥ 0; a layer whose estimate is ≤ 0
+after the iterations run is below the estimator's noise: it gets the median positive per-element trace of
+the other layers (unknown is taken as typical) instead of 0, which would make every choice look free on
+it (on SmolLM2 with 8 iterations, 22 of 210 layers — q/k projections — come out ≤ 0, and 2-bit weights
+there are far from free).
+
+Anchoring: Ω adds per-layer second-order terms, but some schemes' errors add up across layers far
+faster than their size says (BCQ's least-squares fit shrinks weights, coherently in every layer: on
+SmolLM2 uniform BCQ-3 has 0.65x the squared error of uniform int3 and 20x the perplexity). Measured
+strategies give each choice label L a scale s_L on its Ω entries (layers keep their relative
+sensitivities): `anchor_sensitivity` from uniform strategies, s_L = 2·loss(uniform L) / Σ_i Ω_i(L); then
+`local_anchor_scales` around a reference strategy R at the limits (the best uniform one that meets
+them): L applied to a spread subset S of layers on top of R, s_L such that the change of the scaled Ω
+equals 2·(loss(R with L on S) − loss(R)). The local form stays in the regime the search works in (a
+whole-model 2-bit strategy saturates the metric, a quarter of the layers on top of a 3-bit one does not).
+
 The loss is the workbench's distance to the float output (1 − cosine, or KL to the float next-token
 distribution), so it is zero at the float weights. The graph must be differentiable for ``hessian``;
 scaled-dot-product attention is forced onto its math kernel, whose backward is twice differentiable.
@@ -17,8 +33,9 @@ scaled-dot-product attention is forced onto its math kernel, whose backward is t
 from __future__ import annotations
 
 import contextlib
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -189,11 +206,17 @@ def hessian_sensitivity(bench: Workbench, space: Space, *, tol: float = 1e-3, ma
     iters, converged = traces["iterations"], traces["converged"]
     traces = traces["traces"]
     acts = _act_terms(bench, space, progress)
+    dens = {space.layers[i].key: traces.get(space.layers[i].key, 0.0) / max(space.layers[i].numel, 1) for i in idx}
+    positive = sorted(v for v in dens.values() if v > 0)
+    floor = positive[len(positive) // 2] if positive else 0.0
+    if progress and any(v <= 0 for v in dens.values()):
+        progress(f"{sum(v <= 0 for v in dens.values())} layer trace(s) ≤ 0 (below the estimator's noise): "
+                 f"set to the median positive per-element trace, {floor:.3g}")
     omega = []
     per_elem = {}
     for i, layer in enumerate(space.layers):
         row = []
-        t = max(traces.get(layer.key, 0.0), 0.0) / max(layer.numel, 1)
+        t = (dens[layer.key] if dens[layer.key] > 0 else floor) if i in idx else 0.0
         per_elem[layer.key] = t
         for ch in layer.choices:
             if ch.is_float or i not in idx:
@@ -226,6 +249,100 @@ def proxy_sensitivity(bench: Workbench, space: Space, progress: Callable[[str], 
         if progress:
             progress(f"proxy sensitivity {i + 1}/{len(space.layers)}")
     return Sensitivity("proxy", tuple(omega), {}, 0, True, time.perf_counter() - t0)
+
+
+def metric_loss(metric_name: str, base: float, value: float) -> float:
+    """A measured metric as a loss in the units of the sensitivity loss: the cosine gap to float, or the
+    log perplexity ratio (the cross-entropy increase, which a KL to the float model approximates)."""
+    if metric_name == "perplexity":
+        return math.log(max(value, 1e-30) / max(base, 1e-30))
+    return base - value
+
+
+def _family(label: str) -> str:
+    return "act" if "+a" in label else ("bcq" if label.startswith("bcq") else "uniform")
+
+
+def anchor_sensitivity(sens: Sensitivity, space: Space, anchors: dict[str, tuple[Sequence[int], float]],
+                       coverage: float = 0.5) -> tuple[Sensitivity, dict[str, float]]:
+    """Ω with each choice label's entries scaled so the uniform strategies' Ω match their measured loss.
+
+    ``anchors``: label → (the uniform assignment evaluated, its measured loss, see `metric_loss`). A label
+    is scaled by s_L = 2·max(loss, 0) / Σ_i Ω_i(a_i) when the layers offering it hold at least ``coverage``
+    of the searched weights (else its anchor measured mostly other labels); other labels take the geometric
+    mean of the positive scales of their family (BCQ, uniform weight-only, with activations), or of all.
+    Returns the anchored Sensitivity and the scale per label."""
+    idx = space.searchable
+    total = sum(space.layers[i].numel for i in idx) or 1
+    scales: dict[str, float] = {}
+    for label, (a, loss) in anchors.items():
+        offered = sum(space.layers[i].numel for i in idx if label in [ch.label for ch in space.layers[i].choices])
+        om = sens.total(a)
+        if offered >= coverage * total and om > 0:
+            scales[label] = 2.0 * max(loss, 0.0) / om
+
+    def geo(vals: list[float]) -> float | None:
+        vals = [v for v in vals if v > 0]
+        return math.exp(sum(math.log(v) for v in vals) / len(vals)) if vals else None
+
+    fallback = geo(list(scales.values())) or 1.0
+    every = {ch.label for i in idx for ch in space.layers[i].choices if not ch.is_float}
+    for label in sorted(every - set(scales)):
+        scales[label] = geo([v for k, v in scales.items() if _family(k) == _family(label)]) or fallback
+    return scale_sensitivity(sens, space, scales), dict(sorted(scales.items()))
+
+
+def scale_sensitivity(sens: Sensitivity, space: Space, scales: dict[str, float]) -> Sensitivity:
+    """Ω with each entry multiplied by its choice label's scale (labels not in ``scales``: 1)."""
+    omega = tuple(tuple(v * scales.get(ch.label, 1.0) if not ch.is_float else 0.0
+                        for v, ch in zip(row, layer.choices))
+                  for row, layer in zip(sens.omega, space.layers))
+    return Sensitivity(sens.method + "+anchored", omega, sens.traces, sens.iterations, sens.converged, sens.seconds)
+
+
+def probe_layers(space: Space, share: float = 0.25, seed: int = 0) -> list[int]:
+    """A seeded random ``share`` of the searched layers (at least one): where local anchors apply a label."""
+    import numpy as np
+
+    idx = space.searchable
+    k = max(1, round(share * len(idx)))
+    return sorted(int(i) for i in np.random.default_rng(seed).choice(idx, size=min(k, len(idx)), replace=False))
+
+
+def local_probe(space: Space, reference: Sequence[int], label: str, layers: Sequence[int]) -> tuple[int, ...] | None:
+    """``reference`` with ``label`` on those of ``layers`` that offer it (ties repaired); None if unchanged."""
+    a = list(reference)
+    for i in layers:
+        names = [ch.label for ch in space.layers[i].choices]
+        if label in names:
+            a[i] = names.index(label)
+    out = space.repair_ties(tuple(a))
+    return None if out == tuple(reference) else out
+
+
+def local_anchor_scales(sens: Sensitivity, space: Space, scales: dict[str, float], reference: Sequence[int],
+                        ref_loss: float, probes: dict[str, tuple[Sequence[int], float]]) -> dict[str, float]:
+    """Per-label scales fitted around ``reference`` (see the module docstring).
+
+    ``scales``: the current ones (from `anchor_sensitivity`), used for every label but the probed one;
+    ``probes``: label → (``local_probe`` assignment, its measured loss). For each probe, with C the layers it
+    changed: s_L = (2·(loss − ref_loss) + Σ_C s·Ω(R) − Σ_{C, label ≠ L} s·Ω) / Σ_{C, label = L} Ω_i(L), at
+    least 0. Labels without a usable probe keep their scale."""
+    out = dict(scales)
+
+    def term(i: int, c: int) -> float:
+        ch = space.layers[i].choices[c]
+        return 0.0 if ch.is_float else sens.omega[i][c] * scales.get(ch.label, 1.0)
+
+    for label, (a, loss) in probes.items():
+        changed = [i for i in range(len(space.layers)) if a[i] != reference[i]]
+        own = sum(sens.omega[i][a[i]] for i in changed if space.layers[i].choices[a[i]].label == label)
+        if own <= 0:
+            continue
+        rest = sum(term(i, a[i]) for i in changed if space.layers[i].choices[a[i]].label != label)
+        before = sum(term(i, reference[i]) for i in changed)
+        out[label] = max(0.0, (2.0 * (loss - ref_loss) + before - rest) / own)
+    return dict(sorted(out.items()))
 
 
 def compute_sensitivity(bench: Workbench, space: Space, method: str = "hessian", *, tol: float = 1e-3,

@@ -12,6 +12,7 @@ the same spec). An assignment is a tuple of choice indices, one per layer.
 """
 from __future__ import annotations
 
+import fnmatch
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -303,7 +304,8 @@ def _label_bits(label: str) -> int:
 class SpaceOptions:
     """What to offer per node. ``act``: also offer int activations where a kernel takes them;
     ``embeddings``: search Gather nodes too (else they are fixed at the target's embedding default, or
-    float when the target cannot run it)."""
+    float when the target cannot run it); ``keep_float``: shell patterns (fnmatch) of node keys kept in
+    float and left out of the search and of the average bits (e.g. ``("lm.lm_head",)``)."""
 
     uniform_bits: tuple[int, ...] = (8, 4)
     uniform_group_sizes: tuple[int, ...] = (128,)
@@ -313,6 +315,7 @@ class SpaceOptions:
     act: bool = True
     embeddings: bool = False
     embedding_bits: tuple[int, ...] = (8, 4)
+    keep_float: tuple[str, ...] = ()
 
 
 def candidate_weight_specs(target: Any, opts: SpaceOptions) -> list[QSpec]:
@@ -402,6 +405,9 @@ def build_space(graph: Any, target: Any, options: SpaceOptions | None = None) ->
         input_name = graph.name(producers[0]) if producers else ""
         if op == "Gather":
             layers.append(_embedding_layer(target, opts, key, graph.name(node), shape, input_name))
+            continue
+        if any(fnmatch.fnmatchcase(key, pat) for pat in opts.keep_float):
+            layers.append(Layer(key, graph.name(node), op, shape, (Choice(),), input_name, searchable=False))
             continue
         choices = layer_choices(target, op, shape, weights, act)
         layers.append(Layer(key, graph.name(node), op, shape, choices, input_name, searchable=len(choices) > 1))

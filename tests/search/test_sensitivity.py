@@ -95,3 +95,54 @@ def test_hessian_and_proxy_agree_on_layer_ranking(toy_bench):
     col = [ch.label for ch in space.layers[0].choices].index("bcq2-g128")
     rho = spearmanr([r[col] for r in h.omega], [r[col] for r in p.omega]).statistic
     assert rho >= 0.7, rho
+
+
+def test_anchoring_matches_uniform_losses_and_keeps_layer_order(toy_bench):
+    import math
+
+    from qgraph.search.sensitivity import Sensitivity, anchor_sensitivity, metric_loss
+
+    _, space = toy_bench
+    raw = Sensitivity("hessian", tuple(tuple(0.0 if ch.is_float else (i + 1) * 2.0 ** (-ch.bits) for ch in layer.choices)
+                                       for i, layer in enumerate(space.layers)), {})
+    losses = {"bcq3-g128": 0.5, "w8-ch": 0.001, "bcq2-g128": 0.9}
+    anchors = {lb: (space.uniform(lb), loss) for lb, loss in losses.items()}
+    sens, scales = anchor_sensitivity(raw, space, anchors)
+    assert sens.method == "hessian+anchored"
+    for a, loss in anchors.values():
+        assert sens.total(a) == pytest.approx(2 * loss, rel=1e-9)  # Ω of the uniform strategy = its 2·loss
+    assert scales["bcq4-g128"] == pytest.approx(math.sqrt(scales["bcq3-g128"] * scales["bcq2-g128"]))  # family mean
+    for i, layer in enumerate(space.layers):
+        for c, ch in enumerate(layer.choices):
+            assert sens.omega[i][c] == pytest.approx(raw.omega[i][c] * scales.get(ch.label, 0.0))
+    assert metric_loss("perplexity", 20.0, 40.0) == pytest.approx(math.log(2)) and metric_loss("cosine", 1.0, 0.9) == \
+        pytest.approx(0.1)
+
+
+def test_local_anchors_match_the_measured_change_around_the_reference(toy_bench):
+    from qgraph.search.sensitivity import (
+        Sensitivity,
+        anchor_sensitivity,
+        local_anchor_scales,
+        local_probe,
+        probe_layers,
+        scale_sensitivity,
+    )
+
+    _, space = toy_bench
+    raw = Sensitivity("hessian", tuple(tuple(0.0 if ch.is_float else (i + 1) * 2.0 ** (-ch.bits) for ch in layer.choices)
+                                       for i, layer in enumerate(space.layers)), {})
+    labels = ["bcq3-g128", "bcq2-g128", "w8-ch"]
+    _, scales = anchor_sensitivity(raw, space, {lb: (space.uniform(lb), 0.1 * (4 - k)) for k, lb in enumerate(labels)})
+    ref = space.uniform("bcq3-g128")
+    layers = probe_layers(space, share=0.5, seed=1)
+    assert layers == probe_layers(space, share=0.5, seed=1) and 1 <= len(layers) < len(space.searchable)
+    probes = {lb: local_probe(space, ref, lb, layers) for lb in ("bcq2-g128", "w8-ch")}
+    assert all(a is not None and {i for i in range(len(a)) if a[i] != ref[i]} <= set(layers) for a in probes.values())
+    assert local_probe(space, ref, "bcq3-g128", layers) is None  # nothing to change
+    ref_loss, measured = 0.3, {"bcq2-g128": 0.5, "w8-ch": 0.25}
+    new = local_anchor_scales(raw, space, scales, ref, ref_loss, {lb: (a, measured[lb]) for lb, a in probes.items()})
+    sens = scale_sensitivity(raw, space, new)
+    assert new["bcq3-g128"] == scales["bcq3-g128"]  # the reference's own label keeps its uniform scale
+    for lb, a in probes.items():  # the scaled Ω moves by 2x the measured loss change around the reference
+        assert sens.total(a) - sens.total(ref) == pytest.approx(2 * (measured[lb] - ref_loss), rel=1e-9, abs=1e-12)

@@ -95,3 +95,20 @@ def test_uniform_and_bits(graph):
     assert space.weight_bytes(a) < space.weight_bytes(space.uniform("w8-ch")) < space.float_bytes()
     with pytest.raises(SearchError, match="no layer offers"):
         space.uniform("bcq7-g3")
+
+
+def test_keep_float_pins_nodes_out_of_the_search(graph):
+    tgt = load_target("x86-avx2")
+    full = build_space(graph, tgt)
+    space = build_space(graph, tgt, SpaceOptions(keep_float=("o*", "v")))
+    pinned = {layer.key for layer in space.layers if [ch.label for ch in layer.choices] == ["fp32"]}
+    assert pinned == {"out", "v"} and not any(space.layers[i].key in pinned for i in space.searchable)
+    assert [tuple(space.layers[i].key for i in g) for g in space.ties] == [("q", "k")]  # v left the q/k/v group
+    a = space.uniform("bcq3-g128")
+    got = {layer.key: layer.choices[c].label for layer, c in zip(space.layers, a)}
+    assert got["out"] == got["v"] == "fp32" and got["q"] == "bcq3-g128"
+    n = {layer.key: layer.numel for layer in space.layers}
+    counted = [space.layers[i].key for i in space.counted_for_bits]
+    assert set(counted) == {"q", "k", "conv"}  # the average bits leave pinned layers out
+    assert space.avg_bits(a) == pytest.approx((3 * (n["q"] + n["k"]) + 8 * n["conv"]) / (n["q"] + n["k"] + n["conv"]))
+    assert len(full.searchable) == len(space.searchable) + 2
