@@ -206,7 +206,7 @@ def calibration(ctx, graph, pass_name: str, max_batches: int | None) -> list[tup
     return data
 
 
-def round_rest(graph, rest, layers: list, pass_name: str) -> None:
+def round_rest(graph, rest, layers: list) -> None:
     """Round-to-nearest for the annotated weights learned rounding does not take."""
     for node, spec in rest:
         w = graph.param(node, "weight").detach()
@@ -320,7 +320,7 @@ def learn_layer(graph, ls, node, spec, lop: LayerOp, fq: dict, notes: list[str],
     name = graph.qualname(node)
     if why:
         notes.append(f"{name}: {why}; round-to-nearest")
-        round_rest(graph, [(node, spec)], [], "adaround")
+        round_rest(graph, [(node, spec)], [])
         q = graph.meta(node)[QWEIGHT_KEY]
         ls.weights[node] = dequantized(q, w)
         ls.step_quant(node)

@@ -4,8 +4,12 @@ Each annotated Linear (``y = x Wᵀ``) and 1-d / 2-d convolution with a uniform 
 quantizer's scale / zero point (per tensor, channel or group; optional Lp clip search) and learns, per weight,
 whether it rounds down or up, so that the layer's output over the calibration data moves as little as possible:
 rectified-sigmoid rounding variables, Adam, and the annealed regulariser that drives them to 0 / 1. The
-reconstruction error is exact over every calibration row (Gram matrices of the layer inputs, or the rows
-themselves while there are fewer rows than inputs per output), so there is no sampling and no seed.
+reconstruction error is exact over the layer's calibration input vectors (Gram matrices of them, or the vectors
+themselves while there are fewer than inputs per output), full-batch, so there is no sampling and no seed; a
+layer with more than ``max_rows`` input vectors (a convolution's output positions × images) uses every k-th
+position. Options: ``iters`` Adam steps per layer, ``lr``, ``reg`` (λ of the regulariser, relative: the
+reconstruction loss is divided by round-to-nearest's and the regulariser averaged over the weights), ``warmup``
+(fraction of steps without the regulariser).
 
 Layer inputs (``inputs``): ``quantized`` (default) feeds the calibration data through the already-quantized
 prefix (weights rounded so far, activations fake-quantized as insert-fq will) and fits ``W_soft x̂`` to the float
@@ -20,11 +24,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from qgraph.errors import CalibrationError, QGraphError
+from qgraph.errors import CalibrationError, QGraphError, SpecError
 from qgraph.ir.fx_run import Lockstep
 from qgraph.pass_base import Pass, PassResult
 from qgraph.passes import _reconstruction as rc
 from qgraph.progress import progress
+from qgraph.quant.adaround import check_options
 from qgraph.registry import register_pass
 
 
@@ -49,10 +54,13 @@ class AdaRoundPass(Pass):
 
     def run(self, graph, ctx) -> PassResult:
         o = self.options
+        check_options(o.iters, o.lr, o.reg, o.warmup)
+        if o.max_rows < 0:
+            raise SpecError(f"adaround needs max_rows >= 0 (0: all), got {o.max_rows}")
         rc.require_fx(graph, "adaround")
         sel = rc.select(graph, "adaround")
         layers = ctx.report.setdefault("layers", [])
-        rc.round_rest(graph, sel.rest, layers, "adaround")
+        rc.round_rest(graph, sel.rest, layers)
         notes = list(sel.notes)
         if sel.targets:
             data = rc.calibration(ctx, graph, "adaround", o.max_batches)

@@ -61,13 +61,13 @@ class BRECQPass(Pass):
     def run(self, graph, ctx) -> PassResult:
         o = self.options
         check_options(o.iters, o.lr, o.reg, o.warmup)
-        if o.batch < 0 or o.merge < 1 or o.gap_layers < 1:
-            raise SpecError(f"brecq needs batch >= 0, merge >= 1 and gap_layers >= 1; got batch={o.batch}, "
-                            f"merge={o.merge}, gap_layers={o.gap_layers}")
+        if o.batch < 0 or o.merge < 1 or o.gap_layers < 1 or o.max_rows < 0:
+            raise SpecError(f"brecq needs batch >= 0, merge >= 1, gap_layers >= 1 and max_rows >= 0; got "
+                            f"batch={o.batch}, merge={o.merge}, gap_layers={o.gap_layers}, max_rows={o.max_rows}")
         rc.require_fx(graph, "brecq")
         sel = rc.select(graph, "brecq")
         layers = ctx.report.setdefault("layers", [])
-        rc.round_rest(graph, sel.rest, layers, "brecq")
+        rc.round_rest(graph, sel.rest, layers)
         notes = list(sel.notes)
         blocks_report = []
         if sel.targets:
