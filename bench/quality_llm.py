@@ -10,7 +10,11 @@ Group size: 192 for qgraph (the divisor of both row lengths, 576 and 1536, neare
 groups that divide the row, and 128 does not divide 576), plus one GPTQ-3 row at 64; ORT uses blocks of 128
 (the last block of a 576 row padded) with fp32 scales. qgraph's GPTQ rows use act_order and sequential
 (quantized-prefix) Hessians; GPTQ+BCQ fits α per group with the Hessian diagonal as importance
-(alternating BCQ), then rounds column by column. ORT's GPTQ runs symmetric: its asymmetric zero-point
+(alternating BCQ), then rounds column by column. BCQ greedy / weighted are data-free (the quantize-weights
+path); "weighted+z" adds the per-group offset z, the best data-free BCQ setting found here (SmolLM2's first
+token carries massive activations in a few input channels whose small weights magnitude importance neglects,
+see the issue-9 notes). aespa rows: q/k/v by `aespa` (attention-aware Hessians + learned rounding), the other
+Linears by GPTQ, same act_order; optional rows (``--methods``) add GPTQ+BCQ at g96 and aespa with BCQ. ORT's GPTQ runs symmetric: its asymmetric zero-point
 packing fails on rows with an odd number of blocks (576 = 4.5 x 128).
 
 Bytes: ``bytes`` is the whole model as stored (quantized linears at their bits with scales / zero points /
@@ -18,6 +22,7 @@ Bytes: ``bytes`` is the whole model as stored (quantized linears at their bits w
 ORT's GPTQ re-runs the full model once per distinct MatMul input (120) and calibration window; those runs
 are identical, so the bench memoizes them (one forward per window; ORT's algorithm code is unchanged).
 The ONNX export (~4 min here, batch fixed at 1) is cached under ``qgraph.models.smollm2.disk_cache_dir()``.
+With ``--json`` the records (perplexity, bytes, seconds, 1-minute load average) are rewritten after every row.
 
     python bench/quality_llm.py [--quick] [--json out.json] [--methods ...] [--no-ort]
 """
@@ -53,6 +58,7 @@ GROUP = 192
 GPTQ_U = "gptq{act_order=true}"
 GPTQ_B = "gptq{act_order=true,bcq_importance=hessian}"
 AESPA = "aespa{act_order=true}"
+AESPA_B = "aespa{act_order=true,bcq_importance=hessian}"
 
 
 def _u(bits, group=GROUP):
@@ -84,8 +90,11 @@ METHODS = {
     "aespa-2": (AESPA, _u(2), ""),
     "aespa-3-g64": (AESPA, _u(3, 64), ""),
     "GPTQ+BCQ-3 emb8": (GPTQ_B, _b(3, "alternating"), "embedding-rowwise{bits=8,tied=true}"),
+    "GPTQ+BCQ-3-g96": (GPTQ_B, QSpec.bcq(3, group_size=96, method="alternating"), ""),
+    "aespa+BCQ-3": (AESPA_B, _b(3, "alternating"), ""),
+    "aespa+BCQ-2": (AESPA_B, _b(2, "alternating"), ""),
 }
-OPTIONAL = ("GPTQ+BCQ-3 emb8",)  # only when named in --methods
+OPTIONAL = ("GPTQ+BCQ-3 emb8", "GPTQ+BCQ-3-g96", "aespa+BCQ-3", "aespa+BCQ-2")  # only when named in --methods
 ORT_METHODS = ("ORT-RTN-4", "ORT-GPTQ-4-sym")
 QUICK = ("RTN-4", "GPTQ-3", "BCQ-3-weighted")
 

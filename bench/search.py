@@ -5,6 +5,9 @@
    The chosen strategy and the uniform baselines (BCQ-3 and int3 at the model's group size, plus 4- and
    8-bit references) are then re-scored on held-out text no search step read (`Workbench.holdout`: the
    last evaluation play; trials are scored on the other evaluation plays, sensitivities on other text).
+   Before the driver, the search measures anchors outside the trial budget (each choice label as a
+   uniform strategy, then on a quarter of the layers over the best uniform one that meets the limits),
+   so "evaluated" counts trials + anchors.
 2. MiniLM only: the same size limit (``--cross-avg-bits``, default 12) searched for x86-avx2 and for
    npu-int8: two different strategies, each checked against its own target and the limit.
 
@@ -26,6 +29,7 @@ T_START = time.perf_counter()
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 from dataclasses import replace
@@ -84,10 +88,19 @@ def main(argv=None) -> int:
     n_hold = args.holdout or (p["holdout"] // 4 if args.quick else p["holdout"])
     cross = p["cross"] and not (args.quick or args.no_cross)
     out = Path(args.out or f"qgraph-out/bench-search-{args.model}")
+    tmp = None if args.cache else tempfile.mkdtemp(prefix="qgraph-search-")
+    cache = args.cache or str(Path(tmp) / "trials.jsonl")
+    try:
+        return _run(args, p, trials, iters, n_eval, n_hold, cross, out, cache)
+    finally:
+        if tmp is not None:  # its shared quantized weights take ~0.7 GB for SmolLM2
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _run(args, p, trials, iters, n_eval, n_hold, cross, out, cache) -> int:
     g = p["group"]
     torch.set_num_threads(1)
     records = Records()
-    cache = args.cache or str(Path(tempfile.mkdtemp(prefix="qgraph-search-")) / "trials.jsonl")
     space_opts = SpaceOptions(uniform_bits=(8, 4, 3), uniform_group_sizes=(g,), bcq_bits=p["bcq_bits"],
                               bcq_group_sizes=(g,), act=p["act"], keep_float=p["keep_float"])
     three = (f"bcq3-g{g}", f"w3-g{g}")

@@ -48,7 +48,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     sp.add_argument("--driver", choices=["greedy", "ilp", "nsga"], default="nsga")
     sp.add_argument("--trials", type=int, default=50, help="distinct strategies to evaluate (default 50)")
     sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--cache", help="trial cache (JSON lines); a rerun with the same file resumes")
+    sp.add_argument("--cache", help="trial cache (JSON lines); a rerun with the same file resumes (quantized weights are "
+                    "kept beside it, in CACHE.qweights/)")
     sp.add_argument("--workers", type=int, default=2, help="trial worker processes (0: in this process)")
     sp.add_argument("--ray", metavar="ADDRESS", help="run trials on Ray: a cluster address, or 'local'")
     sp.add_argument("--sensitivity", choices=["hessian", "proxy"], default="hessian")

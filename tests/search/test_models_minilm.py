@@ -26,7 +26,8 @@ def test_minilm_searched_beats_uniform_3bit(tmp_path):
     try:
         r = run_search(SearchOptions(model="minilm", target="x86-avx2", driver="ilp", trials=1, workers=0,
                                      constraints=Constraints(avg_bits=3.0), hutchinson_max_iter=4, n_eval=16,
-                                     space=SpaceOptions(act=False), baselines=("bcq3-g128",),
+                                     space=SpaceOptions(act=False, uniform_bits=(8,), bcq_bits=(2, 3, 4)),
+                                     baselines=("bcq3-g128",),
                                      cache=str(tmp_path / "t.jsonl")))
     finally:
         torch.set_num_threads(old)
