@@ -19,9 +19,10 @@ layers 3-5 it is 1.9-3.2x the output's norm, against 0.39-0.59x for RTN-3 (1.1-1
 ±α1±α2±α3 have no zero and magnitude importance favours large weights. Every token attends to the sink, so the
 sink's corrupted value reaches every position. GPTQ+BCQ does not collapse: its Hessian is dominated by those
 sink channels. aespa rows: q/k/v by `aespa` (attention-aware Hessians + learned rounding), the other
-Linears by GPTQ, same act_order; optional rows (``--methods``) add GPTQ+BCQ at g96, aespa with BCQ, and a
-symmetric GPTQ-4 to compare with ORT's GPTQ, which runs symmetric: its asymmetric zero-point packing fails on
-rows with an odd number of blocks (576 = 4.5 x 128).
+Linears by GPTQ, same act_order; "aespa+BCQ" is aespa's reconstruction with the BCQ quantizer (the best 3- and
+2-bit rows measured). "GPTQ-4-sym" is there to compare with ORT's GPTQ, which runs symmetric: its asymmetric
+zero-point packing fails on rows with an odd number of blocks (576 = 4.5 x 128). Optional rows (only when named
+in ``--methods``): GPTQ+BCQ-3 with an 8-bit row-wise embedding, and GPTQ+BCQ-3 at g96.
 
 Bytes: ``bytes`` is the whole model as stored (quantized linears at their bits with scales / zero points /
 α; every other tensor fp32; a tied table counted once); ``linear bytes`` the quantized linears alone.
@@ -101,7 +102,7 @@ METHODS = {
     "aespa+BCQ-3": (AESPA_B, _b(3, "alternating"), ""),
     "aespa+BCQ-2": (AESPA_B, _b(2, "alternating"), ""),
 }
-OPTIONAL = ("GPTQ-4-sym", "GPTQ+BCQ-3 emb8", "GPTQ+BCQ-3-g96", "aespa+BCQ-3", "aespa+BCQ-2")  # only when named in --methods
+OPTIONAL = ("GPTQ+BCQ-3 emb8", "GPTQ+BCQ-3-g96")  # only when named in --methods
 ORT_METHODS = ("ORT-RTN-4", "ORT-GPTQ-4-sym")
 QUICK = ("RTN-4", "GPTQ-3", "BCQ-3-weighted")
 
