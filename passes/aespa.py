@@ -38,8 +38,9 @@ from qgraph.errors import CalibrationError, PipelineError, QGraphError
 from qgraph.ir.graph_view import ANNOTATION_KEY
 from qgraph.ir.inputs import batches
 from qgraph.pass_base import Pass, PassResult
-from qgraph.passes.gptq import GPTQPass, _by_input, _layer_row, _stack
-from qgraph.passes.quantize_weights import QWEIGHT_KEY, dequantized, quantize_tensor
+from qgraph.passes._reconstruction import round_rest
+from qgraph.passes.gptq import GPTQPass, _by_input, _layer_row, _stack, quantize_in_sequence
+from qgraph.passes.quantize_weights import QWEIGHT_KEY
 from qgraph.progress import progress
 from qgraph.quant.aespa import RefineConfig, ValueHessian, aespa_qkv, attention_probs, query_rows
 from qgraph.quant.gptq import GPTQResult, HessianAccumulator, gptq
@@ -249,14 +250,7 @@ class AespaPass(Pass):
                 else:
                     n_aespa += 1
                     layers.append(_aespa_row(graph, node, res, w))
-        for node, spec in rest:
-            w = graph.param(node, "weight").detach()
-            q = quantize_tensor(w, spec)
-            graph.meta(node)[QWEIGHT_KEY] = q
-            err = float((dequantized(q, w) - w).norm() / w.norm().clamp_min(1e-30))
-            layers.append({"node": graph.qualname(node), "op": graph.op_type(node), "spec": str(spec),
-                           "method": "rtn", "rel_weight_err": err, "fp32_bytes": w.numel() * 4,
-                           "bytes": int(q.nbytes)})
+        round_rest(graph, rest, layers)
         if notes:
             ctx.report.setdefault("aespa", {})["notes"] = notes
         out = {"attentions": len(atts), "aespa": n_aespa, "gptq": len(todo) - n_aespa, "rtn": len(rest)}
@@ -409,47 +403,10 @@ class AespaPass(Pass):
                 yield node, gptq(weight(node), h, spec, **self._gptq_kw(spec))
 
     def _sequential(self, graph, groups, specs, plan, stats, stacked, bar):
-        requests = [(nodes[0][0], 0) for nodes in groups]
-        saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        results = []
-        done = [0]
+        def quantize_group(i, h, weight):
+            return self._quantize_group(graph, i, groups[i], specs, plan, stats, h, weight)
 
-        def weight(node):
-            p = graph.param(node, "weight")
-            return saved[id(p)][1] if id(p) in saved else p.detach().clone()
-
-        def on_value(i, t):
-            acc = HessianAccumulator(t.shape[-1])
-            acc.add(t)
-            for node, res in self._quantize_group(graph, i, groups[i], specs, plan, stats, acc.value(), weight):
-                p = graph.param(node, "weight")
-                w = weight(node)
-                graph.meta(node)[QWEIGHT_KEY] = res.qweight
-                saved.setdefault(id(p), (p, w))
-                with torch.no_grad():
-                    p.copy_(res.w_hat.reshape(p.shape).to(p.dtype))
-                results.append((node, res))
-                next(bar, None)
-            done[0] += 1
-            if done[0] == len(groups):
-                raise _Finished
-
-        try:
-            graph.collect(requests, [stacked], on_value)
-        except _Finished:
-            pass
-        except QGraphError:
-            raise
-        except Exception as e:
-            raise CalibrationError(f"aespa: the stacked calibration batch does not run through the graph "
-                                   f"({type(e).__name__}: {e}); use aespa{{sequential=false}}") from e
-        finally:
-            with torch.no_grad():
-                for p, w in saved.values():
-                    p.copy_(w)
-        if done[0] != len(groups):
-            raise CalibrationError(f"aespa: the calibration run reached only {done[0]} of {len(groups)} layer inputs")
-        return results
+        return quantize_in_sequence(graph, groups, stacked, quantize_group, bar, "aespa")
 
     def _from_float(self, graph, groups, specs, plan, stats, _stacked, bar):
         results = []

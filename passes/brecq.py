@@ -32,7 +32,8 @@ from qgraph.pass_base import Pass, PassResult
 from qgraph.passes import _reconstruction as rc
 from qgraph.passes.quantize_weights import QWEIGHT_KEY
 from qgraph.progress import progress
-from qgraph.quant.adaround import LearnedRounding, check_options, one_thread, optimize, relative
+from qgraph.quant.adaround import LearnedRounding, check_options, optimize, relative
+from qgraph.quant.uniform import one_thread
 from qgraph.registry import register_pass
 
 

@@ -26,7 +26,8 @@ from qgraph.errors import CalibrationError, QGraphError
 from qgraph.ir.graph_view import ANNOTATION_KEY
 from qgraph.ir.inputs import batches
 from qgraph.pass_base import Pass, PassResult
-from qgraph.passes.quantize_weights import QWEIGHT_KEY, dequantized, quantize_tensor
+from qgraph.passes._reconstruction import round_rest
+from qgraph.passes.quantize_weights import QWEIGHT_KEY
 from qgraph.progress import progress
 from qgraph.quant.gptq import GPTQResult, HessianAccumulator, gptq
 from qgraph.registry import register_pass
@@ -72,14 +73,7 @@ class GPTQPass(Pass):
             for node, res in run(graph, groups, stacked if stacked is not None else data, bar):
                 w = graph.param(node, "weight")
                 layers.append(_layer_row(graph, node, res, w))
-        for node, spec in rest:
-            w = graph.param(node, "weight").detach()
-            q = quantize_tensor(w, spec)
-            graph.meta(node)[QWEIGHT_KEY] = q
-            err = float((dequantized(q, w) - w).norm() / w.norm().clamp_min(1e-30))
-            layers.append({"node": graph.qualname(node), "op": graph.op_type(node), "spec": str(spec),
-                           "method": "rtn", "rel_weight_err": err, "fp32_bytes": w.numel() * 4,
-                           "bytes": int(q.nbytes)})
+        round_rest(graph, rest, layers)
         if notes:
             ctx.report.setdefault("gptq", {})["notes"] = notes
         stats = {"gptq": len(todo), "rtn": len(rest)}
@@ -111,47 +105,11 @@ class GPTQPass(Pass):
                     clip_search=o.clip_search and spec.scheme == "uniform", p=o.p, bcq_importance=o.bcq_importance)
 
     def _sequential(self, graph, groups, stacked, bar):
-        requests = [(nodes[0][0], 0) for nodes in groups]
-        saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        results = []
-        done = [0]
-
-        def on_value(i, t):
-            acc = HessianAccumulator(t.shape[-1])
-            acc.add(t)
-            h = acc.value()
+        def quantize_group(i, h, weight):
             for node, spec in groups[i]:
-                p = graph.param(node, "weight")
-                w = saved[id(p)][1] if id(p) in saved else p.detach().clone()
-                res = self._quantize(w, h, spec)
-                graph.meta(node)[QWEIGHT_KEY] = res.qweight
-                saved.setdefault(id(p), (p, w))
-                with torch.no_grad():
-                    p.copy_(res.w_hat.reshape(p.shape).to(p.dtype))
-                results.append((node, res))
-                next(bar, None)
-            done[0] += 1
-            if done[0] == len(groups):
-                raise _Finished
+                yield node, self._quantize(weight(node), h, spec)
 
-        try:
-            graph.collect(requests, [stacked], on_value)
-        except _Finished:
-            pass
-        except QGraphError:
-            raise
-        except Exception as e:
-            rows = next((t.shape[0] for t in stacked if isinstance(t, torch.Tensor)), "?")
-            raise CalibrationError(f"gptq: the calibration batches stacked into one batch of {rows} do not run "
-                                   f"through the graph ({type(e).__name__}: {e}); use gptq{{sequential=false}} "
-                                   f"or fewer batches") from e
-        finally:
-            with torch.no_grad():
-                for p, w in saved.values():
-                    p.copy_(w)
-        if done[0] != len(groups):
-            raise CalibrationError(f"gptq: the calibration run reached only {done[0]} of {len(groups)} layer inputs")
-        return results
+        return quantize_in_sequence(graph, groups, stacked, quantize_group, bar, "gptq")
 
     def _float_inputs(self, graph, groups, data, bar):
         requests = [(nodes[0][0], 0) for nodes in groups]
@@ -175,6 +133,57 @@ class GPTQPass(Pass):
                 results.append((node, res))
                 next(bar, None)
         return results
+
+
+def quantize_in_sequence(graph, groups, stacked, quantize_group, bar, pass_name: str) -> list:
+    """Run the stacked calibration batch once; at each input group's tap, ``quantize_group(i, h, weight)``
+    yields ``(node, result)`` for that group from its Hessian ``h`` (``weight(node)``: the float weight).
+    Each result's ``w_hat`` goes into the parameter at once, so later groups see the quantized prefix;
+    the float weights are put back at the end. Returns every ``(node, result)`` in order."""
+    requests = [(nodes[0][0], 0) for nodes in groups]
+    saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    results = []
+    done = [0]
+
+    def weight(node):
+        p = graph.param(node, "weight")
+        return saved[id(p)][1] if id(p) in saved else p.detach().clone()
+
+    def on_value(i, t):
+        acc = HessianAccumulator(t.shape[-1])
+        acc.add(t)
+        for node, res in quantize_group(i, acc.value(), weight):
+            p = graph.param(node, "weight")
+            w = weight(node)
+            graph.meta(node)[QWEIGHT_KEY] = res.qweight
+            saved.setdefault(id(p), (p, w))
+            with torch.no_grad():
+                p.copy_(res.w_hat.reshape(p.shape).to(p.dtype))
+            results.append((node, res))
+            next(bar, None)
+        done[0] += 1
+        if done[0] == len(groups):
+            raise _Finished
+
+    try:
+        graph.collect(requests, [stacked], on_value)
+    except _Finished:
+        pass
+    except QGraphError:
+        raise
+    except Exception as e:
+        rows = next((t.shape[0] for t in stacked if isinstance(t, torch.Tensor)), "?")
+        raise CalibrationError(f"{pass_name}: the calibration batches stacked into one batch of {rows} do not run "
+                               f"through the graph ({type(e).__name__}: {e}); use {pass_name}{{sequential=false}} "
+                               f"or fewer batches") from e
+    finally:
+        with torch.no_grad():
+            for p, w in saved.values():
+                p.copy_(w)
+    if done[0] != len(groups):
+        raise CalibrationError(f"{pass_name}: the calibration run reached only {done[0]} of {len(groups)} "
+                               f"layer inputs")
+    return results
 
 
 def _not_gptq_able(graph, node, spec) -> str:

@@ -17,3 +17,13 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.fixture
 def relerr():
     return rel_err
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models and tensors: with 2 intra-op threads on a busy 2-core machine, OpenMP hand-offs make each
+    small op up to ~100x slower, so tests that use this run single-threaded (restored after)."""
+    from qgraph.quant.uniform import one_thread as single
+
+    with single():
+        yield

@@ -20,7 +20,6 @@ Arithmetic: statistics in float64, optimisation in float32 (CPU).
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 
@@ -329,7 +328,7 @@ def adaround(
     f = stats.loss_fn(wv)
     rtn_w = r.rtn()
     rtn_err = float(f(rtn_w.reshape(view), exact=True))
-    with torch.enable_grad(), one_thread():
+    with torch.enable_grad(), uniform.one_thread():
         if rtn_err > 0:
             optimize([r], lambda t: f(r.soft().reshape(view)) / rtn_err, iters=iters, lr=lr, reg=reg,
                      warmup=warmup, beta=beta)
@@ -341,18 +340,6 @@ def adaround(
     q = r.qweight(rtn=kept)
     return AdaRoundResult(q, rtn_w if kept else hard_w, rtn_err, rtn_err if kept else err,
                           stats.energy(wv), flipped, kept)
-
-
-@contextlib.contextmanager
-def one_thread():
-    """Intra-op threads set to 1 meanwhile: the optimisation runs many small ops, where OpenMP fork/join
-    costs more than it saves (measured 5-13x slower with 2 threads on a busy 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def relative(err: float, energy: float) -> float:

@@ -47,9 +47,10 @@ import torch
 
 from qgraph.errors import SpecError
 from qgraph.quant.bcq_weight import BCQWeight
-from qgraph.quant.gptq import _one_thread, gptq
+from qgraph.quant.gptq import gptq
 from qgraph.quant.qspec import QSpec
 from qgraph.quant.qtensor import UniformWeight
+from qgraph.quant.uniform import one_thread
 
 ZETA, GAMMA = 1.1, -0.1
 
@@ -347,7 +348,7 @@ def refine_rounding(w: torch.Tensor, qweight: UniformWeight | BCQWeight, h: torc
         raise SpecError(f"refine_rounding: w {tuple(w.shape)}, h {tuple(h.shape)} and g "
                         f"{None if g is None else tuple(g.shape)} do not describe row blocks of one matrix")
     grid = level_grid(qweight)
-    with torch.no_grad(), _one_thread():  # many small ops: per-op thread fork/join costs more than it saves
+    with torch.no_grad(), one_thread():  # many small ops: per-op thread fork/join costs more than it saves
         p = _Problem(w, grid, h, g, nb)
         init_blocks = p.blocks(p.w - p.level(grid.rank))
         norm = float(init_blocks.sum())

@@ -23,7 +23,6 @@ nearest level of its row's level set). The result is a `UniformWeight` or `BCQWe
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Literal
 
@@ -133,7 +132,7 @@ def gptq(
     pos_of = torch.empty_like(perm)
     pos_of[perm] = torch.arange(k)
     # many small ops on one layer: OpenMP fork/join costs more than it saves (and stalls on a busy machine)
-    with _one_thread():
+    with uniform.one_thread():
         u, used_damp = _inverse_cholesky(h64[perm][:, perm], damp)
         _sweep(w64[:, perm].T.contiguous(), u, perm, pos_of, hdiag, quant, block)
         qweight = quant.result()
@@ -190,7 +189,7 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float
     for attempt in range(4):
         d = damp * (10 ** attempt) if damp > 0 else (0.0 if attempt == 0 else 1e-6 * 10 ** attempt)
         hd = h + d * mean_diag * torch.eye(h.shape[0], dtype=h.dtype)
-        with _one_thread():  # multithreaded LAPACK potri is pathologically slow on a busy machine
+        with uniform.one_thread():  # multithreaded LAPACK potri is pathologically slow on a busy machine
             lower, info = torch.linalg.cholesky_ex(hd)
             if int(info) == 0:
                 hinv = torch.cholesky_inverse(lower)
@@ -201,16 +200,6 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float
         "gptq: the input Hessian is not positive definite even with 1000x the damping; the layer's calibration "
         "inputs are degenerate (give more calibration data, or raise damp)"
     )
-
-
-@contextlib.contextmanager
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def _current(wt, w1, e1, u, positions, i1, i2, i):

@@ -23,14 +23,7 @@ from qgraph.quant.qtensor import UniformWeight
 K = 24
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These graphs are tiny: with 2 intra-op threads on a busy 2-core machine each conv / matmul call can take
-    ~100x longer (OpenMP barriers), so the tests run single-threaded."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _correlated(seed, n, k=K, extra=0):

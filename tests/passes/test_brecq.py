@@ -13,15 +13,7 @@ from qgraph.ir.trace import trace
 from qgraph.pass_manager import PassManager
 from qgraph.passes.quantize_weights import QWEIGHT_KEY
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These graphs are tiny: with 2 intra-op threads on a busy 2-core machine each conv / matmul call can take
-    ~100x longer (OpenMP barriers), so the tests run single-threaded."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class _ResMLP(nn.Module):

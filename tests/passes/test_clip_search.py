@@ -12,14 +12,7 @@ from qgraph.passes.calibrate import QPARAMS_KEY
 from qgraph.passes.quantize_weights import QWEIGHT_KEY
 from qgraph.quant.qtensor import UniformWeight
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: per-op thread hand-offs cost more than they give (and stall on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _mlp(seed, width=24, depth=2):

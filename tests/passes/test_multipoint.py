@@ -10,14 +10,7 @@ from qgraph.errors import CalibrationError, SpecError
 from qgraph.passes.quantize_weights import QWEIGHT_KEY
 from qgraph.quant.multipoint import MultipointWeight
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: per-op thread hand-offs cost more than they give (and stall on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _mlp(seed=0):

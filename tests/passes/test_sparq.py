@@ -9,14 +9,7 @@ from qgraph.artifact import load_artifact, save_artifact
 from qgraph.errors import PipelineError
 from qgraph.quant.sparq import sparq_fake_quantize
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: per-op thread hand-offs cost more than they give (and stall on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cnn(seed=0):

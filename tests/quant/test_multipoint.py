@@ -10,14 +10,7 @@ from qgraph.passes.quantize_weights import quantize_tensor
 from qgraph.quant.multipoint import MultipointWeight, fit_point, greedy_counts, residual_points
 from qgraph.quant.qspec import QSpec
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: per-op thread hand-offs cost more than they give (and stall on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SPECS = [QSpec.uniform(3, granularity="channel"), QSpec.uniform(4, granularity="group", group_size=8),
          QSpec.uniform(2, granularity="tensor"), QSpec.uniform(4, granularity="channel", symmetric=False)]

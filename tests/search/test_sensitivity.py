@@ -10,14 +10,7 @@ from qgraph.search.space import build_space
 from qgraph.target import load_target
 from tests.search import write_toy
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops on a busy 2-core machine: one thread avoids OpenMP oversubscription stalls."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class _Quad(torch.nn.Module):
