@@ -47,6 +47,17 @@ def test_gptq_output_error_at_most_rtn(seed, m, k, spec, act_order):
     assert res.error == pytest.approx(output_error(w, res.w_hat, h), rel=1e-9)
 
 
+def test_bcq_error_feedback_that_hurts_keeps_round_to_nearest():
+    """The example hypothesis found: 3-bit BCQ with an offset under act_order, where GPTQ's sweep gives 1.36x
+    the round-to-nearest error; the result is then the round-to-nearest weight."""
+    w, h = _problem(5, 4, 16)
+    spec = QSpec.bcq(3, group_size=16, bcq_offset=True)
+    res = gptq(w, h, spec, act_order=True, block=16)
+    assert res.rtn_kept
+    assert res.error == pytest.approx(rtn_error(w, h, spec), rel=1e-9)
+    assert not gptq(w, h, spec, act_order=False, block=16).rtn_kept  # 3.51 < 3.87 there
+
+
 def test_gptq_typical_gain_over_rtn():
     ratios = {"uniform": [], "bcq": []}
     for seed in range(6):
