@@ -321,7 +321,7 @@ def run_cuda(args: argparse.Namespace) -> list[dict]:
         print(f"biqgemm: --device cuda needs {path} (the Triton benchmark), which is missing (exit 2)")
         raise SystemExit(2)
     spec = importlib.util.spec_from_file_location("biqgemm_cuda", path)
-    mod = importlib.util.module_from_spec(spec)
+    mod = sys.modules["biqgemm_cuda"] = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     if not hasattr(mod, "run"):
         print(f"biqgemm: {path} has no run(args) function (exit 2)")

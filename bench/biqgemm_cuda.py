@@ -4,9 +4,13 @@ Shapes are real LLM layers (out × in); x is fp16 for BiQGEMM and fp16/bf16 for 
 timed two ways in one process: `triton.testing.do_bench` (L2 flushed before each call, median) and a CUDA
 graph replaying the call over enough weight copies to overflow L2 (median per call). Bandwidth is the bytes
 a call must move (weights + scales + x + y) over its time, as a % of a device-to-device copy measured in the
-same run. Errors are max|y − y_ref| / max|y_ref| against x·Ŵᵀ in fp32 from the dequantized weight.
+same run. Errors are max|y − y_ref| / max|y_ref| against x·Ŵᵀ in fp32 from the dequantized weight as stored.
+BCQ weights default to α in fp16 (layout cuda-lut8-h, as LUT-GEMM stores them) and no offset (the quantizer's
+default); ``--scales fp32`` / ``--offset`` change that. "ceil ×fp16" / "ceil ×int4" are the speedups a purely
+bandwidth-bound kernel would reach (baseline bytes over BiQGEMM bytes); ``--ceilings`` prints only those and
+needs no GPU.
 
-    python bench/biqgemm_cuda.py [--quick] [--json out.json]
+    python bench/biqgemm_cuda.py [--quick] [--json out.json] [--scales fp16|fp32] [--offset] [--ceilings]
 
 `run(args)` is what ``bench/biqgemm.py --device cuda`` calls; without CUDA it prints why and exits 2.
 """
@@ -16,6 +20,7 @@ import argparse
 import math
 import statistics
 import sys
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -38,6 +43,11 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--json", metavar="PATH", help="write records (case, metric, value) as JSON")
     ap.add_argument("--group-size", type=int, default=128, help="BCQ α group size (default 128)")
     ap.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph timings")
+    ap.add_argument("--scales", choices=["fp16", "fp32"], default="fp16",
+                    help="store α (and z) in fp16 (layout cuda-lut8-h, default) or fp32 (layout cuda-lut8)")
+    ap.add_argument("--offset", action="store_true", help="BCQ weights with an offset z per group")
+    ap.add_argument("--ceilings", action="store_true",
+                    help="only print the bandwidth ceilings (bytes ratios against fp16 and int4); needs no GPU")
     return ap
 
 
@@ -86,17 +96,73 @@ def _copies_for(nbytes: int) -> int:
     return max(1, min(64, math.ceil(2 * l2 / max(nbytes, 1))))
 
 
+# ----------------------------------------------------------------------------------------------- bytes
+@dataclass(frozen=True)
+class Config:
+    """How the BCQ weights of a run are stored."""
+
+    group: int = 128
+    scale_dtype: torch.dtype = torch.float16  # α and z: fp16 is layout cuda-lut8-h (LUT-GEMM), fp32 is cuda-lut8
+    offset: bool = False  # the BCQ quantizer's default is no offset
+
+    @property
+    def label(self) -> str:
+        return f"g{self.group} {'fp16' if self.scale_dtype == torch.float16 else 'fp32'} scales" + (
+            " + offset" if self.offset else "")
+
+
+def bcq_bytes(m: int, k: int, n: int, q: int, cfg: Config) -> int:
+    """Bytes one BiQGEMM call must move: bit-planes, α (and z) as stored, x and y in fp16."""
+    kw, groups = -(-k // 32), -(-k // cfg.group)
+    scale = 2 if cfg.scale_dtype == torch.float16 else 4
+    return kw * q * m * 4 + groups * m * (q + cfg.offset) * scale + 2 * n * (k + m)
+
+
+def fp16_bytes(m: int, k: int, n: int) -> int:
+    return 2 * m * k + 2 * n * (k + m)
+
+
+def int4_bytes(m: int, k: int, n: int) -> int:
+    """torch's int4 weight-only layout: 4-bit codes plus a bf16 scale and zero per group of `INT4_GROUP`."""
+    return m * k // 2 + m * (k // INT4_GROUP) * 4 + 2 * n * (k + m)
+
+
+def ceilings(m: int, k: int, n: int, q: int, cfg: Config) -> tuple[float, float]:
+    """(×fp16, ×int4) a purely bandwidth-bound BiQGEMM could reach: the baselines' bytes over its bytes."""
+    b = bcq_bytes(m, k, n, q, cfg)
+    return fp16_bytes(m, k, n) / b, int4_bytes(m, k, n) / b
+
+
+def print_ceilings(rec: Records) -> None:
+    """The bandwidth ceilings of every shape at batch 1 and 32, q=2..4, for each way of storing scales."""
+    rows = []
+    for m, k in SHAPES:
+        for n in (1, 32):
+            for q in BITS:
+                cells = []
+                for cfg in (Config(scale_dtype=torch.float32, offset=True), Config(scale_dtype=torch.float32),
+                            Config(offset=True), Config()):
+                    c16, c4 = ceilings(m, k, n, q, cfg)
+                    rec.add(f"{m}x{k} b{n} q{q} {cfg.label} ceiling", "speedup_vs_fp16", c16)
+                    rec.add(f"{m}x{k} b{n} q{q} {cfg.label} ceiling", "speedup_vs_int4", c4)
+                    cells.append(f"{c16:.2f} / {c4:.2f}")
+                rows.append([f"{m}x{k} b{n} q{q}", *cells])
+    header = ["case (group 128)", "fp32 α+z", "fp32 α", "fp16 α+z", "fp16 α"]
+    print("# bandwidth ceilings ×fp16 / ×int4 (baseline bytes over BiQGEMM bytes; no GPU needed)")
+    print(markdown_table(header, rows))
+
+
 # ----------------------------------------------------------------------------------------------- weights
-def _random_bcq(m: int, k: int, q: int, group: int):
+def _random_bcq(m: int, k: int, q: int, cfg: Config, device: str):
     from qgraph.quant.bcq_weight import BCQWeight
 
-    g = -(-k // group)
+    g = -(-k // cfg.group)
     return BCQWeight(
-        planes=torch.randint(0, 256, (q, m, -(-k // 8)), dtype=torch.uint8, device="cuda"),
-        alpha=torch.rand(q, m, g, device="cuda") * (0.5 ** torch.arange(q, device="cuda"))[:, None, None] * 0.02,
-        offset=torch.randn(m, g, device="cuda") * 1e-3,
+        planes=torch.randint(0, 256, (q, m, -(-k // 8)), dtype=torch.uint8, device=device),
+        alpha=torch.rand(q, m, g, device=device) * (0.5 ** torch.arange(q, device=device))[:, None, None] * 0.02,
+        offset=torch.randn(m, g, device=device) * 1e-3 if cfg.offset else None,
         shape=(m, k),
-        group_size=group,
+        group_size=cfg.group,
     )
 
 
@@ -117,7 +183,7 @@ def _int4_baseline(w_fp: torch.Tensor):
             return torch._weight_int4pack_mm(x, wq, INT4_GROUP, sz)
 
         deq = ((q.float().reshape(m, -1, INT4_GROUP) - 8) * scale + zero).reshape(m, k)
-        x = torch.randn(4, k, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(4, k, device=w_fp.device, dtype=torch.bfloat16)
         ref = x.float() @ deq.T
         err = ((fn(x).float() - ref).abs().max() / ref.abs().max()).item()
         if err > 5e-2:
@@ -146,13 +212,17 @@ def _baselines(x: torch.Tensor, w16: torch.Tensor, int4, graphs: bool) -> dict[s
     return base
 
 
-def _bench_bcq(rec, biqgemm_triton, pack_cuda, x, m, k, q, group, bw, base, graphs) -> list[str]:
+def _bench_bcq(rec, x, m, k, q, cfg: Config, bw: float, base: dict, graphs: bool) -> list[str]:
     """Time every applicable algorithm for one (shape, batch, q); returns the Markdown row."""
+    from qgraph.kernels.triton_biqgemm import biqgemm_triton, pack_cuda
+
     n = x.shape[0]
-    w = _random_bcq(m, k, q, group)
-    packed, alpha, offset = pack_cuda(w)
-    ref = x.float() @ w.dequantize().T
-    nbytes = (packed.numel() + alpha.numel() + offset.numel()) * 4 + (x.numel() + n * m) * 2
+    w = _random_bcq(m, k, q, cfg, str(x.device))
+    packed, alpha, offset = pack_cuda(w, cfg.scale_dtype)
+    stored = w if cfg.scale_dtype == torch.float32 else _stored_weight(packed, alpha, offset, m, k, cfg.group)
+    ref = x.float() @ stored.dequantize().T
+    nbytes = bcq_bytes(m, k, n, q, cfg)
+    ceil16, ceil4 = ceilings(m, k, n, q, cfg)
 
     def pct(us: float) -> float:
         return 100 * nbytes / (us * 1e-6) / 1e9 / bw
@@ -160,12 +230,12 @@ def _bench_bcq(rec, biqgemm_triton, pack_cuda, x, m, k, q, group, bw, base, grap
     times, errs = {}, {}
     for algo in ["lut", "decode", "dot"] if n <= 8 else ["dot"]:
         def call(algo=algo):
-            return biqgemm_triton(x, packed, alpha, offset, None, m, k, group, algo=algo)
+            return biqgemm_triton(x, packed, alpha, offset, None, m, k, cfg.group, algo=algo)
 
         case = f"{m}x{k} b{n} q{q} biqgemm-{algo}"
         errs[algo] = _rel_err(call(), ref)
         times[algo] = us = _bench_flushed(call)
-        rec.add(case, "median_us", us)
+        rec.add(case, "median_us", us, scales=cfg.label)
         rec.add(case, "max_rel_err", errs[algo])
         rec.add(case, "pct_bandwidth", pct(us))
         rec.add(case, "speedup_vs_fp16", base["fp16"] / us)
@@ -175,10 +245,11 @@ def _bench_bcq(rec, biqgemm_triton, pack_cuda, x, m, k, q, group, bw, base, grap
     g_us = float("nan")
     if graphs:
         copies = [(packed, alpha, offset)] + [
-            (packed.clone(), alpha.clone(), offset.clone()) for _ in range(_copies_for(nbytes) - 1)
+            (packed.clone(), alpha.clone(), None if offset is None else offset.clone())
+            for _ in range(_copies_for(nbytes) - 1)
         ]
         g_us = _bench_graph([
-            lambda p=p, a=a, o=o: biqgemm_triton(x, p, a, o, None, m, k, group, algo=best) for p, a, o in copies
+            lambda p=p, a=a, o=o: biqgemm_triton(x, p, a, o, None, m, k, cfg.group, algo=best) for p, a, o in copies
         ])
         case = f"{m}x{k} b{n} q{q} biqgemm-{best} cudagraph"
         rec.add(case, "median_us", g_us)
@@ -189,50 +260,69 @@ def _bench_bcq(rec, biqgemm_triton, pack_cuda, x, m, k, q, group, bw, base, grap
     cells = [times.get("lut", nan), times.get("decode", nan), times["dot"], g_us, base["fp16"], base["bf16"],
              base.get("int4", nan)]
     return [f"{m}x{k} b{n} q{q}", best, f"{us:.1f}", *(f"{v:.1f}" for v in cells), f"{base['fp16'] / us:.2f}",
-            f"{base.get('int4', nan) / us:.2f}", f"{pct(us):.0f}", f"{errs[best]:.1e}"]
+            f"{ceil16:.2f}", f"{base.get('int4', nan) / us:.2f}", f"{ceil4:.2f}", f"{pct(us):.0f}",
+            f"{errs[best]:.1e}"]
+
+
+def _stored_weight(packed, alpha, offset, m, k, group):
+    from qgraph.kernels.triton_biqgemm import unpack_cuda
+
+    return unpack_cuda(packed, alpha, offset, m, k, group)
+
+
+HEADER = ["case", "best", "best µs", "lut µs", "decode µs", "dot µs", "graph µs", "fp16 µs", "bf16 µs", "int4 µs",
+          "×fp16", "ceil ×fp16", "×int4", "ceil ×int4", "% copy BW", "max rel err"]
+
+
+def measure(rec: Records, shapes, batches, bits, cfg: Config, bw: float, graphs: bool, device: str = "cuda"):
+    """Every (shape, batch, q) case: baselines, then BiQGEMM; returns the Markdown rows."""
+    rows = []
+    for m, k in shapes:
+        torch.manual_seed(0)
+        w16 = (torch.randn(m, k, device=device) * 0.02).to(torch.float16)
+        int4 = _int4_baseline(w16) if k % INT4_GROUP == 0 else None
+        for n in batches:
+            x = torch.randn(n, k, device=device, dtype=torch.float16)
+            base = _baselines(x, w16, int4, graphs)
+            for name, us in base.items():
+                rec.add(f"{m}x{k} b{n} {name}", "median_us", us)
+            for q in bits:
+                rows.append(_bench_bcq(rec, x, m, k, q, cfg, bw, base, graphs))
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    return rows
 
 
 def run(args: argparse.Namespace) -> list[dict]:
     """Run the GPU benchmark; returns the records (also written to ``args.json``). Exits 2 without CUDA."""
+    rec = Records()
+    if getattr(args, "ceilings", False):
+        print_ceilings(rec)
+        rec.write(getattr(args, "json", None))
+        return rec.items
     if not torch.cuda.is_available():
-        print("biqgemm_cuda: no CUDA device visible to torch; the GPU benchmark needs one (exit 2)")
+        print("biqgemm_cuda: no CUDA device visible to torch; the GPU benchmark needs one (exit 2); "
+              "--ceilings prints the bandwidth ceilings without one")
         raise SystemExit(2)
     try:
         import triton  # noqa: F401
     except ImportError:
         print("biqgemm_cuda: triton is not installed (pip install 'qgraph[gpu]') (exit 2)")
         raise SystemExit(2) from None
-    from qgraph.kernels.triton_biqgemm import biqgemm_triton, pack_cuda
 
     torch.backends.cuda.matmul.allow_tf32 = False
     quick = getattr(args, "quick", False)
-    group = getattr(args, "group_size", 128) or 128
+    cfg = Config(group=getattr(args, "group_size", 128) or 128,
+                 scale_dtype=torch.float32 if getattr(args, "scales", "fp16") == "fp32" else torch.float16,
+                 offset=getattr(args, "offset", False))
     graphs = not getattr(args, "no_graphs", False)
-    shapes = QUICK["shapes"] if quick else SHAPES
-    batches = QUICK["batches"] if quick else BATCHES
-    bits = QUICK["bits"] if quick else BITS
-
-    rec = Records()
     copy_us, bw = copy_bandwidth()
     dev = torch.cuda.get_device_name(0)
-    print(f"# {dev}: device-to-device copy {bw:.0f} GB/s; BCQ group {group}; x fp16")
+    print(f"# {dev}: device-to-device copy {bw:.0f} GB/s; BCQ {cfg.label}; x fp16")
     rec.add("copy d2d 1GiB", "median_us", copy_us, gbs=bw, device=dev)
-    rows = []
-    for m, k in shapes:
-        torch.manual_seed(0)
-        w16 = (torch.randn(m, k, device="cuda") * 0.02).to(torch.float16)
-        int4 = _int4_baseline(w16) if k % INT4_GROUP == 0 else None
-        for n in batches:
-            x = torch.randn(n, k, device="cuda", dtype=torch.float16)
-            base = _baselines(x, w16, int4, graphs)
-            for name, us in base.items():
-                rec.add(f"{m}x{k} b{n} {name}", "median_us", us)
-            for q in bits:
-                rows.append(_bench_bcq(rec, biqgemm_triton, pack_cuda, x, m, k, q, group, bw, base, graphs))
-            torch.cuda.empty_cache()
-    header = ["case", "best", "best µs", "lut µs", "decode µs", "dot µs", "graph µs", "fp16 µs", "bf16 µs",
-              "int4 µs", "×fp16", "×int4", "% copy BW", "max rel err"]
-    print(markdown_table(header, rows))
+    rows = measure(rec, QUICK["shapes"] if quick else SHAPES, QUICK["batches"] if quick else BATCHES,
+                   QUICK["bits"] if quick else BITS, cfg, bw, graphs)
+    print(markdown_table(HEADER, rows))
     rec.write(getattr(args, "json", None))
     return rec.items
 

@@ -10,7 +10,8 @@ Layouts are pluggable: each registers an implementation (and optionally a packer
 - ``"planes"``: packed/alpha/offset are exactly ``BCQWeight.planes/alpha/offset``; runs `biqgemm_reference`
   on any device (slow; it defines the semantics; ``mode`` is accepted and ignored: always exact).
 - ``"cpu-lut4"``: tensors from `qgraph.kernels.cpu.pack` (the compiled CPU kernel).
-- ``"cuda-lut8"``: registered by ``qgraph.kernels.triton_biqgemm``, imported on first use of the name.
+- ``"cuda-lut8"`` / ``"cuda-lut8-h"`` (fp32 / fp16 scales): registered by ``qgraph.kernels.triton_biqgemm``,
+  imported on first use of either name.
 The fake (meta) kernel gives ``x.shape[:-1] + (out_features,)`` in x's dtype, so graphs that call the op
 trace with torch.fx, ``torch.export`` and ``torch.compile``. Autograd: gradients flow to x (through the opaque
 ``qgraph::biqgemm_grad_x``, grad @ Ŵ) and to bias; the code itself is not trainable. Bad inputs raise
@@ -51,7 +52,7 @@ class Layout:
 
 _LAYOUTS: dict[str, Layout] = {}
 # Layouts registered by a module that is imported the first time the name is asked for.
-_PROVIDERS = {"cuda-lut8": "qgraph.kernels.triton_biqgemm"}
+_PROVIDERS = {"cuda-lut8": "qgraph.kernels.triton_biqgemm", "cuda-lut8-h": "qgraph.kernels.triton_biqgemm"}
 
 
 def register_layout(

@@ -44,13 +44,21 @@ def _weight(m: int, k: int, q: int, group: int, offset: bool, seed: int) -> BCQW
     return BCQWeight.from_signs(signs, alpha, z, group)
 
 
-def _check(w: BCQWeight, n: int, dtype: torch.dtype, bias: bool, seed: int, lead=None, **kw) -> None:
+def _half_scales(w: BCQWeight) -> BCQWeight:
+    """The weight layout cuda-lut8-h stores: α and z rounded to fp16."""
+    z = None if w.offset is None else w.offset.half().float()
+    return BCQWeight(planes=w.planes, alpha=w.alpha.half().float(), offset=z, shape=w.shape, group_size=w.group_size)
+
+
+def _check(w: BCQWeight, n: int, dtype: torch.dtype, bias: bool, seed: int, lead=None,
+           scale_dtype: torch.dtype = torch.float32, **kw) -> None:
     gen = torch.Generator().manual_seed(seed + 1)
     m, k = w.shape
     x = torch.randn(*(lead or (n,)), k, generator=gen).to(dtype)
     b = torch.randn(m, generator=gen) if bias else None
-    ref = x.double() @ w.dequantize().double().T + (b.double() if bias else 0)
-    y = KM.biqgemm_cuda_weight(x.to(DEVICE), w, None if b is None else b.to(DEVICE), **kw)
+    stored = _half_scales(w) if scale_dtype == torch.float16 else w
+    ref = x.double() @ stored.dequantize().double().T + (b.double() if bias else 0)
+    y = KM.biqgemm_cuda_weight(x.to(DEVICE), w, None if b is None else b.to(DEVICE), scale_dtype=scale_dtype, **kw)
     assert y.dtype == dtype and y.shape == ref.shape
     err = ((y.cpu().double() - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
     assert err <= TOL[dtype], f"rel err {err:.2e} > {TOL[dtype]:.0e} ({dtype}, {kw})"
@@ -84,6 +92,31 @@ def test_pack_cuda_holds_the_same_bits(m, k, q, group):
     assert torch.equal(offset, w.offset.t())
 
 
+def test_pack_half_scales_rounds_only_the_scales():
+    w = _weight(9, 256, 3, 64, offset=True, seed=5)
+    packed32, alpha32, offset32 = tb.pack_cuda(w)
+    packed, alpha, offset = tb.pack_cuda(w, torch.float16)
+    assert torch.equal(packed, packed32)
+    assert alpha.dtype == offset.dtype == torch.float16
+    assert torch.equal(alpha, alpha32.half()) and torch.equal(offset, offset32.half())
+    back = tb.unpack_cuda(packed, alpha, offset, 9, 256, 64)
+    half = _half_scales(w)
+    assert back.alpha.dtype == torch.float32 and torch.equal(back.alpha, half.alpha)
+    assert torch.equal(back.offset, half.offset) and torch.equal(back.planes, w.planes)
+    # fp16 keeps 11 significant bits: the stored weight is within 2^-11 (relative) of the exact one per α
+    rel = (half.dequantize() - w.dequantize()).abs().max() / w.dequantize().abs().max()
+    assert 0 < rel.item() < 2.0**-11 * 3
+
+
+def test_pack_half_scales_refuses_out_of_range_scales():
+    w = _weight(4, 64, 2, 32, offset=False, seed=6)
+    big = BCQWeight(planes=w.planes, alpha=w.alpha * 1e6, offset=None, shape=w.shape, group_size=w.group_size)
+    with pytest.raises(KernelError, match="cuda-lut8"):
+        tb.pack_cuda(big, torch.float16)
+    with pytest.raises(KernelError, match="float32 or float16"):
+        tb.pack_cuda(w, torch.bfloat16)
+
+
 @pytest.mark.parametrize("group", [16, 48, 100])
 def test_pack_rejects_groups_that_split_a_word(group):
     w = _weight(4, 256, 2, group, offset=False, seed=1)
@@ -98,6 +131,7 @@ def test_pack_rejects_groups_that_split_a_word(group):
 def test_each_path_matches_reference(algo, split_k):
     w = _weight(72, 200, 3, 64, offset=True, seed=7)
     _check(w, 5, torch.float32, bias=True, seed=3, algo=algo, split_k=split_k)
+    _check(w, 5, torch.float16, bias=False, seed=4, algo=algo, split_k=split_k, scale_dtype=torch.float16)
 
 
 @needs_kernels
@@ -112,11 +146,12 @@ def test_each_path_matches_reference(algo, split_k):
     n=st.sampled_from([1, 3, 8, 9, 16]),
     dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
     split_k=st.sampled_from([None, 2]),
+    scale_dtype=st.sampled_from([torch.float32, torch.float16]),
     seed=st.integers(0, 2**16),
 )
-def test_matches_dequantized_product(m, k, q, group, offset, bias, n, dtype, split_k, seed):
+def test_matches_dequantized_product(m, k, q, group, offset, bias, n, dtype, split_k, scale_dtype, seed):
     gs = k if group == "row" or group >= k else group
-    _check(_weight(m, k, q, gs, offset, seed), n, dtype, bias, seed, split_k=split_k)
+    _check(_weight(m, k, q, gs, offset, seed), n, dtype, bias, seed, split_k=split_k, scale_dtype=scale_dtype)
 
 
 @needs_kernels
@@ -155,6 +190,8 @@ def test_rejects_bad_inputs():
         KM.biqgemm_triton(x, packed.to(torch.int64), *args[1:])
     with pytest.raises(KernelError, match="alpha"):
         KM.biqgemm_triton(x, packed, alpha[:1], *args[2:])
+    with pytest.raises(KernelError, match="alpha's dtype"):
+        KM.biqgemm_triton(x, packed, alpha.half(), *args[2:])
     with pytest.raises(KernelError, match="at most 8"):
         KM.biqgemm_triton(torch.randn(9, 64, device=DEVICE), *args, algo="lut")
     with pytest.raises(KernelError, match="multiple of 32"):
@@ -181,24 +218,50 @@ def test_unpack_inverts_pack():
 def test_layout_is_registered_with_the_op():
     from qgraph.kernels.op import get_layout
 
-    lay = get_layout("cuda-lut8")
-    assert lay.impl is KM.biqgemm_triton and lay.unpack is KM.unpack_cuda and lay.device == "cuda"
+    for name, scale_dtype in (("cuda-lut8", torch.float32), ("cuda-lut8-h", torch.float16)):
+        lay = get_layout(name)
+        assert lay.impl is KM.biqgemm_triton and lay.unpack is KM.unpack_cuda and lay.device == "cuda"
+        w = _weight(6, 64, 2, 32, offset=True, seed=8)
+        _, alpha, offset = lay.pack(w)
+        assert alpha.dtype == offset.dtype == scale_dtype
 
 
 @needs_kernels
-def test_through_the_op_with_autograd():
+@pytest.mark.parametrize("layout", ["cuda-lut8", "cuda-lut8-h"])
+def test_through_the_op_with_autograd(layout):
     w = _weight(24, 96, 3, 32, offset=True, seed=9)
-    packed, alpha, offset = (t.to(DEVICE) for t in tb.pack_cuda(w))
+    scale_dtype = torch.float16 if layout == "cuda-lut8-h" else torch.float32
+    packed, alpha, offset = (t.to(DEVICE) for t in tb.pack_cuda(w, scale_dtype))
     b = torch.randn(24, device=DEVICE, requires_grad=True)
     x = torch.randn(3, 96, device=DEVICE, requires_grad=True)
-    y = torch.ops.qgraph.biqgemm(x, packed, alpha, offset, b, 24, 96, 32, "cuda-lut8")
-    wd = w.dequantize().to(DEVICE)
+    y = torch.ops.qgraph.biqgemm(x, packed, alpha, offset, b, 24, 96, 32, layout)
+    wd = (_half_scales(w) if layout == "cuda-lut8-h" else w).dequantize().to(DEVICE)
     ref = x.detach() @ wd.T + b.detach()
     assert ((y.detach() - ref).abs().max() / ref.abs().max()).item() < 1e-5
     g = torch.randn_like(y)
     y.backward(g)
     assert torch.allclose(x.grad, g @ wd, rtol=1e-5, atol=1e-5)
     assert torch.allclose(b.grad, g.sum(0))
+
+
+@needs_kernels
+def test_bcq_linear_with_half_scales_round_trips_its_state():
+    from qgraph.kernels.linear import BCQLinear
+
+    w = _weight(40, 96, 3, 32, offset=True, seed=13)
+    lin = BCQLinear(w.to(DEVICE), torch.randn(40), layout="cuda-lut8-h")
+    assert lin.layout == "cuda-lut8-h" and lin.alpha.dtype == torch.float16
+    assert torch.equal(lin.bcq_weight().alpha.cpu(), _half_scales(w).alpha)
+    twin = BCQLinear(w.to(DEVICE), torch.zeros(40), layout="cuda-lut8-h")
+    twin.load_state_dict(lin.state_dict())
+    x = torch.randn(2, 96, device=DEVICE, dtype=torch.float16)
+    ref = x.cpu().double() @ _half_scales(w).dequantize().double().T + lin.bias.cpu().double()
+    for mod in (lin, twin):
+        y = mod(x)
+        assert y.dtype == torch.float16
+        assert ((y.cpu().double() - ref).abs().max() / ref.abs().max()).item() <= TOL[torch.float16]
+    with pytest.raises(KernelError, match="layout"):
+        BCQLinear(w.to(DEVICE), layout="cuda-lut8").load_state_dict(lin.state_dict())
 
 
 @pytest.mark.skipif(not CUDA, reason="BCQLinear picks cuda-lut8 only for CUDA weights")
@@ -233,18 +296,20 @@ def _sm90_resources(fn, signature: dict, constexprs: dict, num_warps: int) -> di
 
 def _sm90_cases():
     base = {"packed_ptr": "*i32", "alpha_ptr": "*fp32", "offset_ptr": "*fp32", "bias_ptr": "*fp32"}
-    for lut, bb, qp in [(True, 1, 4), (True, 2, 2), (True, 8, 8), (False, 1, 4), (False, 8, 2)]:
+    half = {**base, "alpha_ptr": "*fp16", "offset_ptr": "*fp16"}
+    for lut, bb, qp, scales in [(True, 1, 4, "f32"), (True, 1, 4, "f16"), (True, 2, 2, "f32"), (True, 8, 8, "f16"),
+                                (False, 1, 4, "f32"), (False, 8, 2, "f16")]:
         bm, warps = tb._gemv_config(bb, qp, lut)
         c = {"HAS_OFFSET": True, "HAS_BIAS": True, "ATOMIC": True, "USE_LUT": lut, "BLOCK_B": bb, "BLOCK_M": bm,
              "QP": qp}
-        sig = {"x_ptr": "*fp16", **base, "out_ptr": "*fp32"}
-        yield f"{'lut' if lut else 'decode'}-b{bb}-q{qp}", "_gemv_kernel", sig, c, warps
+        sig = {"x_ptr": "*fp16", **(half if scales == "f16" else base), "out_ptr": "*fp32"}
+        yield f"{'lut' if lut else 'decode'}-b{bb}-q{qp}-{scales}", "_gemv_kernel", sig, c, warps
     for dt, n in [("fp16", 16), ("bf16", 64), ("fp32", 32)]:
         torch_dt = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dt]
         bb, bm, bk, warps = tb._dot_config(n, torch_dt, "exact")
         c = {"HAS_OFFSET": True, "HAS_BIAS": True, "ATOMIC": False, "IEEE": dt == "fp32", "UPCAST": False,
              "BLOCK_B": bb, "BLOCK_M": bm, "BLOCK_K": bk}
-        sig = {"x_ptr": f"*{dt}", **base, "out_ptr": f"*{dt}"}
+        sig = {"x_ptr": f"*{dt}", **(half if dt == "fp16" else base), "out_ptr": f"*{dt}"}
         yield f"dot-{dt}-n{n}", "_gemm_kernel", sig, c, warps
 
 
