@@ -76,9 +76,11 @@ class BCQLinear(nn.Module):
     """``y = x @ Ŵᵀ + b`` with Ŵ a BCQ code held as packed buffers of one layout.
 
     The layout is picked once, from the weight's device (``cpu-lut4`` on CPU, ``cuda-lut8`` on CUDA when the
-    Triton kernel is available, else ``planes``). ``.to(device)`` moves the buffers but keeps the layout: after
-    moving to another device type call `repack` (e.g. ``m.cuda().repack()``). ``state_dict`` holds the packed
-    buffers and an extra-state record of the layout and shape; loading checks they match.
+    Triton kernel is available, else ``planes``); ``layout="cuda-lut8-h"`` stores α and z in fp16 instead (12.5%
+    fewer bytes at q=3, group 128; each α rounded to 11 significant bits). ``.to(device)`` moves the buffers but
+    keeps the layout: after moving to another device type call `repack` (e.g. ``m.cuda().repack()``).
+    ``state_dict`` holds the packed buffers and an extra-state record of the layout and shape; loading checks
+    they match.
     """
 
     def __init__(
