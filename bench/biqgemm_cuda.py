@@ -10,7 +10,9 @@ default); ``--scales fp32`` / ``--offset`` change that. "ceil ×fp16" / "ceil ×
 bandwidth-bound kernel would reach (baseline bytes over BiQGEMM bytes); ``--ceilings`` prints only those and
 needs no GPU.
 
-    python bench/biqgemm_cuda.py [--quick] [--json out.json] [--scales fp16|fp32] [--offset] [--ceilings]
+``--tune`` sweeps the launcher's tile sizes, warps and K-splits instead (each config checked for correctness).
+
+    python bench/biqgemm_cuda.py [--quick] [--json out.json] [--scales fp16|fp32] [--offset] [--ceilings|--tune]
 
 `run(args)` is what ``bench/biqgemm.py --device cuda`` calls; without CUDA it prints why and exits 2.
 """
@@ -46,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--scales", choices=["fp16", "fp32"], default="fp16",
                     help="store α (and z) in fp16 (layout cuda-lut8-h, default) or fp32 (layout cuda-lut8)")
     ap.add_argument("--offset", action="store_true", help="BCQ weights with an offset z per group")
+    ap.add_argument("--tune", action="store_true",
+                    help="sweep block_m / num_warps / split_k per algorithm against the defaults (q=3)")
     ap.add_argument("--ceilings", action="store_true",
                     help="only print the bandwidth ceilings (bytes ratios against fp16 and int4); needs no GPU")
     return ap
@@ -293,6 +297,55 @@ def measure(rec: Records, shapes, batches, bits, cfg: Config, bw: float, graphs:
     return rows
 
 
+# ----------------------------------------------------------------------------------------------- tuning
+TUNE = {"shapes": [(4096, 4096), (11008, 4096), (28672, 8192)], "batches": [1, 2, 4, 8, 16, 32], "bits": [3]}
+TUNE_QUICK = {"shapes": [(11008, 4096)], "batches": [1, 8], "bits": [3]}
+TUNE_GRID = {"lut": ([64, 128, 256], [4, 8]), "decode": ([32, 64, 128], [4, 8]), "dot": ([32, 64, 128], [4, 8])}
+TUNE_SPLITS = [None, 1, 2, 4, 8]  # None: the launcher's heuristic
+TUNE_HEADER = ["case", "algo", "default µs", "best µs", "best block_m/warps/split", "×default", "max rel err"]
+
+
+def tune(rec: Records, shapes, batches, bits, cfg: Config, device: str = "cuda", grid=None, splits=None):
+    """Time every (block_m, num_warps, split_k) of `TUNE_GRID` per algorithm against the launcher's defaults.
+
+    Each config's output is checked against the stored weight first; the rows say how much a better tile would
+    buy and where `_gemv_config` / `_dot_config` should move.
+    """
+    from qgraph.kernels.triton_biqgemm import biqgemm_triton, pack_cuda
+
+    grid, splits = grid or TUNE_GRID, splits or TUNE_SPLITS
+    rows = []
+    for m, k in shapes:
+        for q in bits:
+            w = _random_bcq(m, k, q, cfg, device)
+            packed, alpha, offset = pack_cuda(w, cfg.scale_dtype)
+            wd = (w if cfg.scale_dtype == torch.float32 else _stored_weight(packed, alpha, offset, m, k, cfg.group))
+            wd = wd.dequantize()
+            for n in batches:
+                x = torch.randn(n, k, device=device, dtype=torch.float16)
+                ref = x.float() @ wd.T
+                for algo in ("lut", "decode", "dot") if n <= 8 else ("dot",):
+                    call = partial(biqgemm_triton, x, packed, alpha, offset, None, m, k, cfg.group, algo=algo)
+                    err = _rel_err(call(), ref)
+                    default = best = _bench_flushed(call)
+                    best_cfg = "default"
+                    for bm in grid[algo][0]:
+                        for warps in grid[algo][1]:
+                            for split in splits:
+                                fn = partial(call, block_m=bm, num_warps=warps, split_k=split)
+                                err = max(err, _rel_err(fn(), ref))
+                                us = _bench_flushed(fn)
+                                if us < best:
+                                    best, best_cfg = us, f"{bm}/{warps}/{split or 'auto'}"
+                    case = f"{m}x{k} b{n} q{q} biqgemm-{algo}"
+                    rec.add(case + " default", "median_us", default, scales=cfg.label)
+                    rec.add(case + " tuned", "median_us", best, config=best_cfg, scales=cfg.label)
+                    rec.add(case + " tuned", "max_rel_err", err)
+                    rows.append([f"{m}x{k} b{n} q{q}", algo, f"{default:.1f}", f"{best:.1f}", best_cfg,
+                                 f"{default / best:.2f}", f"{err:.1e}"])
+    return rows
+
+
 def run(args: argparse.Namespace) -> list[dict]:
     """Run the GPU benchmark; returns the records (also written to ``args.json``). Exits 2 without CUDA."""
     rec = Records()
@@ -320,6 +373,11 @@ def run(args: argparse.Namespace) -> list[dict]:
     dev = torch.cuda.get_device_name(0)
     print(f"# {dev}: device-to-device copy {bw:.0f} GB/s; BCQ {cfg.label}; x fp16")
     rec.add("copy d2d 1GiB", "median_us", copy_us, gbs=bw, device=dev)
+    if getattr(args, "tune", False):
+        sweep = TUNE_QUICK if quick else TUNE
+        print(markdown_table(TUNE_HEADER, tune(rec, sweep["shapes"], sweep["batches"], sweep["bits"], cfg)))
+        rec.write(getattr(args, "json", None))
+        return rec.items
     rows = measure(rec, QUICK["shapes"] if quick else SHAPES, QUICK["batches"] if quick else BATCHES,
                    QUICK["bits"] if quick else BITS, cfg, bw, graphs)
     print(markdown_table(HEADER, rows))

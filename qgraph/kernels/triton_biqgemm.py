@@ -321,13 +321,16 @@ def biqgemm_triton(
     mode: str = "exact",
     algo: str = "auto",
     split_k: int | None = None,
+    block_m: int | None = None,
+    num_warps: int | None = None,
 ) -> torch.Tensor:
     """``y = x @ Ŵᵀ + bias`` for a ``cuda-lut8`` weight; x is ``[..., K]``, y is ``[..., M]`` in x's dtype.
 
     ``algo``: ``"auto"`` (lut for ≤ `AUTO_LUT_MAX_BATCH` rows of x, dot above), ``"lut"``, ``"decode"``
     (both ≤ 8 rows) or ``"dot"`` (any number of rows).
     ``mode``: ``"exact"`` or ``"fast"`` (fast only lets fp32 inputs use TF32 in the ``dot`` path).
-    ``split_k`` overrides the K-split heuristic (tests use it to cover the atomic path).
+    ``split_k``, ``block_m`` and ``num_warps`` override the heuristics (tests use split_k to cover the atomic
+    path; ``bench/biqgemm_cuda.py --tune`` sweeps all three). ``block_m`` must be a power of two ≥ 16.
     """
     if not HAS_TRITON:
         raise KernelError("biqgemm_triton needs triton: pip install 'qgraph[gpu]'")
@@ -335,6 +338,10 @@ def biqgemm_triton(
         raise KernelError(f"mode must be 'exact' or 'fast', got {mode!r}")
     if algo not in ("auto", "lut", "decode", "dot"):
         raise KernelError(f"algo must be one of auto, lut, decode, dot; got {algo!r}")
+    if block_m is not None and (block_m < 16 or block_m & (block_m - 1)):
+        raise KernelError(f"block_m must be a power of two >= 16, got {block_m}")
+    if num_warps is not None and num_warps not in (1, 2, 4, 8, 16):
+        raise KernelError(f"num_warps must be 1, 2, 4, 8 or 16, got {num_warps}")
     q, wpg = _check(x, packed, alpha, offset, bias, out_features, in_features, group_size)
     m, k = out_features, in_features
     lead = x.shape[:-1]
@@ -352,29 +359,31 @@ def biqgemm_triton(
     dummy = packed  # stands in for absent optional pointers; never read
     common = {"HAS_OFFSET": offset is not None, "HAS_BIAS": bias is not None}
 
+    def tile(default_m: int, default_warps: int) -> tuple[int, int]:
+        return block_m or min(default_m, max(16, _next_pow2(m))), num_warps or default_warps
+
     if algo == "dot":
-        block_b, block_m, block_k, warps = _dot_config(n, x.dtype, mode)
-        block_m = min(block_m, max(16, _next_pow2(m)))
-        grid_bm = triton.cdiv(n, block_b) * triton.cdiv(m, block_m)
+        block_b, bm, block_k, warps = _dot_config(n, x.dtype, mode)
+        bm, warps = tile(bm, warps)
+        grid_bm = triton.cdiv(n, block_b) * triton.cdiv(m, bm)
         n_tiles = triton.cdiv(kw, block_k // WORD_BITS)
         split = split_k or _pick_split(grid_bm, n_tiles, x.device)
         per = triton.cdiv(n_tiles, split)
         split = triton.cdiv(n_tiles, per)
         out = _alloc_out(n, m, x.dtype, x.device, split > 1)
-        grid = (triton.cdiv(n, block_b), triton.cdiv(m, block_m), split)
+        grid = (triton.cdiv(n, block_b), triton.cdiv(m, bm), split)
         _gemm_kernel[grid](
             x2, packed, alpha, offset if offset is not None else dummy, bias if bias is not None else dummy, out,
             n, m, k, q, kw, wpg, per, x2.stride(0), out.stride(0),
             ATOMIC=split > 1, IEEE=x.dtype == torch.float32 and mode == "exact",
             UPCAST=x.dtype == torch.bfloat16 and _interpreting(),
-            BLOCK_B=block_b, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=warps, enable_fp_fusion=True, **common,
+            BLOCK_B=block_b, BLOCK_M=bm, BLOCK_K=block_k, num_warps=warps, enable_fp_fusion=True, **common,
         )
     else:
         block_b = _next_pow2(n)
         qp = _next_pow2(q)
-        block_m, warps = _gemv_config(block_b, qp, algo == "lut")
-        block_m = min(block_m, max(16, _next_pow2(m)))
-        grid_m = triton.cdiv(m, block_m)
+        bm, warps = tile(*_gemv_config(block_b, qp, algo == "lut"))
+        grid_m = triton.cdiv(m, bm)
         split = split_k or _pick_split(grid_m, kw, x.device)
         per = triton.cdiv(kw, split)
         split = triton.cdiv(kw, per)
@@ -382,7 +391,7 @@ def biqgemm_triton(
         _gemv_kernel[(grid_m, split)](
             x2, packed, alpha, offset if offset is not None else dummy, bias if bias is not None else dummy, out,
             n, m, k, q, kw, wpg, per, x2.stride(0), out.stride(0),
-            ATOMIC=split > 1, USE_LUT=algo == "lut", BLOCK_B=block_b, BLOCK_M=block_m, QP=qp,
+            ATOMIC=split > 1, USE_LUT=algo == "lut", BLOCK_B=block_b, BLOCK_M=bm, QP=qp,
             num_warps=warps, enable_fp_fusion=True, **common,
         )
     return out.to(x.dtype).reshape(*lead, m)

@@ -64,19 +64,29 @@ def one_call(fn):
 bench._bench_flushed = one_call
 rec = bench.Records()
 cfg = bench.Config(group=64, offset=sys.argv[2] == "offset")
-rows = bench.measure(rec, [(40, 192)], [1, 9], [2, 3], cfg, bw=1.0, graphs=False, device="cpu")
-print(json.dumps({"rows": rows, "header": bench.HEADER, "records": rec.items}))
+if sys.argv[3] == "tune":
+    grid = {"lut": ([16, 64], [4]), "decode": ([32], [2, 4]), "dot": ([16], [4])}
+    rows = bench.tune(rec, [(40, 192)], [1, 9], [3], cfg, device="cpu", grid=grid, splits=[None, 3])
+    header = bench.TUNE_HEADER
+else:
+    rows = bench.measure(rec, [(40, 192)], [1, 9], [2, 3], cfg, bw=1.0, graphs=False, device="cpu")
+    header = bench.HEADER
+print(json.dumps({"rows": rows, "header": header, "records": rec.items}))
 """
+
+
+def _under_interpreter(*args: str) -> dict:
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    run = subprocess.run([sys.executable, "-c", _SCRIPT_UNDER_INTERPRETER, str(SCRIPT), *args], env=env,
+                         capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize("offset", ["plain", "offset"])
 def test_measure_runs_end_to_end_under_the_interpreter(offset):
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    run = subprocess.run([sys.executable, "-c", _SCRIPT_UNDER_INTERPRETER, str(SCRIPT), offset], env=env,
-                         capture_output=True, text=True, timeout=300, check=False)
-    assert run.returncode == 0, run.stderr[-3000:]
-    out = json.loads(run.stdout.strip().splitlines()[-1])
+    out = _under_interpreter(offset, "measure")
     rows, header, records = out["rows"], out["header"], out["records"]
     assert len(rows) == 4 and all(len(r) == len(header) for r in rows)
     col = {h: i for i, h in enumerate(header)}
@@ -95,3 +105,31 @@ def test_biqgemm_device_cuda_without_a_gpu_says_why_and_exits_2():
                          capture_output=True, text=True, timeout=120, check=False)
     assert run.returncode == 2, run.stderr[-2000:]
     assert "no CUDA device" in run.stdout and "--ceilings" in run.stdout
+
+
+def test_tune_checks_and_times_every_config_under_the_interpreter():
+    pytest.importorskip("triton")
+    out = _under_interpreter("offset", "tune")
+    rows, header, records = out["rows"], out["header"], out["records"]
+    col = {h: i for i, h in enumerate(header)}
+    assert [(r[col["case"]], r[col["algo"]]) for r in rows] == [
+        ("40x192 b1 q3", "lut"), ("40x192 b1 q3", "decode"), ("40x192 b1 q3", "dot"), ("40x192 b9 q3", "dot")]
+    for r in rows:
+        assert float(r[col["max rel err"]]) <= 1e-3  # every swept config, not just the fastest
+        assert float(r[col["best µs"]]) <= float(r[col["default µs"]])
+        assert r[col["best block_m/warps/split"]] == "default" or r[col["best block_m/warps/split"]].count("/") == 2
+    assert {r["metric"] for r in records} <= ALLOWED_METRICS
+
+
+def test_launcher_refuses_bad_tile_overrides():
+    tb = pytest.importorskip("qgraph.kernels.triton_biqgemm")
+    from qgraph.errors import KernelError
+    from qgraph.quant.bcq_weight import BCQWeight
+
+    w = BCQWeight.from_signs(torch.ones(2, 8, 64), torch.ones(2, 8, 1), None, 64)
+    packed, alpha, _ = tb.pack_cuda(w)
+    x = torch.randn(1, 64)
+    with pytest.raises(KernelError, match="power of two"):
+        tb.biqgemm_triton(x, packed, alpha, None, None, 8, 64, 64, block_m=48)
+    with pytest.raises(KernelError, match="num_warps"):
+        tb.biqgemm_triton(x, packed, alpha, None, None, 8, 64, 64, num_warps=3)
