@@ -32,7 +32,11 @@ Kernels (fp32 accumulation always; output in x's dtype):
   (tensor cores). Its dequantization costs ~122 warp instructions per 1000 (row·column·plane) whatever the
   batch, so by instruction count alone it overtakes the LUT path somewhere between batch 4 and 8;
   `AUTO_LUT_MAX_BATCH` keeps the design's 8 until H100 timings say otherwise.
-All three split K across programs when rows alone cannot fill the GPU (fp32 atomics into a zeroed buffer).
+All three split K across programs when rows alone cannot fill the GPU. Splits reduce inside the same launch:
+each program stores its fp32 partial tile to a workspace and bumps the tile's counter (release/acquire at GPU
+scope); the program that sees the count complete sums the partials in split order, adds the bias, writes y in
+x's dtype and re-zeroes the counter. So a call is one kernel launch whatever the split (the earlier fp32-atomic
+scheme took three: zero-fill, kernel, cast), and the result is deterministic.
 Under ``TRITON_INTERPRET=1`` (set before triton is first imported) the kernels run on CPU tensors, which is
 how they are tested without a GPU.
 """
@@ -117,23 +121,36 @@ def _to_scale_dtype(t: torch.Tensor, name: str, dtype: torch.dtype) -> torch.Ten
 if HAS_TRITON:
 
     @triton.jit
-    def _store_out(out_ptr, acc, bias_ptr, offs_b, offs_m, mask_b, mask_m, stride_on, pid_k,
-                   HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr):
+    def _write_out(out_ptr, acc, bias_ptr, offs_b, offs_m, mask, mask_m, stride_on, HAS_BIAS: tl.constexpr):
         if HAS_BIAS:
-            bias = tl.load(bias_ptr + offs_m, mask=mask_m, other=0.0).to(tl.float32)
-            acc += tl.where(pid_k == 0, 1.0, 0.0) * bias[None, :]
+            acc += tl.load(bias_ptr + offs_m, mask=mask_m, other=0.0).to(tl.float32)[None, :]
         ptrs = out_ptr + offs_b[:, None] * stride_on + offs_m[None, :]
+        tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _store_out(out_ptr, acc, bias_ptr, offs_b, offs_m, mask_b, mask_m, stride_on, ws_ptr, cnt_ptr, tile, pid_k,
+                   n_split, N, M, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
+        """Write one tile; with SPLIT, the last of its ``n_split`` K-programs to finish sums all partials."""
         mask = mask_b[:, None] & mask_m[None, :]
-        if ATOMIC:
-            tl.atomic_add(ptrs, acc, mask=mask, sem="relaxed")
+        if SPLIT:
+            part = offs_b[:, None] * M + offs_m[None, :]
+            tl.store(ws_ptr + pid_k * N * M + part, acc, mask=mask)
+            tl.debug_barrier()  # every thread's partial is written before the release below
+            done = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+            if done == n_split - 1:
+                total = tl.zeros_like(acc)
+                for s in range(n_split):  # fixed order: the result does not depend on which program was last
+                    total += tl.load(ws_ptr + s * N * M + part, mask=mask, other=0.0, cache_modifier=".cg")
+                tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed")  # the counters stay zeroed for the next call
+                _write_out(out_ptr, total, bias_ptr, offs_b, offs_m, mask, mask_m, stride_on, HAS_BIAS)
         else:
-            tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+            _write_out(out_ptr, acc, bias_ptr, offs_b, offs_m, mask, mask_m, stride_on, HAS_BIAS)
 
     @triton.jit
     def _gemv_kernel(
-        x_ptr, packed_ptr, alpha_ptr, offset_ptr, bias_ptr, out_ptr,
+        x_ptr, packed_ptr, alpha_ptr, offset_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
         N, M, K, Q, KW, WPG, WORDS_PER_SPLIT, stride_xn, stride_on,
-        HAS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, USE_LUT: tl.constexpr,
+        HAS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, USE_LUT: tl.constexpr,
         BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, QP: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
@@ -203,13 +220,14 @@ if HAS_TRITON:
                     acc += tl.sum(xw[:, None, :] * wt[None, :, :], axis=2)
             if USE_LUT and HAS_OFFSET:
                 acc += sx[:, None] * z[None, :]
-        _store_out(out_ptr, acc, bias_ptr, offs_b, offs_m, mask_b, mask_m, stride_on, pid_k, HAS_BIAS, ATOMIC)
+        _store_out(out_ptr, acc, bias_ptr, offs_b, offs_m, mask_b, mask_m, stride_on, ws_ptr, cnt_ptr, pid_m, pid_k,
+                   tl.num_programs(1), N, M, HAS_BIAS, SPLIT)
 
     @triton.jit
     def _gemm_kernel(
-        x_ptr, packed_ptr, alpha_ptr, offset_ptr, bias_ptr, out_ptr,
+        x_ptr, packed_ptr, alpha_ptr, offset_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
         N, M, K, Q, KW, WPG, TILES_PER_SPLIT, stride_xn, stride_on,
-        HAS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, IEEE: tl.constexpr,
+        HAS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
         UPCAST: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         pid_b = tl.program_id(0)
@@ -248,7 +266,8 @@ if HAS_TRITON:
                 acc += tl.dot(x, wk, input_precision="ieee")
             else:
                 acc += tl.dot(x, wk)
-        _store_out(out_ptr, acc, bias_ptr, offs_b, offs_m, mask_b, mask_m, stride_on, pid_k, HAS_BIAS, ATOMIC)
+        _store_out(out_ptr, acc, bias_ptr, offs_b, offs_m, mask_b, mask_m, stride_on, ws_ptr, cnt_ptr,
+                   pid_b * tl.num_programs(1) + pid_m, pid_k, tl.num_programs(2), N, M, HAS_BIAS, SPLIT)
 
 
 # --------------------------------------------------------------------------------------------- launcher
@@ -329,8 +348,8 @@ def biqgemm_triton(
     ``algo``: ``"auto"`` (lut for ≤ `AUTO_LUT_MAX_BATCH` rows of x, dot above), ``"lut"``, ``"decode"``
     (both ≤ 8 rows) or ``"dot"`` (any number of rows).
     ``mode``: ``"exact"`` or ``"fast"`` (fast only lets fp32 inputs use TF32 in the ``dot`` path).
-    ``split_k``, ``block_m`` and ``num_warps`` override the heuristics (tests use split_k to cover the atomic
-    path; ``bench/biqgemm_cuda.py --tune`` sweeps all three). ``block_m`` must be a power of two ≥ 16.
+    ``split_k``, ``block_m`` and ``num_warps`` override the heuristics (tests use split_k to cover the split
+    reduction; ``bench/biqgemm_cuda.py --tune`` sweeps all three). ``block_m`` must be a power of two ≥ 16.
     """
     if not HAS_TRITON:
         raise KernelError("biqgemm_triton needs triton: pip install 'qgraph[gpu]'")
@@ -370,12 +389,13 @@ def biqgemm_triton(
         split = split_k or _pick_split(grid_bm, n_tiles, x.device)
         per = triton.cdiv(n_tiles, split)
         split = triton.cdiv(n_tiles, per)
-        out = _alloc_out(n, m, x.dtype, x.device, split > 1)
         grid = (triton.cdiv(n, block_b), triton.cdiv(m, bm), split)
+        out = torch.empty((n, m), dtype=x.dtype, device=x.device)
+        ws, cnt = _split_buffers(split, n, m, grid[0] * grid[1], x.device) if split > 1 else (dummy, dummy)
         _gemm_kernel[grid](
             x2, packed, alpha, offset if offset is not None else dummy, bias if bias is not None else dummy, out,
-            n, m, k, q, kw, wpg, per, x2.stride(0), out.stride(0),
-            ATOMIC=split > 1, IEEE=x.dtype == torch.float32 and mode == "exact",
+            ws, cnt, n, m, k, q, kw, wpg, per, x2.stride(0), out.stride(0),
+            SPLIT=split > 1, IEEE=x.dtype == torch.float32 and mode == "exact",
             UPCAST=x.dtype == torch.bfloat16 and _interpreting(),
             BLOCK_B=block_b, BLOCK_M=bm, BLOCK_K=block_k, num_warps=warps, enable_fp_fusion=True, **common,
         )
@@ -387,14 +407,15 @@ def biqgemm_triton(
         split = split_k or _pick_split(grid_m, kw, x.device)
         per = triton.cdiv(kw, split)
         split = triton.cdiv(kw, per)
-        out = _alloc_out(n, m, x.dtype, x.device, split > 1)
+        out = torch.empty((n, m), dtype=x.dtype, device=x.device)
+        ws, cnt = _split_buffers(split, n, m, grid_m, x.device) if split > 1 else (dummy, dummy)
         _gemv_kernel[(grid_m, split)](
             x2, packed, alpha, offset if offset is not None else dummy, bias if bias is not None else dummy, out,
-            n, m, k, q, kw, wpg, per, x2.stride(0), out.stride(0),
-            ATOMIC=split > 1, USE_LUT=algo == "lut", BLOCK_B=block_b, BLOCK_M=bm, QP=qp,
+            ws, cnt, n, m, k, q, kw, wpg, per, x2.stride(0), out.stride(0),
+            SPLIT=split > 1, USE_LUT=algo == "lut", BLOCK_B=block_b, BLOCK_M=bm, QP=qp,
             num_warps=warps, enable_fp_fusion=True, **common,
         )
-    return out.to(x.dtype).reshape(*lead, m)
+    return out.reshape(*lead, m)
 
 
 # Tile configs were chosen from sm_90 builds (ptxas register counts, no spills; see tests/kernels/test_triton.py
@@ -417,10 +438,22 @@ def _dot_config(n: int, dtype: torch.dtype, mode: str) -> tuple[int, int, int, i
     return 64, 128, 64, 8
 
 
-def _alloc_out(n: int, m: int, dtype: torch.dtype, device: torch.device, atomic: bool) -> torch.Tensor:
-    if atomic:
-        return torch.zeros((n, m), dtype=torch.float32, device=device)
-    return torch.empty((n, m), dtype=dtype, device=device)
+_COUNTERS: dict[tuple, torch.Tensor] = {}
+
+
+def _split_buffers(split: int, n: int, m: int, tiles: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp32 workspace [split, n, m], int32 tile counters) for a split-K launch.
+
+    The counters are zero between calls (the last program of each tile re-zeroes its own), so they are allocated
+    and zeroed once per device and stream and reused, also inside CUDA graphs; a stream has its own so two
+    streams never share one.
+    """
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    cnt = _COUNTERS.get(key)
+    if cnt is None or cnt.numel() < tiles:
+        cnt = _COUNTERS[key] = torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device)
+    return torch.empty((split, n, m), dtype=torch.float32, device=device), cnt
 
 
 def biqgemm_cuda_weight(

@@ -135,6 +135,18 @@ def test_each_path_matches_reference(algo, split_k):
 
 
 @needs_kernels
+@pytest.mark.parametrize("algo", ["lut", "decode", "dot"])
+def test_split_reduction_is_one_launch_deterministic_and_leaves_counters_zeroed(algo):
+    w = _weight(200, 320, 2, 64, offset=True, seed=21)
+    # 16-row tiles and 5 K-splits: 13 row tiles (for dot: x 1 batch tile), each summed by its last program
+    _check(w, 3, torch.float32, bias=True, seed=8, algo=algo, split_k=5, block_m=16)
+    x = torch.randn(3, 320, device=DEVICE, dtype=torch.float16)
+    ys = [KM.biqgemm_cuda_weight(x, w, algo=algo, split_k=5, block_m=16) for _ in range(2)]
+    assert torch.equal(ys[0], ys[1])
+    assert all(int(c.abs().sum()) == 0 for c in KM._COUNTERS.values()), "a tile counter was left nonzero"
+
+
+@needs_kernels
 @settings(max_examples=15, deadline=None)
 @given(
     m=st.integers(1, 96),
@@ -277,11 +289,14 @@ def test_bcq_linear_picks_cuda_layout():
 
 
 # ----------------------------------------------------------------------------------------------- sm_90 build
-def _sm90_resources(fn, signature: dict, constexprs: dict, num_warps: int) -> dict[str, int]:
+def _sm90_build(fn, signature: dict, constexprs: dict, num_warps: int) -> tuple[dict[str, int], str]:
+    """Build ``fn`` for sm_90 (no GPU needed): ({REG, STACK} from ptxas, the SASS text)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    src = ASTSource(fn=fn, signature={**signature, **{c: "constexpr" for c in constexprs}}, constexprs=constexprs)
+    ints = {a: "i32" for a in fn.arg_names if a not in signature and a not in constexprs}
+    sig = {**signature, **ints, **{c: "constexpr" for c in constexprs}}
+    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "enable_fp_fusion": True})
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     cubin = Path(os.environ.get("TMPDIR", "/tmp")) / f"qgraph_sm90_{os.getpid()}.cubin"
@@ -289,25 +304,34 @@ def _sm90_resources(fn, signature: dict, constexprs: dict, num_warps: int) -> di
     try:
         out = subprocess.run([str(cuobjdump), "--dump-resource-usage", str(cubin)],
                              capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([str(cuobjdump), "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
     finally:
         cubin.unlink()
-    return {w.split(":")[0]: int(w.split(":")[1]) for w in out.split() if w.startswith(("REG:", "STACK:"))}
+    return {w.split(":")[0]: int(w.split(":")[1]) for w in out.split() if w.startswith(("REG:", "STACK:"))}, sass
+
+
+def _sm90_or_skip(fn, sig, constexprs, warps):
+    try:
+        return _sm90_build(fn, sig, constexprs, warps)
+    except (ImportError, FileNotFoundError, subprocess.CalledProcessError) as e:
+        pytest.skip(f"cannot build for sm_90 here: {e}")
 
 
 def _sm90_cases():
-    base = {"packed_ptr": "*i32", "alpha_ptr": "*fp32", "offset_ptr": "*fp32", "bias_ptr": "*fp32"}
+    base = {"packed_ptr": "*i32", "alpha_ptr": "*fp32", "offset_ptr": "*fp32", "bias_ptr": "*fp32", "ws_ptr": "*fp32",
+            "cnt_ptr": "*i32"}
     half = {**base, "alpha_ptr": "*fp16", "offset_ptr": "*fp16"}
     for lut, bb, qp, scales in [(True, 1, 4, "f32"), (True, 1, 4, "f16"), (True, 2, 2, "f32"), (True, 8, 8, "f16"),
                                 (False, 1, 4, "f32"), (False, 8, 2, "f16")]:
         bm, warps = tb._gemv_config(bb, qp, lut)
-        c = {"HAS_OFFSET": True, "HAS_BIAS": True, "ATOMIC": True, "USE_LUT": lut, "BLOCK_B": bb, "BLOCK_M": bm,
+        c = {"HAS_OFFSET": True, "HAS_BIAS": True, "SPLIT": True, "USE_LUT": lut, "BLOCK_B": bb, "BLOCK_M": bm,
              "QP": qp}
-        sig = {"x_ptr": "*fp16", **(half if scales == "f16" else base), "out_ptr": "*fp32"}
+        sig = {"x_ptr": "*fp16", **(half if scales == "f16" else base), "out_ptr": "*fp16"}
         yield f"{'lut' if lut else 'decode'}-b{bb}-q{qp}-{scales}", "_gemv_kernel", sig, c, warps
     for dt, n in [("fp16", 16), ("bf16", 64), ("fp32", 32)]:
         torch_dt = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dt]
         bb, bm, bk, warps = tb._dot_config(n, torch_dt, "exact")
-        c = {"HAS_OFFSET": True, "HAS_BIAS": True, "ATOMIC": False, "IEEE": dt == "fp32", "UPCAST": False,
+        c = {"HAS_OFFSET": True, "HAS_BIAS": True, "SPLIT": dt == "bf16", "IEEE": dt == "fp32", "UPCAST": False,
              "BLOCK_B": bb, "BLOCK_M": bm, "BLOCK_K": bk}
         sig = {"x_ptr": f"*{dt}", **(half if dt == "fp16" else base), "out_ptr": f"*{dt}"}
         yield f"dot-{dt}-n{n}", "_gemm_kernel", sig, c, warps
@@ -317,12 +341,33 @@ def _sm90_cases():
 @pytest.mark.parametrize("case", list(_sm90_cases()) if tb.HAS_TRITON else [], ids=lambda c: c[0])
 def test_builds_for_sm90_without_spills(case):
     name, kernel, sig, constexprs, warps = case
-    fn = getattr(tb, kernel)
-    names = list(fn.arg_names)
-    ints = [a for a in names if a not in sig and a not in constexprs]
-    try:
-        res = _sm90_resources(fn, {**sig, **{a: "i32" for a in ints}}, constexprs, warps)
-    except (ImportError, FileNotFoundError, subprocess.CalledProcessError) as e:
-        pytest.skip(f"cannot build for sm_90 here: {e}")
+    res, _ = _sm90_or_skip(getattr(tb, kernel), sig, constexprs, warps)
     assert res["STACK"] == 0, f"{name} spills: {res}"
     assert res["REG"] <= 255
+
+
+@pytest.mark.skipif(not tb.HAS_TRITON, reason="triton is not importable")
+@pytest.mark.parametrize("case", [c for c in (_sm90_cases() if tb.HAS_TRITON else []) if c[3]["SPLIT"]][:2] +
+                         [c for c in (_sm90_cases() if tb.HAS_TRITON else []) if c[3]["SPLIT"] and "dot" in c[0]],
+                         ids=lambda c: c[0])
+def test_split_reduction_orders_memory_on_sm90(case):
+    """The split-K hand-off in SASS: barrier, GPU-scope fence, the counter's atomic add, L1 invalidation, then the
+    partials read with GPU-scope (L1-bypassing) loads. The interpreter runs programs one after another, so only the
+    machine code can show this ordering without a GPU."""
+    name, kernel, sig, constexprs, warps = case
+    _, sass = _sm90_or_skip(getattr(tb, kernel), sig, constexprs, warps)
+    ops = [line.split("*/", 1)[1].split(";")[0].strip() for line in sass.splitlines()
+           if line.strip().startswith("/*") and ";" in line]
+
+    def first(prefix: str, start: int = 0) -> int:
+        return next(i for i in range(start, len(ops)) if prefix in ops[i])
+
+    add = first("ATOMG.E.ADD.STRONG.GPU")
+    store = max(i for i in range(add) if "STG" in ops[i])  # the last partial written before the hand-off
+    bar = first("BAR.SYNC", store)
+    fence = next(i for i in range(bar, len(ops)) if "MEMBAR" in ops[i] and "GPU" in ops[i])
+    assert store < bar < fence < add, (name, ops[store:add + 1])
+    invalidate = first("CCTL.IVALL", add)
+    read = first("LDG.E.STRONG.GPU", invalidate)
+    reset = first("ATOMG.E.EXCH.STRONG.GPU", read)
+    assert add < invalidate < read < reset, (name, add, invalidate, read, reset)
