@@ -136,14 +136,27 @@ def test_each_path_matches_reference(algo, split_k):
 
 @needs_kernels
 @pytest.mark.parametrize("algo", ["lut", "decode", "dot"])
-def test_split_reduction_is_one_launch_deterministic_and_leaves_counters_zeroed(algo):
+def test_split_reduction_is_deterministic_and_leaves_counters_zeroed(algo):
     w = _weight(200, 320, 2, 64, offset=True, seed=21)
     # 16-row tiles and 5 K-splits: 13 row tiles (for dot: x 1 batch tile), each summed by its last program
     _check(w, 3, torch.float32, bias=True, seed=8, algo=algo, split_k=5, block_m=16)
     x = torch.randn(3, 320, device=DEVICE, dtype=torch.float16)
-    ys = [KM.biqgemm_cuda_weight(x, w, algo=algo, split_k=5, block_m=16) for _ in range(2)]
+    packed, alpha, offset = (t.to(DEVICE) for t in tb.pack_cuda(w))
+
+    def call():
+        return KM.biqgemm_triton(x, packed, alpha, offset, None, 200, 320, 64, algo=algo, split_k=5, block_m=16)
+
+    ys = [call() for _ in range(2)]
     assert torch.equal(ys[0], ys[1])
     assert all(int(c.abs().sum()) == 0 for c in KM._COUNTERS.values()), "a tile counter was left nonzero"
+    if CUDA:  # the whole split call is one kernel: no zero-fill, no cast
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            call()
+            torch.cuda.synchronize()
+        kernels = [e.name for e in prof.events() if e.device_type.name == "CUDA"]
+        assert len(kernels) == 1, kernels
 
 
 @needs_kernels
