@@ -439,6 +439,7 @@ def _dot_config(n: int, dtype: torch.dtype, mode: str) -> tuple[int, int, int, i
 
 
 _COUNTERS: dict[tuple, torch.Tensor] = {}
+_RETIRED_COUNTERS: list[torch.Tensor] = []  # outgrown buffers stay alive: a captured CUDA graph may still use them
 
 
 def _split_buffers(split: int, n: int, m: int, tiles: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -452,7 +453,9 @@ def _split_buffers(split: int, n: int, m: int, tiles: int, device: torch.device)
     key = (str(device), stream)
     cnt = _COUNTERS.get(key)
     if cnt is None or cnt.numel() < tiles:
-        cnt = _COUNTERS[key] = torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device)
+        if cnt is not None:
+            _RETIRED_COUNTERS.append(cnt)
+        cnt = _COUNTERS[key] = torch.zeros(max(2 * tiles, 4096), dtype=torch.int32, device=device)
     return torch.empty((split, n, m), dtype=torch.float32, device=device), cnt
 
 
