@@ -218,13 +218,11 @@ def _baselines(x: torch.Tensor, w16: torch.Tensor, int4, graphs: bool) -> dict[s
 
 def _bench_bcq(rec, x, m, k, q, cfg: Config, bw: float, base: dict, graphs: bool) -> list[str]:
     """Time every applicable algorithm for one (shape, batch, q); returns the Markdown row."""
-    from qgraph.kernels.triton_biqgemm import biqgemm_triton, pack_cuda
+    from qgraph.kernels.triton_biqgemm import biqgemm_triton
 
     n = x.shape[0]
-    w = _random_bcq(m, k, q, cfg, str(x.device))
-    packed, alpha, offset = pack_cuda(w, cfg.scale_dtype)
-    stored = w if cfg.scale_dtype == torch.float32 else _stored_weight(packed, alpha, offset, m, k, cfg.group)
-    ref = x.float() @ stored.dequantize().T
+    packed, alpha, offset, w_stored = _packed_random(m, k, q, cfg, str(x.device))
+    ref = x.float() @ w_stored.T
     nbytes = bcq_bytes(m, k, n, q, cfg)
     ceil16, ceil4 = ceilings(m, k, n, q, cfg)
 
@@ -268,10 +266,13 @@ def _bench_bcq(rec, x, m, k, q, cfg: Config, bw: float, base: dict, graphs: bool
             f"{errs[best]:.1e}"]
 
 
-def _stored_weight(packed, alpha, offset, m, k, group):
-    from qgraph.kernels.triton_biqgemm import unpack_cuda
+def _packed_random(m: int, k: int, q: int, cfg: Config, device: str):
+    """A random BCQ weight packed for the kernel: ``(packed, alpha, offset, Ŵ)`` with Ŵ dequantized from what the
+    packed tensors hold (α and z as stored, so fp16 rounding is part of the reference)."""
+    from qgraph.kernels.triton_biqgemm import pack_cuda, unpack_cuda
 
-    return unpack_cuda(packed, alpha, offset, m, k, group)
+    packed, alpha, offset = pack_cuda(_random_bcq(m, k, q, cfg, device), cfg.scale_dtype)
+    return packed, alpha, offset, unpack_cuda(packed, alpha, offset, m, k, cfg.group).dequantize()
 
 
 HEADER = ["case", "best", "best µs", "lut µs", "decode µs", "dot µs", "graph µs", "fp16 µs", "bf16 µs", "int4 µs",
@@ -311,16 +312,13 @@ def tune(rec: Records, shapes, batches, bits, cfg: Config, device: str = "cuda",
     Each config's output is checked against the stored weight first; the rows say how much a better tile would
     buy and where `_gemv_config` / `_dot_config` should move.
     """
-    from qgraph.kernels.triton_biqgemm import biqgemm_triton, pack_cuda
+    from qgraph.kernels.triton_biqgemm import biqgemm_triton
 
     grid, splits = grid or TUNE_GRID, splits or TUNE_SPLITS
     rows = []
     for m, k in shapes:
         for q in bits:
-            w = _random_bcq(m, k, q, cfg, device)
-            packed, alpha, offset = pack_cuda(w, cfg.scale_dtype)
-            wd = (w if cfg.scale_dtype == torch.float32 else _stored_weight(packed, alpha, offset, m, k, cfg.group))
-            wd = wd.dequantize()
+            packed, alpha, offset, wd = _packed_random(m, k, q, cfg, device)
             for n in batches:
                 x = torch.randn(n, k, device=device, dtype=torch.float16)
                 ref = x.float() @ wd.T

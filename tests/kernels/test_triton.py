@@ -360,9 +360,8 @@ def test_builds_for_sm90_without_spills(case):
 
 
 @pytest.mark.skipif(not tb.HAS_TRITON, reason="triton is not importable")
-@pytest.mark.parametrize("case", [c for c in (_sm90_cases() if tb.HAS_TRITON else []) if c[3]["SPLIT"]][:2] +
-                         [c for c in (_sm90_cases() if tb.HAS_TRITON else []) if c[3]["SPLIT"] and "dot" in c[0]],
-                         ids=lambda c: c[0])
+@pytest.mark.parametrize("case", [c for c in (_sm90_cases() if tb.HAS_TRITON else [])
+                                  if c[0] in ("lut-b1-q4-f32", "lut-b1-q4-f16", "dot-bf16-n64")], ids=lambda c: c[0])
 def test_split_reduction_orders_memory_on_sm90(case):
     """The split-K hand-off in SASS: barrier, GPU-scope fence, the counter's atomic add, L1 invalidation, then the
     partials read with GPU-scope (L1-bypassing) loads. The interpreter runs programs one after another, so only the
