@@ -21,12 +21,18 @@ Kernels (fp32 accumulation always; output in x's dtype):
   rank-1 on purpose: Triton lowers a rank-1 gather through shared memory (one ``LDS`` per key, as in
   LUT-GEMM), while a rank-2+ gather is rewritten into warp shuffles costing one per table entry a lane holds
   (measured: 1161 shuffles and 236 registers per word at 32 rows, against 56 registers and 18 ``LDS``).
-  Per-plane sums are scaled by α (in registers for the whole group) and ``z·Σx`` adds the offset.
+  A program's lanes are (plane, row) pairs, ``lane = plane·ROWS + row`` with ``ROWS = LANES // q``: each lane
+  accumulates α-scaled sums for its plane, ``z·Σx`` rides on the plane-0 lanes, and the q planes of a row are
+  summed once, after the K loop. So q=3 spends no lane on a padding plane (an earlier [4, BLOCK_M] tile did, and
+  summed planes every word): sm_90 SASS of the inner loop fell from 48.3 to 35.9 warp instructions per 1000
+  (row·column·plane) at batch 1, q=3, fp16 (0.74x; 0.72x with an offset, 0.74x at batch 2 and 8), and stayed
+  within 0.92-1.03x for q=2 and 4. The cost is registers at batch 4-8, where the accumulator is per lane
+  (batch 8, q=3: 128 -> 169 per thread, no spills), so fewer warps fit an SM; ``--tune`` on a GPU decides.
 - batch ≤ 8, ``algo="decode"``: same semantics without tables — each word's bits are decoded in registers
   (shift/mask → ±α), summed over planes into 32 columns of Ŵ and multiply-added with x (a bit-serial
   dequant-in-registers GEMV). Kept as the plain alternative the brief allows; sm_90 SASS of the inner loop
-  has 3-7x more warp instructions per (row·column·plane) than the LUT path (e.g. 217 vs 39 per 1000 at
-  batch 1, q=4), so it is not the default. ``bench/biqgemm_cuda.py`` times both.
+  has 5-8x more warp instructions per (row·column·plane) than the LUT path (with an offset at batch 1: 217 vs
+  40 per 1000 at q=4, 289 vs 38 at q=3), so it is not the default. ``bench/biqgemm_cuda.py`` times both.
 - batch > 8, ``algo="dot"``: bit-planes are dequantized tile by tile into x's dtype (fp32 for fp32 input,
   where ``mode="exact"`` keeps IEEE fp32 products and ``mode="fast"`` allows TF32) and fed to ``tl.dot``
   (tensor cores). Its dequantization costs ~122 warp instructions per 1000 (row·column·plane) whatever the
@@ -147,10 +153,84 @@ if HAS_TRITON:
             _write_out(out_ptr, acc, bias_ptr, offs_b, offs_m, mask, mask_m, stride_on, HAS_BIAS)
 
     @triton.jit
-    def _gemv_kernel(
+    def _lut_kernel(
+        x_ptr, packed_ptr, alpha_ptr, offset_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
+        N, M, K, KW, WPG, WORDS_PER_SPLIT, stride_xn, stride_on,
+        Q: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+        BLOCK_B: tl.constexpr, LANES: tl.constexpr, ROWS: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):
+        # Lane e holds plane e // ROWS of row e % ROWS (ROWS = LANES // Q), so no lane is spent on a padding plane
+        # when q is not a power of two; the planes of a row are summed once, after the K loop.
+        pid_m = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        m0 = pid_m * ROWS
+        offs_e = tl.arange(0, LANES)
+        plane = offs_e // ROWS
+        row = m0 + offs_e % ROWS
+        mask_e = (plane < Q) & (row < M)
+        e_off = plane * M + row  # into a [q, M] slab
+        offs_b = tl.arange(0, BLOCK_B)
+        mask_b = offs_b < N
+        x_row = x_ptr + offs_b * stride_xn
+
+        c4 = tl.arange(0, 4)  # the 4 μ=8 chunks of a word
+        s4 = tl.arange(0, 4)
+        e16 = tl.arange(0, 16)
+        # S[e, s] = ±1: the sign of x_s in half-table entry e
+        sgn = (((e16[:, None] >> s4[None, :]) & 1) * 2 - 1).to(tl.float32)
+        xoff = c4[:, None] * 8 + s4[None, :]  # [4, 4] column of (chunk, bit) inside a word
+        chunk = (tl.arange(0, 4)[:, None] * 256).broadcast_to((4, LANES))
+        shift = (tl.arange(0, 4)[:, None] * 8).broadcast_to((4, LANES))
+        base = (offs_b * 1024)[:, None, None]
+
+        acc = tl.zeros((BLOCK_B, LANES), dtype=tl.float32)
+        w_start = pid_k * WORDS_PER_SPLIT
+        w_end = tl.minimum(w_start + WORDS_PER_SPLIT, KW)
+        for g in range(w_start // WPG, (w_end - 1) // WPG + 1):
+            a = tl.load(alpha_ptr + g * Q * M + e_off, mask=mask_e, other=0.0).to(tl.float32)  # [LANES]
+            if HAS_OFFSET:  # z rides on the plane-0 lanes
+                z = tl.load(offset_ptr + g * M + row, mask=mask_e & (plane == 0), other=0.0).to(tl.float32)
+            sx = tl.zeros((BLOCK_B,), dtype=tl.float32)
+            for w in range(tl.maximum(w_start, g * WPG), tl.minimum(w_end, (g + 1) * WPG)):
+                words = tl.load(packed_ptr + w * Q * M + e_off, mask=mask_e, other=0)  # [LANES]
+                lo_c = w * 32 + xoff
+                hi_c = lo_c + 4
+                x_lo = tl.load(x_row[:, None, None] + lo_c[None, :, :],
+                               mask=mask_b[:, None, None] & (lo_c < K)[None, :, :], other=0.0)
+                x_hi = tl.load(x_row[:, None, None] + hi_c[None, :, :],
+                               mask=mask_b[:, None, None] & (hi_c < K)[None, :, :], other=0.0)
+                x_lo = x_lo.to(tl.float32)  # [BLOCK_B, 4 chunks, 4 bits]
+                x_hi = x_hi.to(tl.float32)
+                t_lo = tl.sum(x_lo[:, :, None, :] * sgn[None, None, :, :], axis=3)  # [B, 4, 16]
+                t_hi = tl.sum(x_hi[:, :, None, :] * sgn[None, None, :, :], axis=3)
+                # 1-D on purpose: Triton lowers a rank-1 gather through shared memory (one load per key);
+                # higher ranks become warp shuffles costing one per table entry held by a lane.
+                table = tl.reshape(t_hi[:, :, :, None] + t_lo[:, :, None, :], (BLOCK_B * 1024,))
+                keys = ((words[None, :] >> shift) & 255) + chunk  # [4, LANES]
+                idx = tl.reshape(keys[None, :, :] + base, (BLOCK_B * 4 * LANES,))
+                hit = tl.reshape(tl.gather(table, idx, 0), (BLOCK_B, 4, LANES))
+                acc += tl.sum(hit, axis=1) * a[None, :]  # Σ_k x_k B_i[m, k] over the word, times α
+                if HAS_OFFSET:
+                    sx += tl.sum(tl.sum(x_lo + x_hi, axis=2), axis=1)
+            if HAS_OFFSET:
+                acc += sx[:, None] * z[None, :]
+        # y[b, r] = Σ_i acc[b, i·ROWS + r]
+        offs_r = tl.arange(0, BLOCK_R)
+        flat = tl.reshape(acc, (BLOCK_B * LANES,))
+        y = tl.zeros((BLOCK_B, BLOCK_R), dtype=tl.float32)
+        for i in tl.static_range(Q):
+            src = tl.where(offs_r < ROWS, i * ROWS + offs_r, 0)[None, :] + (offs_b * LANES)[:, None]
+            y += tl.reshape(tl.gather(flat, tl.reshape(src, (BLOCK_B * BLOCK_R,)), 0), (BLOCK_B, BLOCK_R))
+        offs_m = m0 + offs_r
+        mask_m = (offs_r < ROWS) & (offs_m < M)
+        _store_out(out_ptr, y, bias_ptr, offs_b, offs_m, mask_b, mask_m, stride_on, ws_ptr, cnt_ptr, pid_m, pid_k,
+                   tl.num_programs(1), N, M, HAS_BIAS, SPLIT)
+
+    @triton.jit
+    def _decode_kernel(
         x_ptr, packed_ptr, alpha_ptr, offset_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
         N, M, K, Q, KW, WPG, WORDS_PER_SPLIT, stride_xn, stride_on,
-        HAS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, USE_LUT: tl.constexpr,
+        HAS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
         BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, QP: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
@@ -163,18 +243,7 @@ if HAS_TRITON:
         mask_qm = (offs_q[:, None] < Q) & mask_m[None, :]
         qm_off = offs_q[:, None] * M + offs_m[None, :]  # [QP, BLOCK_M] into a [q, M] slab
         x_row = x_ptr + offs_b * stride_xn
-
-        if USE_LUT:
-            c4 = tl.arange(0, 4)  # the 4 μ=8 chunks of a word
-            s4 = tl.arange(0, 4)
-            e16 = tl.arange(0, 16)
-            # S[e, s] = ±1: the sign of x_s in half-table entry e
-            sgn = (((e16[:, None] >> s4[None, :]) & 1) * 2 - 1).to(tl.float32)
-            xoff = c4[:, None] * 8 + s4[None, :]  # [4, 4] column of (chunk, bit) inside a word
-            chunk = (tl.arange(0, 4)[:, None, None] * 256).broadcast_to((4, QP, BLOCK_M))
-            shift = (tl.arange(0, 4)[:, None, None] * 8).broadcast_to((4, QP, BLOCK_M))
-        else:
-            cols = tl.arange(0, 32)
+        cols = tl.arange(0, 32)
 
         acc = tl.zeros((BLOCK_B, BLOCK_M), dtype=tl.float32)
         w_start = pid_k * WORDS_PER_SPLIT
@@ -183,43 +252,16 @@ if HAS_TRITON:
             a = tl.load(alpha_ptr + g * Q * M + qm_off, mask=mask_qm, other=0.0).to(tl.float32)  # [QP, BLOCK_M]
             if HAS_OFFSET:
                 z = tl.load(offset_ptr + g * M + offs_m, mask=mask_m, other=0.0).to(tl.float32)
-            sx = tl.zeros((BLOCK_B,), dtype=tl.float32)
             for w in range(tl.maximum(w_start, g * WPG), tl.minimum(w_end, (g + 1) * WPG)):
                 words = tl.load(packed_ptr + w * Q * M + qm_off, mask=mask_qm, other=0)  # [QP, BLOCK_M]
-                k0 = w * 32
-                if USE_LUT:
-                    lo_c = k0 + xoff
-                    hi_c = lo_c + 4
-                    x_lo = tl.load(x_row[:, None, None] + lo_c[None, :, :],
-                                   mask=mask_b[:, None, None] & (lo_c < K)[None, :, :], other=0.0)
-                    x_hi = tl.load(x_row[:, None, None] + hi_c[None, :, :],
-                                   mask=mask_b[:, None, None] & (hi_c < K)[None, :, :], other=0.0)
-                    x_lo = x_lo.to(tl.float32)  # [BLOCK_B, 4 chunks, 4 bits]
-                    x_hi = x_hi.to(tl.float32)
-                    t_lo = tl.sum(x_lo[:, :, None, :] * sgn[None, None, :, :], axis=3)  # [B, 4, 16]
-                    t_hi = tl.sum(x_hi[:, :, None, :] * sgn[None, None, :, :], axis=3)
-                    # 1-D on purpose: Triton lowers a rank-1 gather through shared memory (one load per key);
-                    # higher ranks become warp shuffles costing one per table entry held by a lane.
-                    table = tl.reshape(t_hi[:, :, :, None] + t_lo[:, :, None, :], (BLOCK_B * 1024,))
-                    keys = ((words[None, :, :] >> shift) & 255) + chunk  # [4, QP, BLOCK_M]
-                    idx = keys[None, :, :, :] + (offs_b * 1024)[:, None, None, None]
-                    idx = tl.reshape(idx, (BLOCK_B * 4 * QP * BLOCK_M,))
-                    hit = tl.reshape(tl.gather(table, idx, 0), (BLOCK_B, 4, QP, BLOCK_M))
-                    part = tl.sum(hit, axis=1)  # [B, QP, BLOCK_M]: Σ_k x_k B_i[m, k] over the word
-                    acc += tl.sum(part * a[None, :, :], axis=1)
-                    if HAS_OFFSET:
-                        sx += tl.sum(tl.sum(x_lo + x_hi, axis=2), axis=1)
-                else:
-                    kcol = k0 + cols
-                    xw = tl.load(x_row[:, None] + kcol[None, :],
-                                 mask=mask_b[:, None] & (kcol < K)[None, :], other=0.0).to(tl.float32)
-                    bits = (words[:, :, None] >> cols[None, None, :]) & 1  # [QP, BLOCK_M, 32]
-                    wt = tl.sum(tl.where(bits != 0, a[:, :, None], -a[:, :, None]), axis=0)  # [BLOCK_M, 32]
-                    if HAS_OFFSET:
-                        wt += z[:, None]
-                    acc += tl.sum(xw[:, None, :] * wt[None, :, :], axis=2)
-            if USE_LUT and HAS_OFFSET:
-                acc += sx[:, None] * z[None, :]
+                kcol = w * 32 + cols
+                xw = tl.load(x_row[:, None] + kcol[None, :],
+                             mask=mask_b[:, None] & (kcol < K)[None, :], other=0.0).to(tl.float32)
+                bits = (words[:, :, None] >> cols[None, None, :]) & 1  # [QP, BLOCK_M, 32]
+                wt = tl.sum(tl.where(bits != 0, a[:, :, None], -a[:, :, None]), axis=0)  # [BLOCK_M, 32]
+                if HAS_OFFSET:
+                    wt += z[:, None]
+                acc += tl.sum(xw[:, None, :] * wt[None, :, :], axis=2)
         _store_out(out_ptr, acc, bias_ptr, offs_b, offs_m, mask_b, mask_m, stride_on, ws_ptr, cnt_ptr, pid_m, pid_k,
                    tl.num_programs(1), N, M, HAS_BIAS, SPLIT)
 
@@ -281,7 +323,7 @@ def _sm_count(index: int) -> int:
 
 
 def _interpreting() -> bool:
-    return HAS_TRITON and not isinstance(_gemv_kernel, triton.runtime.JITFunction)
+    return HAS_TRITON and not isinstance(_lut_kernel, triton.runtime.JITFunction)
 
 
 def _pick_split(programs: int, units: int, device: torch.device) -> int:
@@ -349,7 +391,8 @@ def biqgemm_triton(
     (both ≤ 8 rows) or ``"dot"`` (any number of rows).
     ``mode``: ``"exact"`` or ``"fast"`` (fast only lets fp32 inputs use TF32 in the ``dot`` path).
     ``split_k``, ``block_m`` and ``num_warps`` override the heuristics (tests use split_k to cover the split
-    reduction; ``bench/biqgemm_cuda.py --tune`` sweeps all three). ``block_m`` must be a power of two ≥ 16.
+    reduction; ``bench/biqgemm_cuda.py --tune`` sweeps all three). ``block_m`` must be a power of two ≥ 16;
+    the lut kernel runs ``block_m·next_pow2(q)`` lanes, i.e. ``block_m·next_pow2(q) // q`` rows per program.
     """
     if not HAS_TRITON:
         raise KernelError("biqgemm_triton needs triton: pip install 'qgraph[gpu]'")
@@ -403,25 +446,29 @@ def biqgemm_triton(
         block_b = _next_pow2(n)
         qp = _next_pow2(q)
         bm, warps = tile(*_gemv_config(block_b, qp, algo == "lut"))
-        grid_m = triton.cdiv(m, bm)
+        rows = bm * qp // q if algo == "lut" else bm  # the lut kernel's bm·qp lanes hold bm·qp // q whole rows
+        grid_m = triton.cdiv(m, rows)
         split = split_k or _pick_split(grid_m, kw, x.device)
         per = triton.cdiv(kw, split)
         split = triton.cdiv(kw, per)
         out = torch.empty((n, m), dtype=x.dtype, device=x.device)
         ws, cnt = _split_buffers(split, n, m, grid_m, x.device) if split > 1 else (dummy, dummy)
-        _gemv_kernel[(grid_m, split)](
-            x2, packed, alpha, offset if offset is not None else dummy, bias if bias is not None else dummy, out,
-            ws, cnt, n, m, k, q, kw, wpg, per, x2.stride(0), out.stride(0),
-            SPLIT=split > 1, USE_LUT=algo == "lut", BLOCK_B=block_b, BLOCK_M=bm, QP=qp,
-            num_warps=warps, enable_fp_fusion=True, **common,
-        )
+        args = (x2, packed, alpha, offset if offset is not None else dummy, bias if bias is not None else dummy, out,
+                ws, cnt, n, m, k)
+        strides = (x2.stride(0), out.stride(0))
+        launch = {"SPLIT": split > 1, "BLOCK_B": block_b, "num_warps": warps, "enable_fp_fusion": True, **common}
+        if algo == "lut":
+            _lut_kernel[(grid_m, split)](*args, kw, wpg, per, *strides, Q=q, LANES=bm * qp, ROWS=rows,
+                                         BLOCK_R=_next_pow2(rows), **launch)
+        else:
+            _decode_kernel[(grid_m, split)](*args, q, kw, wpg, per, *strides, BLOCK_M=bm, QP=qp, **launch)
     return out.reshape(*lead, m)
 
 
 # Tile configs were chosen from sm_90 builds (ptxas register counts, no spills; see tests/kernels/test_triton.py
 # which compiles them for sm_90 without a GPU); timings on a real GPU may move them.
 def _gemv_config(block_b: int, qp: int, lut: bool) -> tuple[int, int]:
-    """(BLOCK_M, num_warps) for the ≤ 8-row kernels."""
+    """(BLOCK_M, num_warps) for the ≤ 8-row kernels; the lut kernel runs BLOCK_M·qp lanes of (plane, row)."""
     if lut:  # bigger M tiles amortize the table build; shrink only where registers would spill
         return (128 if block_b * qp >= 64 else 256), (4 if block_b * qp <= 4 else 8)
     return max(16, min(128, 256 // max(block_b, qp))), (4 if block_b >= 8 else 8)

@@ -160,6 +160,16 @@ def test_split_reduction_is_deterministic_and_leaves_counters_zeroed(algo):
 
 
 @needs_kernels
+@pytest.mark.parametrize("q", [3, 5, 7])
+def test_lut_lanes_hold_whole_rows_for_odd_bit_counts(q):
+    # block_m=16: 16·qp lanes hold 16·qp // q rows (21, 25, 18), so M=50 ends in a partial tile and q=7 leaves
+    # two idle lanes: every row must still collect its q planes, offset and bias exactly once
+    w = _weight(50, 200, q, 64, offset=True, seed=30 + q)
+    _check(w, 3, torch.float32, bias=True, seed=q, algo="lut", block_m=16)
+    _check(w, 1, torch.float16, bias=False, seed=q, algo="lut", block_m=16, split_k=2, scale_dtype=torch.float16)
+
+
+@needs_kernels
 @settings(max_examples=15, deadline=None)
 @given(
     m=st.integers(1, 96),
@@ -334,13 +344,19 @@ def _sm90_cases():
     base = {"packed_ptr": "*i32", "alpha_ptr": "*fp32", "offset_ptr": "*fp32", "bias_ptr": "*fp32", "ws_ptr": "*fp32",
             "cnt_ptr": "*i32"}
     half = {**base, "alpha_ptr": "*fp16", "offset_ptr": "*fp16"}
-    for lut, bb, qp, scales in [(True, 1, 4, "f32"), (True, 1, 4, "f16"), (True, 2, 2, "f32"), (True, 8, 8, "f16"),
-                                (False, 1, 4, "f32"), (False, 8, 2, "f16")]:
-        bm, warps = tb._gemv_config(bb, qp, lut)
-        c = {"HAS_OFFSET": True, "HAS_BIAS": True, "SPLIT": True, "USE_LUT": lut, "BLOCK_B": bb, "BLOCK_M": bm,
-             "QP": qp}
+    for bb, q, scales in [(1, 4, "f32"), (1, 4, "f16"), (1, 3, "f16"), (2, 2, "f32"), (8, 3, "f16"), (8, 8, "f16")]:
+        qp = tb._next_pow2(q)
+        bm, warps = tb._gemv_config(bb, qp, True)
+        rows = bm * qp // q
+        c = {"Q": q, "HAS_OFFSET": True, "HAS_BIAS": True, "SPLIT": True, "BLOCK_B": bb, "LANES": bm * qp,
+             "ROWS": rows, "BLOCK_R": tb._next_pow2(rows)}
         sig = {"x_ptr": "*fp16", **(half if scales == "f16" else base), "out_ptr": "*fp16"}
-        yield f"{'lut' if lut else 'decode'}-b{bb}-q{qp}-{scales}", "_gemv_kernel", sig, c, warps
+        yield f"lut-b{bb}-q{q}-{scales}", "_lut_kernel", sig, c, warps
+    for bb, qp, scales in [(1, 4, "f32"), (8, 2, "f16")]:
+        bm, warps = tb._gemv_config(bb, qp, False)
+        c = {"HAS_OFFSET": True, "HAS_BIAS": True, "SPLIT": True, "BLOCK_B": bb, "BLOCK_M": bm, "QP": qp}
+        sig = {"x_ptr": "*fp16", **(half if scales == "f16" else base), "out_ptr": "*fp16"}
+        yield f"decode-b{bb}-q{qp}-{scales}", "_decode_kernel", sig, c, warps
     for dt, n in [("fp16", 16), ("bf16", 64), ("fp32", 32)]:
         torch_dt = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dt]
         bb, bm, bk, warps = tb._dot_config(n, torch_dt, "exact")
@@ -361,7 +377,7 @@ def test_builds_for_sm90_without_spills(case):
 
 @pytest.mark.skipif(not tb.HAS_TRITON, reason="triton is not importable")
 @pytest.mark.parametrize("case", [c for c in (_sm90_cases() if tb.HAS_TRITON else [])
-                                  if c[0] in ("lut-b1-q4-f32", "lut-b1-q4-f16", "dot-bf16-n64")], ids=lambda c: c[0])
+                                  if c[0] in ("lut-b1-q4-f32", "lut-b1-q3-f16", "dot-bf16-n64")], ids=lambda c: c[0])
 def test_split_reduction_orders_memory_on_sm90(case):
     """The split-K hand-off in SASS: barrier, GPU-scope fence, the counter's atomic add, L1 invalidation, then the
     partials read with GPU-scope (L1-bypassing) loads. The interpreter runs programs one after another, so only the
