@@ -179,8 +179,8 @@ if HAS_TRITON:
         # S[e, s] = ±1: the sign of x_s in half-table entry e
         sgn = (((e16[:, None] >> s4[None, :]) & 1) * 2 - 1).to(tl.float32)
         xoff = c4[:, None] * 8 + s4[None, :]  # [4, 4] column of (chunk, bit) inside a word
-        chunk = (tl.arange(0, 4)[:, None] * 256).broadcast_to((4, LANES))
-        shift = (tl.arange(0, 4)[:, None] * 8).broadcast_to((4, LANES))
+        chunk = (c4[:, None] * 256).broadcast_to((4, LANES))
+        shift = (c4[:, None] * 8).broadcast_to((4, LANES))
         base = (offs_b * 1024)[:, None, None]
 
         acc = tl.zeros((BLOCK_B, LANES), dtype=tl.float32)
