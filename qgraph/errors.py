@@ -14,6 +14,26 @@ class PipelineError(QGraphError):
     """A pass pipeline is malformed: unknown pass or option, bad option value, ordering violated."""
 
 
+class PassError(QGraphError):
+    """A pass failed with an unexpected (non-qgraph) exception; names the pass, its options and what ran before.
+
+    The original exception is chained as ``__cause__``; ``pass_name``, ``options`` (the pass's Options object)
+    and ``after`` (the pass texts that ran before it in this pipeline run) say where it happened.
+    """
+
+    def __init__(self, pass_text: str, options: object, after: list[str], cause: BaseException):
+        self.pass_name = pass_text.split("{", 1)[0]
+        self.pass_text = pass_text
+        self.options = options
+        self.after = list(after)
+        where = f"after {', '.join(after)}" if after else "first in the pipeline"
+        detail = str(cause).strip().splitlines()
+        msg = f"{type(cause).__name__}: {detail[0] if detail else ''}".rstrip(": ")
+        super().__init__(f"pass '{pass_text}' ({where}): {msg}\n  options: {options!r}\n"
+                         f"  this is a bug in the pass or an input it does not handle; the original error is chained "
+                         f"(see the traceback above this one)")
+
+
 class PassOrderError(PipelineError):
     """Pass ordering constraints are cyclic or violated by the requested order."""
 

@@ -8,7 +8,7 @@ from typing import Any
 import networkx as nx
 
 from qgraph.context import PassContext
-from qgraph.errors import PassOrderError, PipelineError
+from qgraph.errors import PassError, PassOrderError, PipelineError, QGraphError
 from qgraph.pass_base import Pass, PassResult
 from qgraph.pipeline import format_pipeline, parse_pipeline
 from qgraph.registry import registered_passes
@@ -70,6 +70,17 @@ def check_properties(passes: list[Pass], available: set[str]) -> None:
         have |= p.ensures()
 
 
+def run_pass(p: Pass, graph: Any, ctx: PassContext, ran: list[str]) -> Any:
+    """``p.run(graph, ctx)``; an unexpected exception becomes a `PassError` naming ``p``, its options and the
+    passes in ``ran`` (chained), while qgraph's own typed errors pass through unchanged."""
+    try:
+        return p.run(graph, ctx)
+    except QGraphError:
+        raise
+    except Exception as e:
+        raise PassError(str(p), getattr(p, "options", None), ran, e) from e
+
+
 class PassManager:
     """Runs a list of passes (or pipeline text) over a graph ``steps`` times."""
 
@@ -94,12 +105,14 @@ class PassManager:
             inst.before_pipeline(graph, ctx)
         any_modified = False
         stats: dict[str, Any] = {}
+        ran: list[str] = []
         for _ in range(self.steps):
             step_modified = False
             for p in self.passes:
                 for inst in ctx.instruments:
                     inst.before_pass(p, graph, ctx)
-                result = p.run(graph, ctx)
+                result = run_pass(p, graph, ctx, ran)
+                ran.append(str(p))
                 if not isinstance(result, PassResult):
                     raise PipelineError(f"pass '{p.name}' returned {type(result).__name__}, not a PassResult")
                 graph = result.graph

@@ -1,5 +1,6 @@
 """PassManager: ordering constraints, property checks, analyses and instruments."""
 import itertools
+from dataclasses import dataclass
 
 import networkx as nx
 import pytest
@@ -171,3 +172,62 @@ def test_pass_returning_wrong_type_is_reported():
 def test_public_names_exist():
     for name in ["trace", "PassManager", "register_pass", "parse_pipeline", "QGraphError"]:
         assert hasattr(qgraph, name)
+
+
+# --- unexpected exceptions inside a pass -----------------------------------------------------------
+@register_pass("test-explodes", replace=True)
+class _Explodes(Pass):
+    @dataclass(frozen=True)
+    class Options:
+        level: int = 1
+
+    def run(self, graph, ctx):
+        return {"a": 1}["missing"]
+
+
+@register_pass("test-typed-error", replace=True)
+class _TypedError(Pass):
+    def run(self, graph, ctx):
+        raise qgraph.CalibrationError("no calibration data reached fc1")
+
+
+def test_unexpected_exception_becomes_pass_error_naming_pass_options_and_predecessors():
+    from qgraph.errors import PassError
+
+    g = trace(nn.Linear(3, 2), (torch.randn(2, 3),))
+    with pytest.raises(PassError) as info:
+        PassManager("o-a,o-b,o-c,test-explodes{level=3}").run(g)
+    e = info.value
+    first = str(e).splitlines()[0]
+    assert first == "pass 'test-explodes{level=3}' (after o-a, o-b, o-c): KeyError: 'missing'"
+    assert "options: " in str(e) and "level=3" in str(e)
+    assert (e.pass_name, e.after, e.options.level) == ("test-explodes", ["o-a", "o-b", "o-c"], 3)
+    assert isinstance(e.__cause__, KeyError)
+    assert isinstance(e, qgraph.QGraphError)
+    with pytest.raises(PassError, match=r"^pass 'test-explodes' \(first in the pipeline\): KeyError"):
+        PassManager("test-explodes").run(g)
+
+
+def test_pass_error_counts_passes_of_earlier_steps():
+    from qgraph.errors import PassError
+
+    calls = {"n": 0}
+
+    @register_pass("test-second-step-fails", replace=True)
+    def _second(graph, ctx):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise ZeroDivisionError("division by zero")
+        return True
+
+    g = trace(nn.Linear(3, 2), (torch.randn(2, 3),))
+    with pytest.raises(PassError, match=r"^pass 'test-second-step-fails' \(after o-a, test-second-step-fails, o-a\): "
+                                        r"ZeroDivisionError: division by zero"):
+        PassManager("o-a,test-second-step-fails", steps=3).run(g)
+
+
+def test_typed_qgraph_errors_pass_through_unwrapped():
+    g = trace(nn.Linear(3, 2), (torch.randn(2, 3),))
+    with pytest.raises(qgraph.CalibrationError, match="^no calibration data reached fc1$") as info:
+        PassManager("o-a,test-typed-error").run(g)
+    assert type(info.value) is qgraph.CalibrationError
