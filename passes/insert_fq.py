@@ -6,12 +6,12 @@ gets a ``fake_quantize_per_tensor_affine`` node with its calibrated qparams.
 from __future__ import annotations
 
 import torch
-from qgraph.passes.calibrate import QPARAMS_KEY
-from qgraph.passes.quantize_weights import QWEIGHT_KEY, dequantized
 
 from qgraph.errors import PipelineError, SpecError
 from qgraph.ir.graph_view import ANNOTATION_KEY
 from qgraph.pass_base import Pass, PassResult
+from qgraph.passes.calibrate import QPARAMS_KEY
+from qgraph.passes.quantize_weights import QWEIGHT_KEY, dequantized
 from qgraph.registry import register_pass
 
 FQ_KEY = "qgraph.fake_quant"

@@ -86,7 +86,8 @@ class LevelGrid:
         return self.expanded().gather(2, r.unsqueeze(2)).squeeze(2)
 
     def rows(self, idx: slice) -> LevelGrid:
-        pick = (lambda t: None if t is None else t[idx])
+        def pick(t):
+            return (None if t is None else t[idx])
         return LevelGrid(self.levels[idx], self.rank[idx], self.group_size, self.kind, self.spec, pick(self.scale),
                          pick(self.zero_point), None if self.alpha is None else self.alpha[:, idx], pick(self.offset),
                          pick(self.perm))

@@ -176,5 +176,5 @@ class BCQWeight:
             meta = f.metadata() or {}
             if "qgraph" not in meta:
                 raise SpecError(f"{path}: no qgraph manifest in the safetensors metadata")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f}
         return cls.from_parts(json.loads(meta["qgraph"]), tensors)

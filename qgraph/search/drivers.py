@@ -296,10 +296,10 @@ def ilp_solve(problem: Problem, c: Constraints) -> Assignment:
                 rows.append((row, 0.0, 0.0))
     a_mat = lil_matrix((len(rows), n))
     lo, hi = np.empty(len(rows)), np.empty(len(rows))
-    for r, (coefs, l, h) in enumerate(rows):
+    for r, (coefs, low, high) in enumerate(rows):
         for col, v in coefs.items():
             a_mat[r, col] = v
-        lo[r], hi[r] = l, h
+        lo[r], hi[r] = low, high
     res = milp(cost, constraints=LinearConstraint(a_mat.tocsr(), lo, hi), integrality=np.ones(n),
                bounds=Bounds(0, 1), options={"time_limit": 60.0})
     if res.x is None:

@@ -81,7 +81,8 @@ def test_schedule_keeps_blocks_contiguous_and_topological():
 def test_gap_blocks_group_the_layers_outside_residual_blocks():
     g = trace(nn.Sequential(*[m for _ in range(4) for m in (nn.Linear(8, 8), nn.ReLU())]).eval(), (torch.randn(2, 8),))
     assert find_blocks(g) == []
-    layers = lambda n: g.op_type(n) == "Gemm"
+    def layers(n):
+        return g.op_type(n) == "Gemm"
     plan = gap_blocks(g, schedule(g, []), layers, 3)
     assert [len(b) for b in plan] == [6, 2]  # Linear,ReLU x3 | Linear,ReLU
     assert all(isinstance(b, Block) and b.kind == "gap" for b in plan)
@@ -99,7 +100,8 @@ def test_mobilenetv2_has_ten_inverted_residual_blocks():
     assert [len(b) for b in blocks] == [9] * 10
     assert [g.qualname(b.exit) for b in blocks][:3] == ["features.3", "features.5", "features.6"]
     assert all([g.op_type(n) for n in b.nodes].count("Conv") == 3 for b in blocks)
-    convs = lambda n: g.op_type(n) in ("Conv", "Gemm")
+    def convs(n):
+        return g.op_type(n) in ("Conv", "Gemm")
     plan = gap_blocks(g, schedule(g, blocks), convs, 3)
     kinds = [b.kind for b in plan if isinstance(b, Block)]
     assert kinds.count("residual") == 10 and kinds.count("gap") == 8

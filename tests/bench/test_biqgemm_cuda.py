@@ -122,6 +122,7 @@ def test_tune_checks_and_times_every_config_under_the_interpreter():
 
 
 def test_launcher_refuses_bad_tile_overrides():
+    pytest.importorskip("triton")  # without triton the launcher refuses every call, before checking tiles
     tb = pytest.importorskip("qgraph.kernels.triton_biqgemm")
     from qgraph.errors import KernelError
     from qgraph.quant.bcq_weight import BCQWeight

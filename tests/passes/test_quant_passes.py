@@ -3,12 +3,12 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from qgraph.passes.quantize_weights import QWEIGHT_KEY
 from torch import nn
 
 import qgraph
 from qgraph import CalibrationError, PipelineError, TargetError
 from qgraph.ir import ANNOTATION_KEY
+from qgraph.passes.quantize_weights import QWEIGHT_KEY
 from qgraph.quant.bcq_weight import BCQWeight
 from qgraph.quant.qspec import Annotation, QSpec
 from tests.conftest import rel_err

@@ -20,7 +20,8 @@ def _limits(problem: Problem, bits_frac: float, bytes_frac: float, use_bytes: bo
     space = problem.space
     lo, hi = space.low(), space.high()
     lo_an, hi_an = problem.analytic(lo, Constraints()), problem.analytic(hi, Constraints())
-    mid = lambda a, b, f: a + (b - a) * f
+    def mid(a, b, f):
+        return a + (b - a) * f
     return Constraints(
         avg_bits=mid(lo_an.avg_bits, 8.0, bits_frac),
         max_bytes=mid(lo_an.bytes, hi_an.bytes, bytes_frac) if use_bytes else None,

@@ -1,0 +1,1 @@
+"""Language models on qgraph kernels: quantized module swap, generation and its artifacts."""
