@@ -349,7 +349,7 @@ class Workbench:
             return None
         h = hashlib.blake2b(w.contiguous().numpy().tobytes(), digest_size=16)
         h.update(f"|{node_name}|{spec}|{QWEIGHT_VERSION}".encode())
-        return Path(self.config.qweight_dir) / f"{h.hexdigest()}.pt"
+        return Path(self.config.qweight_dir) / f"{h.hexdigest()}.safetensors"
 
     def qparams(self, node_name: str, spec: Any) -> tuple:
         """Activation qparams of input 0 of a node under a spec (observed on the float graph, which is what
@@ -474,18 +474,26 @@ def _all_sentences(plays: Sequence[str]) -> list[str]:
 
 
 def _load_qweight(path: Path) -> Any:
+    """A cached quantized weight (safetensors, validated), or None when absent, torn or tampered."""
+    from qgraph.errors import SpecError
+    from qgraph.quant.qweight_io import load_qweight
+
+    if not path.is_file():
+        return None
     try:
-        return torch.load(path, weights_only=False)
-    except (OSError, EOFError, RuntimeError, ValueError, AttributeError, ImportError):
-        return None  # absent, or torn by a kill: quantize again
+        return load_qweight(path)
+    except SpecError:
+        return None  # torn by a kill or tampered with: quantize again
 
 
 def _save_qweight(path: Path, q: Any) -> None:
-    """Atomic write (temporary file, then rename), so a reader sees a whole file or none."""
+    """Atomic write (temporary file, then rename), so a reader sees a whole file or none. No pickle."""
+    from qgraph.quant.qweight_io import save_qweight
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-        torch.save(q, tmp)
+        save_qweight(tmp, q)
         os.replace(tmp, path)
     except OSError:
         pass  # a cache only: a full or read-only disk costs time, not results

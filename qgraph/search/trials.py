@@ -1,7 +1,8 @@
 """Running trials: an on-disk trial cache, and local (inline / process pool) or Ray execution.
 
 The cache is a JSON-lines file, one line per finished trial keyed by ``sha256(eval fingerprint +
-strategy hash)``; each line is written with one ``write`` and then flushed and fsynced, so a search
+strategy hash)`` and carrying a ``digest`` (sha256 of its canonical JSON without the digest), so an edited or
+torn line fails its check and the trial is computed again; each line is written with one ``write`` and then flushed and fsynced, so a search
 killed at any moment loses at most the trial it was running. Loading skips a torn last line (and the
 next append starts on a fresh line). Side files next to it (``<cache>.<name>.json``, written atomically)
 keep other resumable results such as the sensitivity table.
@@ -31,6 +32,12 @@ def trial_key(strategy: Strategy, fingerprint: str) -> str:
     return hashlib.sha256(f"{fingerprint}:{strategy.sha256}".encode()).hexdigest()
 
 
+def record_digest(rec: dict[str, Any]) -> str:
+    """sha256 of a cache record's canonical JSON, its own ``digest`` field left out."""
+    body = {k: v for k, v in rec.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 class TrialCache:
     """Append-only JSON-lines store of finished trials (``path=None``: in memory only)."""
 
@@ -47,8 +54,10 @@ class TrialCache:
                     continue
                 try:
                     rec = json.loads(line)
-                    self.records[rec["key"]] = rec
-                except (json.JSONDecodeError, KeyError, TypeError):
+                    if not isinstance(rec, dict) or rec.get("digest") != record_digest(rec):
+                        raise ValueError("digest mismatch")
+                    self.records[str(rec["key"])] = rec
+                except (json.JSONDecodeError, KeyError, TypeError, ValueError):
                     self.skipped_lines += 1
 
     def __contains__(self, key: str) -> bool:
@@ -61,7 +70,8 @@ class TrialCache:
         return self.records.get(key)
 
     def put(self, key: str, record: dict[str, Any]) -> None:
-        rec = {"key": key, **record}
+        rec = {"key": key, **{k: v for k, v in record.items() if k != "digest"}}
+        rec["digest"] = record_digest(rec)
         self.records[key] = rec
         if self.path is None:
             return

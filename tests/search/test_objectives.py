@@ -94,7 +94,7 @@ def test_quantized_weights_are_shared_through_the_folder(toy, tmp_path, monkeypa
     cfg = EvalConfig(spec, "x86-avx2", qweight_dir=str(tmp_path / "qw"))
     assert cfg.fingerprint() == EvalConfig(spec, "x86-avx2").fingerprint()  # where, not what
     first = Workbench(cfg, source=bench.source, graph=bench.graph).evaluate(s)
-    files = sorted((tmp_path / "qw").glob("*.pt"))
+    files = sorted((tmp_path / "qw").glob("*.safetensors"))
     assert len(files) == sum(1 for a in s.annotations.values() if a.weight is not None) == len(space.layers)
     import qgraph.passes.quantize_weights as qw
 
@@ -128,3 +128,47 @@ def test_holdout_needs_a_model_with_held_out_text(toy):
         bench.holdout(4)
     with pytest.raises(SearchError, match="unknown data split"):
         Workbench(EvalConfig(spec, "x86-avx2", split="nope"))
+
+
+class _Payload:
+    """A pickle that would write a file when unpickled."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_planted_pickle_in_the_weight_folder_never_runs(toy, tmp_path, monkeypatch):
+    spec, bench, space = toy
+    s = space.strategy(space.uniform("bcq3-g128"))
+    cfg = EvalConfig(spec, "x86-avx2", qweight_dir=str(tmp_path / "qw"))
+    first = Workbench(cfg, source=bench.source, graph=bench.graph).evaluate(s)
+    marker = tmp_path / "pwned"
+    files = sorted((tmp_path / "qw").glob("*.safetensors"))
+    for f in files:  # every cached weight replaced by a pickle payload, under the names the cache reads
+        torch.save(_Payload(marker), f)
+        f.with_suffix(".pt").write_bytes(f.read_bytes())  # and under the old .pt names too
+    again = Workbench(cfg, source=bench.source, graph=bench.graph).evaluate(s)
+    assert not marker.exists()
+    assert again["metric"] == first["metric"]  # quantized again: the planted files are not weights
+
+
+def test_a_tampered_weight_file_is_quantized_again(toy, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    spec, bench, space = toy
+    s = space.strategy(space.uniform("w4-g128"))
+    cfg = EvalConfig(spec, "x86-avx2", qweight_dir=str(tmp_path / "qw"))
+    first = Workbench(cfg, source=bench.source, graph=bench.graph).evaluate(s)
+    from safetensors import safe_open
+
+    for f in sorted((tmp_path / "qw").glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            meta = h.metadata()
+        t = load_file(str(f))
+        t = {k: (v.fill_(float("nan")) if k.endswith("scale") else v) for k, v in t.items()}
+        save_file(t, str(f), metadata=meta)
+    again = Workbench(cfg, source=bench.source, graph=bench.graph).evaluate(s)
+    assert again["metric"] == first["metric"]

@@ -35,6 +35,27 @@ def test_cache_appends_reloads_and_skips_a_torn_line(tmp_path):
     assert json.loads(lines[-1])["key"] == "k4"
 
 
+def test_an_edited_line_is_ignored_and_its_trial_recomputed(tmp_path):
+    path = tmp_path / "c.jsonl"
+    cfg = EvalConfig("unused", "x86-avx2")
+    bench = _FakeBench()
+    TrialRunner(cfg, cache=TrialCache(path), workers=0, bench=bench).run([_s(2), _s(3)])
+    honest = {json.loads(ln)["key"]: json.loads(ln) for ln in path.read_text().splitlines()}
+    forged = []
+    for rec in honest.values():  # a forged result: the worst strategy claims a perfect metric
+        rec = json.loads(json.dumps(rec))
+        if rec["result"]["metric"] < 0.96:
+            rec["result"]["metric"] = 1.0
+        forged.append(json.dumps(rec, sort_keys=True))
+    path.write_text("\n".join(forged) + "\n")
+    cache = TrialCache(path)
+    assert cache.skipped_lines == 1 and len(cache) == 1
+    bench2 = _FakeBench()
+    out = TrialRunner(cfg, cache=cache, workers=0, bench=bench2).run([_s(2), _s(3)])
+    assert bench2.calls == [_s(2).sha256]  # recomputed, not served from the forged line
+    assert [round(r["metric"], 6) for r in out] == [round(1 - 0.1 / 2, 6), round(1 - 0.1 / 3, 6)]
+
+
 def test_side_files_are_keyed_by_fingerprint(tmp_path):
     c = TrialCache(tmp_path / "c.jsonl")
     c.save_side("sens", "fp1", {"a": [1, 2]})
