@@ -20,9 +20,13 @@ from torch import nn
 from qgraph.errors import CalibrationError, PipelineError, SpecError
 from qgraph.ir.graph_view import ANNOTATION_KEY
 from qgraph.ir.inputs import batches
+from qgraph.pass_base import FRACTION, NON_NEGATIVE, POSITIVE
 from qgraph.passes.calibrate import QPARAMS_KEY
 from qgraph.passes.quantize_weights import QWEIGHT_KEY, dequantized, quantize_tensor
 from qgraph.quant.adaround import LayerInputStats, adaround, relative
+
+#: Ranges of the learned-rounding options adaround and brecq share (``qgraph.quant.adaround.check_options``).
+LEARNED_ROUNDING_RULES = {"iters": NON_NEGATIVE, "lr": POSITIVE, "reg": NON_NEGATIVE, "warmup": FRACTION}
 
 _CHUNK_ELEMS = 1 << 25  # floats of unfolded patches per chunk
 

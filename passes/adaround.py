@@ -24,12 +24,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from qgraph.errors import CalibrationError, QGraphError, SpecError
+from qgraph.errors import CalibrationError, QGraphError
 from qgraph.ir.fx_run import Lockstep
-from qgraph.pass_base import Pass, PassResult
+from qgraph.pass_base import NON_NEGATIVE, POSITIVE, POSITIVE_INT, Pass, PassResult, optional, validate
 from qgraph.passes import _reconstruction as rc
 from qgraph.progress import progress
-from qgraph.quant.adaround import check_options
 from qgraph.registry import register_pass
 
 
@@ -52,11 +51,12 @@ class AdaRoundPass(Pass):
         max_rows: int = 65536
         max_batches: int | None = None
 
+        def __post_init__(self):
+            validate(self, **rc.LEARNED_ROUNDING_RULES, p=POSITIVE, max_rows=NON_NEGATIVE,
+                     max_batches=optional(POSITIVE_INT))
+
     def run(self, graph, ctx) -> PassResult:
         o = self.options
-        check_options(o.iters, o.lr, o.reg, o.warmup)
-        if o.max_rows < 0:
-            raise SpecError(f"adaround needs max_rows >= 0 (0: all), got {o.max_rows}")
         rc.require_fx(graph, "adaround")
         sel = rc.select(graph, "adaround")
         layers = ctx.report.setdefault("layers", [])

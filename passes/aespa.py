@@ -37,9 +37,9 @@ import torch
 from qgraph.errors import CalibrationError, PipelineError, QGraphError
 from qgraph.ir.graph_view import ANNOTATION_KEY
 from qgraph.ir.inputs import batches
-from qgraph.pass_base import Pass, PassResult
+from qgraph.pass_base import NON_NEGATIVE, POSITIVE, POSITIVE_INT, Pass, PassResult, optional, validate
 from qgraph.passes._reconstruction import round_rest
-from qgraph.passes.gptq import GPTQPass, _by_input, _layer_row, _stack, quantize_in_sequence
+from qgraph.passes.gptq import GPTQ_RULES, GPTQPass, _by_input, _layer_row, _stack, quantize_in_sequence
 from qgraph.passes.quantize_weights import QWEIGHT_KEY
 from qgraph.progress import progress
 from qgraph.quant.aespa import RefineConfig, ValueHessian, aespa_qkv, attention_probs, query_rows
@@ -205,6 +205,10 @@ class AespaPass(Pass):
         p: float = 2.4
         bcq_importance: Literal["spec", "hessian"] = "spec"
         max_batches: int | None = None
+
+        def __post_init__(self):
+            validate(self, **GPTQ_RULES, iters=NON_NEGATIVE, lr=POSITIVE, lam=NON_NEGATIVE,
+                     descent_rounds=NON_NEGATIVE, value_rows=POSITIVE_INT, stat_batches=optional(POSITIVE_INT))
 
     def _gptq_pass(self) -> GPTQPass:
         o = self.options

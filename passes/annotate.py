@@ -13,12 +13,35 @@ from typing import Literal
 
 from qgraph.errors import PipelineError, SpecError
 from qgraph.ir.graph_view import ANNOTATION_KEY
-from qgraph.pass_base import Pass, PassResult
+from qgraph.pass_base import (
+    POSITIVE_INT,
+    Pass,
+    PassResult,
+    Rule,
+    each,
+    in_range,
+    option_error,
+    optional,
+    validate,
+)
+from qgraph.passes.calibrate import OBSERVER
 from qgraph.quant.qspec import Annotation, QSpec
 from qgraph.registry import register_pass
 from qgraph.target import load_target
 
 LAYER_OPS = ("Gemm", "MatMul", "Conv")
+ACT_BITS = Rule(lambda b: b == 0 or 2 <= b <= 8, "0 (float activations) or in [2, 8]")
+
+
+def _is_regex(text: str) -> bool:
+    try:
+        re.compile(text)
+    except re.error:
+        return False
+    return True
+
+
+REGEX = Rule(_is_regex, "a regular expression")
 
 
 @register_pass("annotate", ensures=("annotated",))
@@ -38,6 +61,13 @@ class Annotate(Pass):
         embeddings: bool = True
         embedding_bits: int | None = None
         skip: tuple[str, ...] = ()
+
+        def __post_init__(self):
+            bits = in_range(2, 8) if self.scheme == "uniform" else in_range(1, 8)
+            validate(self, bits=optional(bits), group_size=optional(POSITIVE_INT), act_bits=optional(ACT_BITS),
+                     act_observer=optional(OBSERVER), embedding_bits=optional(in_range(1, 8)), skip=each(REGEX))
+            if self.granularity == "group" and self.group_size is None:
+                raise option_error("group_size", "set with granularity=group", self.group_size)
 
     def run(self, graph, ctx) -> PassResult:
         target = ctx.target if ctx.target is not None else load_target("generic")

@@ -26,13 +26,13 @@ from dataclasses import dataclass
 import torch
 
 from qgraph.analyses.blocks import Block, find_blocks, gap_blocks, schedule
-from qgraph.errors import CalibrationError, QGraphError, SpecError
+from qgraph.errors import CalibrationError, QGraphError
 from qgraph.ir.fx_run import Lockstep
-from qgraph.pass_base import Pass, PassResult
+from qgraph.pass_base import NON_NEGATIVE, POSITIVE, POSITIVE_INT, Pass, PassResult, optional, validate
 from qgraph.passes import _reconstruction as rc
 from qgraph.passes.quantize_weights import QWEIGHT_KEY
 from qgraph.progress import progress
-from qgraph.quant.adaround import LearnedRounding, check_options, optimize, relative
+from qgraph.quant.adaround import LearnedRounding, optimize, relative
 from qgraph.quant.uniform import one_thread
 from qgraph.registry import register_pass
 
@@ -59,12 +59,12 @@ class BRECQPass(Pass):
         max_batches: int | None = None
         seed: int = 0
 
+        def __post_init__(self):
+            validate(self, **rc.LEARNED_ROUNDING_RULES, batch=NON_NEGATIVE, merge=POSITIVE_INT, gap_layers=POSITIVE_INT,
+                     p=POSITIVE, max_rows=NON_NEGATIVE, max_batches=optional(POSITIVE_INT))
+
     def run(self, graph, ctx) -> PassResult:
         o = self.options
-        check_options(o.iters, o.lr, o.reg, o.warmup)
-        if o.batch < 0 or o.merge < 1 or o.gap_layers < 1 or o.max_rows < 0:
-            raise SpecError(f"brecq needs batch >= 0, merge >= 1, gap_layers >= 1 and max_rows >= 0; got "
-                            f"batch={o.batch}, merge={o.merge}, gap_layers={o.gap_layers}, max_rows={o.max_rows}")
         rc.require_fx(graph, "brecq")
         sel = rc.select(graph, "brecq")
         layers = ctx.report.setdefault("layers", [])

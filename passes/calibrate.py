@@ -7,11 +7,13 @@ from dataclasses import dataclass
 from qgraph.errors import CalibrationError
 from qgraph.ir.graph_view import ANNOTATION_KEY
 from qgraph.ir.inputs import batches
-from qgraph.pass_base import Pass, PassResult
+from qgraph.pass_base import POSITIVE_INT, Pass, PassResult, Rule, in_range, optional, validate
 from qgraph.progress import progress
+from qgraph.quant.qspec import OBSERVER_NAMES
 from qgraph.registry import register_pass
 
 QPARAMS_KEY = "qgraph.qparams"
+OBSERVER = Rule(lambda name: name in OBSERVER_NAMES, f"an observer: {', '.join(OBSERVER_NAMES)}")
 
 
 @register_pass("calibrate", after=("annotate",), requires=("annotated",), ensures=("calibrated",))
@@ -23,6 +25,10 @@ class Calibrate(Pass):
         method: str | None = None
         p: float = 99.99
         max_batches: int | None = None
+
+        def __post_init__(self):
+            validate(self, method=optional(OBSERVER), p=in_range(0, 100, lo_open=True),
+                     max_batches=optional(POSITIVE_INT))
 
     def run(self, graph, ctx) -> PassResult:
         requests, specs = [], []

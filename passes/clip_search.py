@@ -40,7 +40,17 @@ from torch import nn
 from qgraph.errors import CalibrationError, PipelineError, SpecError
 from qgraph.ir.graph_view import ANNOTATION_KEY
 from qgraph.ir.inputs import batches
-from qgraph.pass_base import Pass, PassResult
+from qgraph.pass_base import (
+    NON_NEGATIVE,
+    POSITIVE,
+    POSITIVE_INT,
+    Pass,
+    PassResult,
+    at_least,
+    in_range,
+    optional,
+    validate,
+)
 from qgraph.passes.calibrate import QPARAMS_KEY
 from qgraph.passes.quantize_weights import QWEIGHT_KEY, dequantized, quantize_tensor
 from qgraph.progress import progress
@@ -76,12 +86,12 @@ class ClipSearch(Pass):
         max_batches: int | None = 4
         samples: int = 1 << 16
 
+        def __post_init__(self):
+            validate(self, evals=NON_NEGATIVE, p=POSITIVE, step=POSITIVE, min_scale=in_range(0, 1, lo_open=True),
+                     max_scale=at_least(1), max_batches=optional(POSITIVE_INT), samples=POSITIVE_INT)
+
     def run(self, graph, ctx) -> PassResult:
         o = self.options
-        if o.evals < 0 or o.p <= 0 or o.step <= 0 or not 0 < o.min_scale <= 1 <= o.max_scale or o.samples < 1:
-            raise PipelineError(f"clip-search needs evals >= 0, p > 0, step > 0, 0 < min_scale <= 1 <= max_scale "
-                                f"and samples >= 1; "
-                                f"got {o}")
         if not hasattr(graph, "gm") or not hasattr(graph, "copy"):
             raise PipelineError(f"pass 'clip-search' runs on torch.fx graphs; got a {type(graph).__name__} "
                                 f"(trace the model with torch instead of loading it from ONNX)")

@@ -18,10 +18,21 @@ from typing import Literal
 
 import torch
 
-from qgraph.errors import CalibrationError, PipelineError
+from qgraph.errors import CalibrationError
 from qgraph.ir.graph_view import ANNOTATION_KEY
 from qgraph.ir.inputs import batches
-from qgraph.pass_base import Pass, PassResult
+from qgraph.pass_base import (
+    NON_NEGATIVE,
+    POSITIVE,
+    POSITIVE_INT,
+    Pass,
+    PassResult,
+    each,
+    in_range,
+    option_error,
+    optional,
+    validate,
+)
 from qgraph.passes.quantize_weights import QWEIGHT_KEY
 from qgraph.quant.bcq import quantize_bcq
 from qgraph.quant.bcq_weight import BCQWeight
@@ -116,13 +127,15 @@ class EmbeddingBitsByFrequency(Pass):
         prior: float = 1.0
         max_batches: int | None = None
 
+        def __post_init__(self):
+            validate(self, bits=each(in_range(1, 8), nonempty=True), avg_bits=POSITIVE, rounds=NON_NEGATIVE,
+                     group_size=optional(POSITIVE_INT), prior=NON_NEGATIVE, max_batches=optional(POSITIVE_INT))
+            if self.avg_bits < min(self.bits):
+                raise option_error("avg_bits", f">= the fewest bits {min(self.bits)}", self.avg_bits)
+
     def run(self, graph, ctx) -> PassResult:
         o = self.options
         bits = tuple(sorted(set(o.bits)))
-        if not bits or bits[0] < 1 or bits[-1] > 8:
-            raise PipelineError(f"embedding-bits-by-frequency: bits must be a list of ints in 1..8, got {o.bits}")
-        if not bits[0] <= o.avg_bits:
-            raise PipelineError(f"embedding-bits-by-frequency: avg_bits={o.avg_bits} is below the fewest bits {bits[0]}")
         todo = []
         for node in graph.nodes():
             ann = graph.meta(node).get(ANNOTATION_KEY)

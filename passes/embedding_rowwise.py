@@ -15,13 +15,15 @@ import torch
 
 from qgraph.errors import PipelineError
 from qgraph.ir.graph_view import ANNOTATION_KEY
-from qgraph.pass_base import Pass, PassResult
+from qgraph.pass_base import POSITIVE_INT, Pass, PassResult, Rule, in_range, validate
 from qgraph.passes.quantize_weights import QWEIGHT_KEY
 from qgraph.progress import progress
 from qgraph.quant import uniform
 from qgraph.quant.qspec import Annotation, QSpec
 from qgraph.quant.qtensor import UniformWeight
 from qgraph.registry import register_pass
+
+ROWWISE_BITS = Rule(lambda b: b is None or b in (4, 8), "4 or 8 (the row-wise gather kernels), or none")
 
 _CHUNK_ELEMS = 1 << 20
 
@@ -97,10 +99,11 @@ class EmbeddingRowwise(Pass):
         max_trim: float = 0.16
         tied: bool = False
 
+        def __post_init__(self):
+            validate(self, bits=ROWWISE_BITS, bins=POSITIVE_INT, max_trim=in_range(0, 1, hi_open=True))
+
     def run(self, graph, ctx) -> PassResult:
         o = self.options
-        if o.bits is not None and o.bits not in (4, 8):
-            raise PipelineError(f"embedding-rowwise: bits must be 4 or 8 (the row-wise gather kernels), got {o.bits}")
         todo = []
         for node in graph.nodes():
             meta = graph.meta(node)

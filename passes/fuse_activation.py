@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qgraph.ir.graph_view import FUSION_KEY
-from qgraph.pass_base import Pass, PassResult
+from qgraph.pass_base import Pass, PassResult, Rule, each, validate
 from qgraph.registry import register_pass
 
 DEFAULT_PATTERNS = (
@@ -17,6 +17,7 @@ DEFAULT_PATTERNS = (
     "MatMul+Relu", "MatMul+Gelu", "Add+Relu",
 )
 FUSED_INTO_KEY = "qgraph.fused_into"
+PATTERN = Rule(lambda p: len(p.split("+")) == 2 and all(p.split("+")), 'of the form "Producer+Activation"')
 
 
 @register_pass("fuse-activation", after=("fold-bn",), before=("annotate",), ensures=("fusion-marked",))
@@ -26,6 +27,9 @@ class FuseActivation(Pass):
     @dataclass(frozen=True)
     class Options:
         patterns: tuple[str, ...] = ()
+
+        def __post_init__(self):
+            validate(self, patterns=each(PATTERN))
 
     def run(self, graph, ctx) -> PassResult:
         patterns = set(self.options.patterns)

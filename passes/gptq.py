@@ -25,12 +25,15 @@ import torch
 from qgraph.errors import CalibrationError, QGraphError
 from qgraph.ir.graph_view import ANNOTATION_KEY
 from qgraph.ir.inputs import batches
-from qgraph.pass_base import Pass, PassResult
+from qgraph.pass_base import NON_NEGATIVE, POSITIVE, POSITIVE_INT, Pass, PassResult, optional, validate
 from qgraph.passes._reconstruction import round_rest
 from qgraph.passes.quantize_weights import QWEIGHT_KEY
 from qgraph.progress import progress
 from qgraph.quant.gptq import GPTQResult, HessianAccumulator, gptq
 from qgraph.registry import register_pass
+
+#: Ranges of GPTQ's options (shared with aespa, which takes the same knobs).
+GPTQ_RULES = {"block": POSITIVE_INT, "damp": NON_NEGATIVE, "p": POSITIVE, "max_batches": optional(POSITIVE_INT)}
 
 
 class _Finished(Exception):
@@ -52,6 +55,9 @@ class GPTQPass(Pass):
         p: float = 2.4
         bcq_importance: Literal["spec", "hessian"] = "spec"
         max_batches: int | None = None
+
+        def __post_init__(self):
+            validate(self, **GPTQ_RULES)
 
     def run(self, graph, ctx) -> PassResult:
         todo, rest, notes = self._select(graph)

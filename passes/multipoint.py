@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qgraph.errors import CalibrationError, PipelineError, SpecError
+from qgraph.errors import CalibrationError, SpecError
 from qgraph.ir.graph_view import ANNOTATION_KEY
 from qgraph.ir.inputs import batches
 from qgraph.lowering import weight_layout
-from qgraph.pass_base import Pass, PassResult
+from qgraph.pass_base import NON_NEGATIVE, POSITIVE, POSITIVE_INT, Pass, PassResult, optional, validate
 from qgraph.passes.lower_int8 import conv_params
 from qgraph.passes.quantize_weights import QWEIGHT_KEY, quantize_tensor
 from qgraph.progress import progress
@@ -55,11 +55,11 @@ class Multipoint(Pass):
         p: float = 2.4
         max_batches: int | None = 4
 
+        def __post_init__(self):
+            validate(self, extra=NON_NEGATIVE, max_points=POSITIVE_INT, p=POSITIVE, max_batches=optional(POSITIVE_INT))
+
     def run(self, graph, ctx) -> PassResult:
         o = self.options
-        if o.max_points < 1 or o.extra < 0:
-            raise PipelineError(f"multipoint needs max_points >= 1 and extra >= 0; got max_points={o.max_points}, "
-                                f"extra={o.extra}")
         todo, notes, bcq = self._select(graph)
         if not todo:
             if bcq:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from qgraph.ir.graph_view import ANNOTATION_KEY
-from qgraph.pass_base import Pass, PassResult
+from qgraph.pass_base import POSITIVE, Pass, PassResult, validate
 from qgraph.progress import progress
 from qgraph.quant import uniform
 from qgraph.quant.bcq import quantize_bcq_spec
@@ -26,6 +26,9 @@ class QuantizeWeights(Pass):
     class Options:
         clip_search: bool = False
         p: float = 2.4
+
+        def __post_init__(self):
+            validate(self, p=POSITIVE)
 
     def run(self, graph, ctx) -> PassResult:
         todo = []

@@ -27,7 +27,7 @@ from qgraph.errors import CalibrationError, PipelineError
 from qgraph.ir.graph_view import ANNOTATION_KEY
 from qgraph.ir.inputs import batches
 from qgraph.lowering import weight_layout
-from qgraph.pass_base import Pass, PassResult
+from qgraph.pass_base import FRACTION, POSITIVE, POSITIVE_INT, Pass, PassResult, optional, validate
 from qgraph.progress import progress
 from qgraph.registry import register_pass
 
@@ -43,10 +43,11 @@ class SmoothQuant(Pass):
         max_batches: int | None = None
         min_scale: float = 1e-5
 
+        def __post_init__(self):
+            validate(self, alpha=FRACTION, max_batches=optional(POSITIVE_INT), min_scale=POSITIVE)
+
     def run(self, graph, ctx) -> PassResult:
         o = self.options
-        if not 0.0 <= o.alpha <= 1.0:
-            raise PipelineError(f"smooth-quant: alpha must be in [0, 1], got {o.alpha}")
         if not hasattr(graph, "gm"):
             raise PipelineError("smooth-quant edits torch graphs only; for an ONNX model, quantize the torch "
                                 "model or drop smooth-quant from the pipeline")

@@ -23,7 +23,7 @@ import torch
 
 from qgraph.errors import PipelineError
 from qgraph.ir.graph_view import ANNOTATION_KEY
-from qgraph.pass_base import Pass, PassResult
+from qgraph.pass_base import NON_NEGATIVE, Pass, PassResult, each, in_range, validate
 from qgraph.passes.insert_fq import FQ_KEY
 from qgraph.quant.sparq import sparq_fake_quantize
 from qgraph.registry import register_pass
@@ -49,10 +49,11 @@ class Sparq(Pass):
         rounding: bool = True
         shifts: tuple[int, ...] = ()
 
+        def __post_init__(self):
+            validate(self, bits=in_range(1, 8), shifts=each(NON_NEGATIVE))
+
     def run(self, graph, ctx) -> PassResult:
         o = self.options
-        if o.bits < 1:
-            raise PipelineError(f"sparq{{bits={o.bits}}}: the window needs at least 1 bit")
         if not hasattr(graph, "gm"):
             raise PipelineError(f"pass 'sparq' rewrites torch.fx fake-quant nodes; got a {type(graph).__name__} "
                                 f"(trace the model with torch instead of loading it from ONNX)")

@@ -11,7 +11,7 @@ from torch import fx
 from qgraph.errors import QGraphError
 from qgraph.ir.inputs import as_tuple, input_names
 from qgraph.lowering import LOWERED_FROM_KEY, SIMULATION
-from qgraph.pass_base import Pass, PassResult
+from qgraph.pass_base import NON_NEGATIVE, Pass, PassResult, validate
 from qgraph.registry import register_pass
 
 
@@ -48,6 +48,9 @@ class Verify(Pass):
     class Options:
         tol: float = 1e-4
         strict: bool = False
+
+        def __post_init__(self):
+            validate(self, tol=NON_NEGATIVE)
 
     def run(self, graph, ctx) -> PassResult:
         sim = ctx.artifacts.get(SIMULATION)

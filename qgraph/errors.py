@@ -14,6 +14,10 @@ class PipelineError(QGraphError):
     """A pass pipeline is malformed: unknown pass or option, bad option value, ordering violated."""
 
 
+class OptionError(PipelineError, ValueError):
+    """A pass option value outside its valid range (raised by an ``Options`` dataclass's ``__post_init__``)."""
+
+
 class PassError(QGraphError):
     """A pass failed with an unexpected (non-qgraph) exception; names the pass, its options and what ran before.
 
@@ -60,3 +64,7 @@ class ExportError(QGraphError):
 
 class ModelLoadError(QGraphError):
     """A bundled or user model could not be found or loaded."""
+
+
+class ArtifactError(ExportError):
+    """A saved artifact is missing, corrupt, tampered with, or does not fit the model it is applied to."""

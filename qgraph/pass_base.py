@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from qgraph.errors import PipelineError
+from qgraph.errors import OptionError, PipelineError
 
 
 @dataclass(frozen=True)
@@ -210,8 +210,69 @@ def bind_options(pass_name: str, options_cls: type, raw: dict[str, Any]) -> Any:
         raise PipelineError(f"pass '{pass_name}' needs option {missing[0]!r} ({describe_options(options_cls)})")
     try:
         return options_cls(**values)
+    except OptionError as e:
+        raise OptionError(f"pass '{pass_name}': {e}") from None
     except (ValueError, TypeError) as e:
         raise PipelineError(f"pass '{pass_name}': {e}") from None
+
+
+# --- option ranges, checked in each Options dataclass's __post_init__ -------------------------------
+@dataclass(frozen=True)
+class Rule:
+    """A predicate on one option value with the text that says what it requires."""
+
+    test: Callable[[Any], bool]
+    text: str
+
+    def __call__(self, value: Any) -> bool:
+        try:
+            return bool(self.test(value))
+        except TypeError:
+            return False
+
+
+def at_least(lo: float) -> Rule:
+    return Rule(lambda v: v >= lo, f">= {lo}")
+
+
+def greater_than(lo: float) -> Rule:
+    return Rule(lambda v: v > lo, f"> {lo}")
+
+
+def in_range(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> Rule:
+    text = f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    return Rule(lambda v: (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi), text)
+
+
+def optional(rule: Rule) -> Rule:
+    """None, or a value that satisfies ``rule``."""
+    return Rule(lambda v: v is None or rule(v), f"none or {rule.text}")
+
+
+def each(rule: Rule, *, nonempty: bool = False) -> Rule:
+    """A list whose items all satisfy ``rule``."""
+    return Rule(lambda v: (len(v) > 0 or not nonempty) and all(rule(x) for x in v),
+                f"a {'non-empty ' if nonempty else ''}list, each item {rule.text}")
+
+
+POSITIVE = greater_than(0)
+NON_NEGATIVE = at_least(0)
+POSITIVE_INT = at_least(1)
+FRACTION = in_range(0, 1)
+
+
+def validate(options: Any, **rules: Rule) -> None:
+    """Raise `OptionError` naming the first option of ``options`` that breaks its rule. Call it from an Options
+    dataclass's ``__post_init__``, so a bad value fails when the pipeline is parsed, before any tracing."""
+    for name, rule in rules.items():
+        value = getattr(options, name)
+        if not rule(value):
+            raise OptionError(f"option '{name}' must be {rule.text}, got {format_value(value)}")
+
+
+def option_error(name: str, requirement: str, value: Any) -> OptionError:
+    """An `OptionError` for a check `validate` cannot express (several options together)."""
+    return OptionError(f"option '{name}' must be {requirement}, got {format_value(value)}")
 
 
 class FunctionPass(Pass):

@@ -50,6 +50,12 @@ def _value_strategy(tp):
     }[tp]
 
 
+# options whose values have a form their Options checks (validated in __post_init__)
+_OP_NAME = st.text(alphabet=st.characters(codec="ascii", categories=("Lu", "Ll")), min_size=1, max_size=6)
+_OPTION_VALUES = {("fuse-activation", "patterns"): st.lists(st.tuples(_OP_NAME, _OP_NAME).map("+".join),
+                                                            max_size=3).map(tuple)}
+
+
 @st.composite
 def pipelines(draw):
     classes = [c for name, c in registered_passes().items() if name.startswith(("test-all", "fold", "dce", "fuse"))]
@@ -58,7 +64,7 @@ def pipelines(draw):
     for cls in chosen:
         fields = option_fields(cls.Options)
         names = draw(st.lists(st.sampled_from(sorted(fields)), unique=True)) if fields else []
-        kwargs = {n: draw(_value_strategy(fields[n][0])) for n in names}
+        kwargs = {n: draw(_OPTION_VALUES.get((cls.name, n), _value_strategy(fields[n][0]))) for n in names}
         passes.append(cls(**kwargs))
     return passes
 

@@ -114,7 +114,7 @@ def test_typed_errors_and_place_in_pipelines():
     with pytest.raises(PipelineError, match="brecq needs a torch graph"):
         qgraph.quantize(load_onnx(_mlp_proto()), calib=[torch.randn(4, 16)], progress=False,
                         pipeline="annotate{bits=4,act_bits=0},brecq")
-    with pytest.raises(SpecError, match="gap_layers"):
+    with pytest.raises(PipelineError, match="option 'gap_layers' must be >= 1, got 0"):
         _quantize(model, "annotate{bits=4,act_bits=0},brecq{gap_layers=0}", calib)
     with pytest.raises(PassOrderError):
         PassManager("annotate,insert-fq,brecq")

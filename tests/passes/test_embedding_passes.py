@@ -102,7 +102,7 @@ def test_tied_head_shares_the_quantized_table():
 
 def test_bits_option_is_checked():
     model = _model()
-    with pytest.raises(PipelineError, match="bits must be 4 or 8"):
+    with pytest.raises(PipelineError, match="option 'bits' must be 4 or 8"):
         qgraph.quantize(model, (torch.randint(0, V, (2, 4)),), progress=False,
                         pipeline="annotate{act_bits=0},embedding-rowwise{bits=3}")
 

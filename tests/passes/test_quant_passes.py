@@ -116,5 +116,5 @@ def test_npu_default_int8_passes_check_target_with_pow2_scales():
 
 
 def test_annotate_rejects_impossible_options():
-    with pytest.raises(PipelineError, match="no valid weight quantization"):
+    with pytest.raises(PipelineError, match=r"option 'bits' must be none or in \[1, 8\], got 9"):
         qgraph.quantize(_mlp(), (torch.randn(2, 64),), progress=False, pipeline="annotate{bits=9}")
