@@ -47,9 +47,10 @@ from qgraph.quant.bcq_weight import BCQWeight, pack_signs, unpack_signs
 LAYOUT = "cpu-lut4"
 TILE_ROWS = 32
 BLOCK_K = 32
-ABI_VERSION = 1
+ABI_VERSION = 2
 ISAS = ("scalar", "avx2", "avx512vbmi")
 MODES = {"exact": 0, "fast": 1}
+PATHS = {"auto": 0, "lut": 1, "gemm": 2}
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 _i64, _int, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
@@ -76,6 +77,11 @@ def _lib() -> ctypes.CDLL:
         "qg_biqgemm_pack_alpha": (_int, [_ptr, _i64, _i64, _int, _i64, _ptr]),
         "qg_biqgemm_pack_offset": (_int, [_ptr, _i64, _i64, _i64, _ptr]),
         "qg_biqgemm_f32": (_int, [_ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _int, _i64, _int, _ptr]),
+        "qg_biqgemm_f32_path": (_int, [_ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _int, _i64, _int, _int,
+                                       _ptr]),
+        "qg_biqgemm_set_lut_max_rows": (None, [_int, _i64]),
+        "qg_biqgemm_gemm_int8": (_int, [_int]),
+        "qg_biqgemm_lut_max_rows": (_i64, [_int]),
     }
     for name, (res, args) in sigs.items():
         fn = getattr(lib, name)
@@ -162,6 +168,13 @@ class Geometry:
 
     def offset_shape(self) -> tuple[int, int, int]:
         return (self.tiles, self.groups, TILE_ROWS)
+
+    @property
+    def segment_blocks(self) -> int:
+        """Blocks per activation-scale segment of the int8 GEMM path: the largest divisor of the blocks per group
+        that is <= 8 (so a segment holds <= 256 columns and never straddles a group)."""
+        bpg = self.group_padded // BLOCK_K
+        return next(s for s in range(8, 0, -1) if bpg % s == 0)
 
 
 @dataclass(frozen=True, eq=False)
@@ -314,6 +327,76 @@ def check_mode(mode: str) -> int:
     return MODES[mode]
 
 
+def check_path(path: str) -> int:
+    if path not in PATHS:
+        raise KernelError(f"path must be one of {tuple(PATHS)}, got {path!r}")
+    return PATHS[path]
+
+
+# ------------------------------------------------------------------------------------------ path threshold
+def lut_max_rows(mode: str = "fast") -> int:
+    """Input rows up to which ``path="auto"`` runs the LUT path in ``mode`` (above: decode + GEMM); process-wide."""
+    _configure_default_threshold()
+    return int(_lib().qg_biqgemm_lut_max_rows(check_mode(mode)))
+
+
+def set_lut_max_rows(exact: int | None = None, fast: int | None = None) -> None:
+    """Set the LUT/GEMM crossover per mode for this process (e.g. from a target's
+    ``cost.biqgemm_lut_max_rows``, measured by ``bench/biqgemm.py --calibrate``); ``None`` leaves one as is."""
+    _configure_default_threshold()
+    for mode, rows in (("exact", exact), ("fast", fast)):
+        if rows is None:
+            continue
+        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
+            raise KernelError(f"lut_max_rows for {mode} must be an int >= 0, got {rows!r}")
+        _lib().qg_biqgemm_set_lut_max_rows(MODES[mode], rows)
+
+
+def apply_cost_figures(cost) -> None:
+    """Use a target's measured crossover (``Target.cost.biqgemm_lut_max_rows``) for this process."""
+    rows = getattr(cost, "biqgemm_lut_max_rows", None) or {}
+    set_lut_max_rows(exact=rows.get("exact"), fast=rows.get("fast"))
+
+
+_threshold_configured = [False]
+
+
+def _configure_default_threshold() -> None:
+    """On first use, take the crossover from ``QGRAPH_BIQGEMM_LUT_MAX_ROWS`` (``"8"`` or ``"exact=4,fast=8"``), else
+    the x86-avx2 target's cost figures (x86 hosts), else the library's built-in default."""
+    if _threshold_configured[0]:
+        return
+    _threshold_configured[0] = True
+    env = os.environ.get("QGRAPH_BIQGEMM_LUT_MAX_ROWS", "").strip()
+    rows: dict[str, int] = {}
+    try:
+        if env:
+            for part in env.split(","):
+                key, _, val = part.rpartition("=")
+                for mode in (key.strip(),) if key else tuple(MODES):
+                    check_mode(mode)
+                    rows[mode] = int(val)
+        else:
+            rows = _host_target_rows()
+    except (ValueError, KernelError) as e:
+        raise KernelError(f"QGRAPH_BIQGEMM_LUT_MAX_ROWS={env!r} is not an int or 'exact=N,fast=M': {e}") from None
+    for mode, n in rows.items():
+        _lib().qg_biqgemm_set_lut_max_rows(MODES[mode], max(0, int(n)))
+
+
+def _host_target_rows() -> dict[str, int]:
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return {}
+    try:
+        from qgraph.target import load_target
+
+        return dict(getattr(load_target("x86-avx2").cost, "biqgemm_lut_max_rows", None) or {})
+    except Exception:  # a missing or broken target file: keep the library's defaults
+        return {}
+
+
 # ------------------------------------------------------------------------------------------ kernel
 def biqgemm_cpu(
     x: torch.Tensor,
@@ -325,15 +408,22 @@ def biqgemm_cpu(
     in_features: int,
     group_size: int,
     mode: str = "exact",
+    path: str = "auto",
 ) -> torch.Tensor:
-    """``y = x @ Ŵᵀ + bias`` on ``cpu-lut4`` tensors; validates everything before calling C."""
+    """``y = x @ Ŵᵀ + bias`` on ``cpu-lut4`` tensors; validates everything before calling C.
+
+    ``path``: ``"auto"`` (the LUT path up to `lut_max_rows` input rows, decode + GEMM above), ``"lut"`` or
+    ``"gemm"`` (tests and benchmarks)."""
     mode_id = check_mode(mode)
+    path_id = check_path(path)
     check_activation(x, in_features, "cpu")
     q = check_packed(packed, alpha, offset, out_features, in_features, group_size)
     check_bias(bias, out_features, x.device)
     if "QGRAPH_BIQGEMM_ISA" in os.environ:
         _check_isa_env()
     lib = _lib()
+    if not _threshold_configured[0]:
+        _configure_default_threshold()
     _sync_threads()
     x2 = x.reshape(-1, in_features)
     if x2.dtype != torch.float32 or not x2.is_contiguous():
@@ -343,10 +433,10 @@ def biqgemm_cpu(
     n = x2.shape[0]
     y = torch.empty((n, out_features), dtype=torch.float32)
     if n:
-        rc = lib.qg_biqgemm_f32(
+        rc = lib.qg_biqgemm_f32_path(
             x2.data_ptr(), n, in_features, packed.data_ptr(), alpha.data_ptr(),
             None if offset is None else offset.data_ptr(), None if bias is None else bias.data_ptr(),
-            out_features, q, group_size, mode_id, y.data_ptr(),
+            out_features, q, group_size, mode_id, path_id, y.data_ptr(),
         )
         if rc != 0:
             raise KernelError(f"BiQGEMM CPU kernel failed with code {rc} (n={n}, {out_features}x{in_features}, q={q})")
@@ -355,15 +445,31 @@ def biqgemm_cpu(
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
-def biqgemm(x: torch.Tensor, w: CpuPackedWeight, bias: torch.Tensor | None = None, mode: str = "exact"):
-    """Run the CPU kernel on a `CpuPackedWeight` (no torch.library dispatch; the lowest-overhead call)."""
+def biqgemm(x: torch.Tensor, w: CpuPackedWeight, bias: torch.Tensor | None = None, mode: str = "exact",
+            path: str = "auto"):
+    """Run the CPU kernel on a `CpuPackedWeight` through ctypes (no torch.library dispatch)."""
     m, k = w.shape
-    return biqgemm_cpu(x, w.packed, w.alpha, w.offset, bias, m, k, w.group_size, mode)
+    return biqgemm_cpu(x, w.packed, w.alpha, w.offset, bias, m, k, w.group_size, mode, path)
 
 
-def fast_error_bound(x: torch.Tensor, w: BCQWeight) -> torch.Tensor:
-    """Elementwise worst-case ``|y_fast − y_exact|`` of ``mode="fast"``: ``Σ_b 4·s_b·Σ_i |α_{i,g(b)}|``
-    with ``s_b = max_{chunk c in block b} Σ_{k∈c} |x_k| / 127``; float32 ``[..., M]``."""
+def gemm_fast_is_int8() -> bool:
+    """Whether fast mode's GEMM path runs int8 on this CPU and ISA path (AVX-512 VNNI); else it is exact fp32."""
+    _check_isa_env()
+    return bool(_lib().qg_biqgemm_gemm_int8(MODES["fast"]))
+
+
+def fast_error_bound(x: torch.Tensor, w: BCQWeight, path: str = "lut") -> torch.Tensor:
+    """Elementwise worst-case ``|y_fast − y_exact|`` of ``mode="fast"`` on ``path`` (``"lut"`` or ``"gemm"``);
+    float32 ``[..., M]``.
+
+    - LUT path: ``Σ_b 4·s_b·Σ_i |α_{i,g(b)}|`` with ``s_b = max_{chunk c in block b} Σ_{k∈c} |x_k| / 127``.
+    - GEMM path (int8, see the module docstring): ``Σ_seg e_w·Σ_{k∈seg}|x_k| + (s_x/2)·Σ_{k∈seg}|ŵ_k| +
+      e_w·(s_x/2)·|seg|`` with ``e_w = s_w·(1/2 + (q+2)/512)``, ``s_w = (|z| + Σ_i|α_i|)/127`` of the row and
+      group, ``s_x = max_{k∈seg}|x_k|/127``. Where that path is exact fp32 (no AVX-512 VNNI) the bound is 0.
+    """
+    check_path(path)
+    if path == "gemm":
+        return _gemm_int8_error_bound(x, w) if gemm_fast_is_int8() else torch.zeros(*x.shape[:-1], w.shape[0])
     m, k = w.shape
     geo = Geometry(m, k, w.group_size)
     x2 = x.detach().reshape(-1, k).to(torch.float32).abs().cpu()
@@ -374,6 +480,35 @@ def fast_error_bound(x: torch.Tensor, w: BCQWeight) -> torch.Tensor:
     bpg = geo.group_padded // BLOCK_K
     s_g = s.reshape(x2.shape[0], geo.groups, bpg).sum(-1)  # Σ_b s_b per group
     bound = 4.0 * s_g @ a.t()
+    return bound.reshape(*x.shape[:-1], m)
+
+
+def _gemm_int8_error_bound(x: torch.Tensor, w: BCQWeight) -> torch.Tensor:
+    m, k = w.shape
+    geo = Geometry(m, k, w.group_size)
+    cols = _real_columns(geo)
+    seg = geo.segment_blocks * BLOCK_K
+    nseg = geo.blocks * BLOCK_K // seg
+    x2 = x.detach().reshape(-1, k).to(torch.float32).abs().cpu()
+    xp = torch.zeros(x2.shape[0], nseg * seg)
+    xp[:, cols] = x2
+    xseg = xp.reshape(-1, nseg, seg)
+    sx_half = xseg.amax(-1) / 127.0 / 2  # [N, nseg]
+    xabs = xseg.sum(-1)
+    wd = w.dequantize().detach().float().abs().cpu()
+    wp = torch.zeros(m, nseg * seg)
+    wp[:, cols] = wd
+    wabs = wp.reshape(m, nseg, seg).sum(-1)  # [M, nseg]
+    a = w.alpha.detach().float().abs().sum(0).cpu()  # [M, G]
+    if w.offset is not None:
+        a = a + w.offset.detach().float().abs().cpu()
+    e_w = a / 127.0 * (0.5 + (w.bits + 2) / 512.0)
+    seg_group = torch.arange(nseg) * seg // geo.group_padded
+    e = e_w[:, seg_group]  # [M, nseg]
+    cnt = torch.zeros(nseg * seg)
+    cnt[cols] = 1.0
+    cnt = cnt.reshape(nseg, seg).sum(-1)
+    bound = xabs @ e.t() + sx_half @ wabs.t() + (sx_half * cnt) @ e.t()
     return bound.reshape(*x.shape[:-1], m)
 
 

@@ -471,7 +471,7 @@ bool cpu_supports(int isa) {
   if (isa == ISA_AVX2) return avx2;
   if (isa == ISA_AVX512)
     return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vbmi");
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vbmi");
 #endif
   return false;
 }
@@ -498,6 +498,9 @@ int resolve_isa() {
 }
 
 std::atomic<int> g_threads{0};
+// Input rows up to which the LUT path runs, per mode (above: decode + GEMM); set by the host from the target's
+// measured crossover (qgraph.kernels.cpu), these are the defaults of the x86-avx2 target.
+std::atomic<int64_t> g_lut_max_rows[2] = {{QG_DEFAULT_LUT_MAX_ROWS_EXACT}, {QG_DEFAULT_LUT_MAX_ROWS_FAST}};
 constexpr int kMaxThreads = 256;
 
 struct Scratch {
@@ -674,6 +677,647 @@ void tile_chunk(void* ctx, int slot, int64_t chunk) {
   }
 }
 
+
+// ================================================================ many-row path: decode + GEMM
+// Past a few input rows the LUT path's work (rows x q lookups per weight) exceeds a plain GEMM's, so each
+// work item decodes one row tile (32 rows) of the packed code, a chunk of K at a time, into a cache-resident
+// buffer and runs a register-blocked micro-kernel over every input row of the slab. Nothing bigger than one
+// decoded chunk per thread is ever held.
+// - f32 (exact mode everywhere; fast mode without AVX-512 VNNI): W chunk decoded to fp32 [kc][32] as
+//   z - sum(alpha) + sum_i bit_i * 2 alpha_i (bit-exact up to fp32 rounding), x packed in panels of kNr rows.
+// - i8 (fast mode with AVX-512 VNNI, as llama.cpp's Q8 dot): W decoded to u8 = round(w / s_w) + 128 with one
+//   scale s_w = (|z| + sum|alpha_i|) / 127 per row and group; x quantized to s8 with one scale per row and
+//   segment (<= 256 columns inside one group); vpdpbusd sums 4 products per int32 lane, starting from
+//   -128 * sum(x_q) so the +128 weight bias cancels; each segment is rescaled to fp32 once.
+constexpr int64_t kGemmSlabRows = 256;     // input rows whose panels are packed at once
+constexpr int64_t kF32ChunkCols = 2048;    // decoded fp32 chunk: 32 x 2048 x 4 B = 256 KiB (L2)
+constexpr int64_t kI8ChunkCols = 4096;     // decoded u8 chunk: 32 x 4096 B = 128 KiB
+constexpr int kMaxNr = 16;
+enum { GEMM_F32 = 0, GEMM_I8 = 1 };
+
+struct GemmPlan {
+  Geometry g;
+  const uint8_t* packed;
+  const float* alpha;
+  const float* offset;
+  const float* bias;
+  int kind;
+  int nr;                 // input rows per panel
+  int64_t kp;             // padded columns (nb * 32)
+  int64_t chunk_blocks;   // blocks per decoded chunk
+  int64_t seg_blocks;     // i8: blocks per activation-scale segment (divides bpg)
+  int64_t nseg;           // i8: segments in kp
+  // per slab
+  const float* x;         // slab rows of x [n][k]
+  float* y;               // slab rows of y [n][m]
+  int64_t n, nblk;        // rows, panels
+  int64_t blk_per_range, nranges;
+  float* xf;              // f32 panels [nblk][kp][nr]
+  int8_t* xq;             // i8 panels [nblk][kp/4][nr][4]
+  float* xsc;             // i8 scales [nblk][nseg][nr]
+  int32_t* xcomp;         // i8 -128 * sum(x_q) [nblk][nseg][nr]
+  // per slot scratch: decoded chunk, then the C accumulators [blk_per_range * nr][32]
+  char* slots;
+  size_t slot_bytes, wdec_bytes;
+  // kernels
+  void (*decode)(const GemmPlan&, int64_t t, int64_t b0, int64_t b1, void* out, float* wsc);
+  void (*ukr)(const GemmPlan&, int64_t blk, int64_t b0, int64_t b1, const void* w, const float* wsc, float* c,
+              int rows);
+  void (*pack_x)(const GemmPlan&, int64_t blk);
+};
+
+// Largest divisor of bpg that is <= 8 (an activation-scale segment never straddles a group).
+int64_t segment_blocks(int64_t bpg) {
+  for (int64_t s = 8; s > 1; --s)
+    if (bpg % s == 0) return s;
+  return 1;
+}
+
+// ---------------------------------------------------------------- portable f32 pieces
+// Inlined into each ISA's wrapper, so the compiler vectorizes it for that ISA.
+__attribute__((always_inline)) inline void decode_f32_body(const GemmPlan& P, int64_t t, int64_t b0, int64_t b1,
+                                                           float* out) {
+  const Geometry& g = P.g;
+  const int q = g.q;
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t grp = b / g.bpg;
+    const float* at = P.alpha + (t * g.g + grp) * q * kRows;
+    alignas(64) float base[kRows];
+    alignas(64) float two[8][kRows];
+    for (int r = 0; r < kRows; ++r) base[r] = P.offset ? P.offset[(t * g.g + grp) * kRows + r] : 0.f;
+    for (int i = 0; i < q; ++i)
+      for (int r = 0; r < kRows; ++r) {
+        base[r] -= at[i * kRows + r];
+        two[i][r] = 2.f * at[i * kRows + r];
+      }
+    const uint8_t* kp = P.packed + (t * g.nb + b) * q * kBlockBytes;
+    float* o = out + (b - b0) * kBlock * kRows;
+    for (int col = 0; col < kBlock; ++col) {
+      const int p = col >> 3, s = col & 7;
+      float w[kRows];
+      for (int r = 0; r < kRows; ++r) w[r] = base[r];
+      for (int i = 0; i < q; ++i) {
+        const uint8_t* kb = kp + i * kBlockBytes + p * kRows;
+        for (int r = 0; r < kRows; ++r) w[r] += ((kb[r] >> s) & 1) ? two[i][r] : 0.f;
+      }
+      for (int r = 0; r < kRows; ++r) o[col * kRows + r] = w[r];
+    }
+  }
+}
+
+// x rows of panel blk -> [kp][nr] in padded column space (zeros in padding columns and rows >= n).
+__attribute__((always_inline)) inline void pack_x_f32_body(const GemmPlan& P, int64_t blk) {
+  const Geometry& g = P.g;
+  const int nr = P.nr;
+  float* dst = P.xf + blk * P.kp * nr;
+  for (int r = 0; r < nr; ++r) {
+    const int64_t row = blk * nr + r;
+    if (row >= P.n) {
+      for (int64_t c = 0; c < P.kp; ++c) dst[c * nr + r] = 0.f;
+      continue;
+    }
+    const float* xr = P.x + row * g.k;
+    for (int64_t b = 0; b < g.nb; ++b) {
+      int64_t k0, cnt;
+      block_span(g, b, &k0, &cnt);
+      float* d = dst + b * kBlock * nr + r;
+      for (int64_t j = 0; j < cnt; ++j) d[j * nr] = xr[k0 + j];
+      for (int64_t j = cnt; j < kBlock; ++j) d[j * nr] = 0.f;
+    }
+  }
+}
+
+// C[rows][32] += X[rows][kc] * W[kc][32] (X panel stride nr, W chunk [kc][32]).
+__attribute__((always_inline)) inline void ukr_f32_body(const GemmPlan& P, int64_t blk, int64_t b0, int64_t b1,
+                                                        const void* wv, float* c, int rows) {
+  const int nr = P.nr;
+  const float* xp = P.xf + (blk * P.kp + b0 * kBlock) * nr;
+  const float* w = static_cast<const float*>(wv);
+  const int64_t kc = (b1 - b0) * kBlock;
+  for (int r = 0; r < rows; ++r) {
+    float acc[kRows];
+    for (int j = 0; j < kRows; ++j) acc[j] = c[r * kRows + j];
+    for (int64_t kk = 0; kk < kc; ++kk) {
+      const float xv = xp[kk * nr + r];
+      for (int j = 0; j < kRows; ++j) acc[j] += xv * w[kk * kRows + j];
+    }
+    for (int j = 0; j < kRows; ++j) c[r * kRows + j] = acc[j];
+  }
+}
+
+void decode_f32_scalar(const GemmPlan& P, int64_t t, int64_t b0, int64_t b1, void* out, float*) {
+  decode_f32_body(P, t, b0, b1, static_cast<float*>(out));
+}
+void pack_x_f32_scalar(const GemmPlan& P, int64_t blk) { pack_x_f32_body(P, blk); }
+void ukr_f32_scalar(const GemmPlan& P, int64_t blk, int64_t b0, int64_t b1, const void* w, const float*, float* c,
+                    int rows) {
+  ukr_f32_body(P, blk, b0, b1, w, c, rows);
+}
+
+#ifdef QG_X86
+// ---------------------------------------------------------------- AVX2 f32 (6 rows x 16 columns per pass)
+constexpr int kNrAvx2 = 6;
+
+QG_AVX2 void decode_f32_avx2(const GemmPlan& P, int64_t t, int64_t b0, int64_t b1, void* out, float*) {
+  decode_f32_body(P, t, b0, b1, static_cast<float*>(out));
+}
+QG_AVX2 void pack_x_f32_avx2(const GemmPlan& P, int64_t blk) { pack_x_f32_body(P, blk); }
+
+template <int R>
+QG_AVX2 void ukr_f32_avx2_rows(const float* xp, const float* w, int64_t kc, float* c) {
+  for (int h = 0; h < 2; ++h) {  // columns 0-15, then 16-31
+    __m256 a0[R], a1[R];
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r) {
+      a0[r] = _mm256_loadu_ps(c + r * kRows + 16 * h);
+      a1[r] = _mm256_loadu_ps(c + r * kRows + 16 * h + 8);
+    }
+    const float* wk = w + 16 * h;
+    const float* xk = xp;
+    for (int64_t kk = 0; kk < kc; ++kk, wk += kRows, xk += kNrAvx2) {
+      const __m256 w0 = _mm256_load_ps(wk), w1 = _mm256_load_ps(wk + 8);
+#pragma GCC unroll 6
+      for (int r = 0; r < R; ++r) {
+        const __m256 xb = _mm256_broadcast_ss(xk + r);
+        a0[r] = _mm256_fmadd_ps(xb, w0, a0[r]);
+        a1[r] = _mm256_fmadd_ps(xb, w1, a1[r]);
+      }
+    }
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r) {
+      _mm256_storeu_ps(c + r * kRows + 16 * h, a0[r]);
+      _mm256_storeu_ps(c + r * kRows + 16 * h + 8, a1[r]);
+    }
+  }
+}
+
+QG_AVX2 void ukr_f32_avx2(const GemmPlan& P, int64_t blk, int64_t b0, int64_t b1, const void* wv, const float*,
+                          float* c, int rows) {
+  const float* xp = P.xf + (blk * P.kp + b0 * kBlock) * kNrAvx2;
+  const float* w = static_cast<const float*>(wv);
+  const int64_t kc = (b1 - b0) * kBlock;
+  switch (rows) {
+    case 1: ukr_f32_avx2_rows<1>(xp, w, kc, c); break;
+    case 2: ukr_f32_avx2_rows<2>(xp, w, kc, c); break;
+    case 3: ukr_f32_avx2_rows<3>(xp, w, kc, c); break;
+    case 4: ukr_f32_avx2_rows<4>(xp, w, kc, c); break;
+    case 5: ukr_f32_avx2_rows<5>(xp, w, kc, c); break;
+    default: ukr_f32_avx2_rows<6>(xp, w, kc, c); break;
+  }
+}
+
+// ---------------------------------------------------------------- AVX-512 f32 (12 rows x 32 columns) and i8
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#define QG_AVX512VL __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vbmi")))
+#define QG_AVX512VNNI __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni")))
+constexpr int kNrAvx512 = 12;
+
+QG_AVX512VL void pack_x_f32_avx512(const GemmPlan& P, int64_t blk) { pack_x_f32_body(P, blk); }
+
+// Per block: base = z - sum(alpha), two_i = 2 alpha_i for rows 0-15 / 16-31.
+struct BlockScalesAvx512 {
+  __m512 base0, base1, two0[8], two1[8];
+};
+
+QG_AVX512VL inline void block_scales_avx512(const GemmPlan& P, int64_t t, int64_t grp, BlockScalesAvx512* s,
+                                            __m512* absum0, __m512* absum1) {
+  const Geometry& g = P.g;
+  const float* at = P.alpha + (t * g.g + grp) * g.q * kRows;
+  if (P.offset) {
+    const float* zt = P.offset + (t * g.g + grp) * kRows;
+    s->base0 = _mm512_loadu_ps(zt);
+    s->base1 = _mm512_loadu_ps(zt + 16);
+  } else {
+    s->base0 = s->base1 = _mm512_setzero_ps();
+  }
+  __m512 ab0 = _mm512_abs_ps(s->base0), ab1 = _mm512_abs_ps(s->base1);
+  for (int i = 0; i < g.q; ++i) {
+    const __m512 a0 = _mm512_loadu_ps(at + i * kRows), a1 = _mm512_loadu_ps(at + i * kRows + 16);
+    s->base0 = _mm512_sub_ps(s->base0, a0);
+    s->base1 = _mm512_sub_ps(s->base1, a1);
+    s->two0[i] = _mm512_add_ps(a0, a0);
+    s->two1[i] = _mm512_add_ps(a1, a1);
+    ab0 = _mm512_add_ps(ab0, _mm512_abs_ps(a0));
+    ab1 = _mm512_add_ps(ab1, _mm512_abs_ps(a1));
+  }
+  *absum0 = ab0;
+  *absum1 = ab1;
+}
+
+// Column s of the 8 columns whose bits are in v[i] (32 rows of plane i): fp32 values of rows 0-15 / 16-31.
+QG_AVX512VL inline void decode_col_avx512(const BlockScalesAvx512& s, const __m256i* v, int q, int bit,
+                                          __m512* w0, __m512* w1) {
+  const __m256i mb = _mm256_set1_epi8(static_cast<char>(1 << bit));
+  __m512 a = s.base0, b = s.base1;
+  for (int i = 0; i < q; ++i) {
+    const __mmask32 mk = _mm256_test_epi8_mask(v[i], mb);
+    a = _mm512_mask_add_ps(a, static_cast<__mmask16>(mk), a, s.two0[i]);
+    b = _mm512_mask_add_ps(b, static_cast<__mmask16>(mk >> 16), b, s.two1[i]);
+  }
+  *w0 = a;
+  *w1 = b;
+}
+
+QG_AVX512VL void decode_f32_avx512(const GemmPlan& P, int64_t t, int64_t b0, int64_t b1, void* outv, float*) {
+  const Geometry& g = P.g;
+  const int q = g.q;
+  float* out = static_cast<float*>(outv);
+  BlockScalesAvx512 s;
+  int64_t last_grp = -1;
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t grp = b / g.bpg;
+    if (grp != last_grp) {
+      __m512 u0, u1;
+      block_scales_avx512(P, t, grp, &s, &u0, &u1);
+      last_grp = grp;
+    }
+    const uint8_t* kp = P.packed + (t * g.nb + b) * q * kBlockBytes;
+    float* o = out + (b - b0) * kBlock * kRows;
+    for (int p = 0; p < 4; ++p) {
+      __m256i v[8];
+      for (int i = 0; i < q; ++i)
+        v[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kp + i * kBlockBytes + p * kRows));
+#pragma GCC unroll 8
+      for (int bit = 0; bit < 8; ++bit) {
+        __m512 w0, w1;
+        decode_col_avx512(s, v, q, bit, &w0, &w1);
+        _mm512_store_ps(o + (8 * p + bit) * kRows, w0);
+        _mm512_store_ps(o + (8 * p + bit) * kRows + 16, w1);
+      }
+    }
+  }
+}
+
+template <int R>
+QG_AVX512VL void ukr_f32_avx512_rows(const float* xp, const float* w, int64_t kc, float* c) {
+  __m512 a0[R], a1[R];
+#pragma GCC unroll 12
+  for (int r = 0; r < R; ++r) {
+    a0[r] = _mm512_loadu_ps(c + r * kRows);
+    a1[r] = _mm512_loadu_ps(c + r * kRows + 16);
+  }
+  for (int64_t kk = 0; kk < kc; ++kk, w += kRows, xp += kNrAvx512) {
+    const __m512 w0 = _mm512_load_ps(w), w1 = _mm512_load_ps(w + 16);
+#pragma GCC unroll 12
+    for (int r = 0; r < R; ++r) {
+      const __m512 xb = _mm512_set1_ps(xp[r]);
+      a0[r] = _mm512_fmadd_ps(xb, w0, a0[r]);
+      a1[r] = _mm512_fmadd_ps(xb, w1, a1[r]);
+    }
+  }
+#pragma GCC unroll 12
+  for (int r = 0; r < R; ++r) {
+    _mm512_storeu_ps(c + r * kRows, a0[r]);
+    _mm512_storeu_ps(c + r * kRows + 16, a1[r]);
+  }
+}
+
+QG_AVX512VL void ukr_f32_avx512(const GemmPlan& P, int64_t blk, int64_t b0, int64_t b1, const void* wv,
+                                const float*, float* c, int rows) {
+  const float* xp = P.xf + (blk * P.kp + b0 * kBlock) * kNrAvx512;
+  const float* w = static_cast<const float*>(wv);
+  const int64_t kc = (b1 - b0) * kBlock;
+  switch (rows) {
+    case 1: ukr_f32_avx512_rows<1>(xp, w, kc, c); break;
+    case 2: ukr_f32_avx512_rows<2>(xp, w, kc, c); break;
+    case 3: ukr_f32_avx512_rows<3>(xp, w, kc, c); break;
+    case 4: ukr_f32_avx512_rows<4>(xp, w, kc, c); break;
+    case 5: ukr_f32_avx512_rows<5>(xp, w, kc, c); break;
+    case 6: ukr_f32_avx512_rows<6>(xp, w, kc, c); break;
+    case 7: ukr_f32_avx512_rows<7>(xp, w, kc, c); break;
+    case 8: ukr_f32_avx512_rows<8>(xp, w, kc, c); break;
+    case 9: ukr_f32_avx512_rows<9>(xp, w, kc, c); break;
+    case 10: ukr_f32_avx512_rows<10>(xp, w, kc, c); break;
+    case 11: ukr_f32_avx512_rows<11>(xp, w, kc, c); break;
+    default: ukr_f32_avx512_rows<12>(xp, w, kc, c); break;
+  }
+}
+
+// u8 chunk [kc/4][32][4] = w_q + 128 with w_q ~ w / s_w, s_w = (|z| + sum|alpha_i|) / 127 per row and group;
+// wsc[seg][32] = s_w of each segment of the chunk. Decoded in 16-bit fixed point (8 fraction bits, offset so
+// every partial sum is a uint16): V = B + sum_i bit_i * T_i with B = round(256 (z - sum alpha) / s_w) + 32896,
+// T_i = round(512 alpha_i / s_w); w_q + 128 = V >> 8. |w_q s_w - w| <= s_w (1/2 + (q + 2) / 512): the rounding
+// of B and each T_i adds at most 1/512 step each (+ one for fp32 products), the final shift 1/2 step.
+// 32 rows of round(v * inv) + add as 16-bit lanes (rows 0-15 from lo, 16-31 from hi; low 16 bits kept).
+QG_AVX512VL inline __m512i fixed16_avx512(__m512 lo, __m512 hi, __m512 inv0, __m512 inv1, __m512i add) {
+  const __m256i l = _mm512_cvtepi32_epi16(_mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(lo, inv0)), add));
+  const __m256i h = _mm512_cvtepi32_epi16(_mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(hi, inv1)), add));
+  return _mm512_inserti64x4(_mm512_castsi256_si512(l), h, 1);
+}
+
+QG_AVX512VL void decode_i8_avx512(const GemmPlan& P, int64_t t, int64_t b0, int64_t b1, void* outv, float* wsc) {
+  const Geometry& g = P.g;
+  const int q = g.q;
+  uint8_t* out = static_cast<uint8_t*>(outv);
+  const __m512 k127 = _mm512_set1_ps(127.f), k32512 = _mm512_set1_ps(127.f * 256.f);
+  const __m512i off = _mm512_set1_epi32(32896);  // 128 * 256 (the u8 bias) + 128 (rounding of >> 8)
+  __m512 sw0 = _mm512_setzero_ps(), sw1 = sw0;
+  __m512i base16 = _mm512_setzero_si512(), two16[8];
+  int64_t last_grp = -1;
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t grp = b / g.bpg;
+    if (grp != last_grp) {
+      BlockScalesAvx512 s;
+      __m512 ab0, ab1;
+      block_scales_avx512(P, t, grp, &s, &ab0, &ab1);
+      sw0 = _mm512_div_ps(ab0, k127);
+      sw1 = _mm512_div_ps(ab1, k127);
+      // 256 / s_w, or 0 where the whole group is 0 (then every weight is 0 too).
+      const __m512 i0 = _mm512_maskz_div_ps(_mm512_cmp_ps_mask(ab0, _mm512_setzero_ps(), _CMP_GT_OQ), k32512, ab0);
+      const __m512 i1 = _mm512_maskz_div_ps(_mm512_cmp_ps_mask(ab1, _mm512_setzero_ps(), _CMP_GT_OQ), k32512, ab1);
+      base16 = fixed16_avx512(s.base0, s.base1, i0, i1, off);
+      for (int i = 0; i < q; ++i) two16[i] = fixed16_avx512(s.two0[i], s.two1[i], i0, i1, _mm512_setzero_si512());
+      last_grp = grp;
+    }
+    if ((b - b0) % P.seg_blocks == 0) {
+      float* sv = wsc + (b - b0) / P.seg_blocks * kRows;
+      _mm512_storeu_ps(sv, sw0);
+      _mm512_storeu_ps(sv + 16, sw1);
+    }
+    const uint8_t* kp = P.packed + (t * g.nb + b) * q * kBlockBytes;
+    uint8_t* o = out + (b - b0) * kBlock * kRows;
+    for (int p = 0; p < 4; ++p) {
+      __m256i v[8];
+      for (int i = 0; i < q; ++i)
+        v[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kp + i * kBlockBytes + p * kRows));
+#pragma GCC unroll 2
+      for (int u = 0; u < 2; ++u) {
+        __m256i c[4];  // columns 8p + 4u + j, u8 of rows 0-31
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; ++j) {
+          const __m256i mb = _mm256_set1_epi8(static_cast<char>(1 << (4 * u + j)));
+          __m512i acc = base16;
+          for (int i = 0; i < q; ++i)
+            acc = _mm512_mask_add_epi16(acc, _mm256_test_epi8_mask(v[i], mb), acc, two16[i]);
+          c[j] = _mm512_cvtepi16_epi8(_mm512_srli_epi16(acc, 8));
+        }
+        // [32 rows][4 columns]: per 128-bit lane, rows 0-3, 4-7, 8-11, 12-15 (lane 1: rows 16-31).
+        const __m256i t0 = _mm256_unpacklo_epi8(c[0], c[1]), t1 = _mm256_unpackhi_epi8(c[0], c[1]);
+        const __m256i t2 = _mm256_unpacklo_epi8(c[2], c[3]), t3 = _mm256_unpackhi_epi8(c[2], c[3]);
+        const __m256i u0 = _mm256_unpacklo_epi16(t0, t2), u1 = _mm256_unpackhi_epi16(t0, t2);
+        const __m256i u2 = _mm256_unpacklo_epi16(t1, t3), u3 = _mm256_unpackhi_epi16(t1, t3);
+        __m256i* d = reinterpret_cast<__m256i*>(o + (8 * p + 4 * u) * kRows);
+        _mm256_store_si256(d + 0, _mm256_permute2x128_si256(u0, u1, 0x20));
+        _mm256_store_si256(d + 1, _mm256_permute2x128_si256(u2, u3, 0x20));
+        _mm256_store_si256(d + 2, _mm256_permute2x128_si256(u0, u1, 0x31));
+        _mm256_store_si256(d + 3, _mm256_permute2x128_si256(u2, u3, 0x31));
+      }
+    }
+  }
+}
+
+// Panel blk of x -> s8 [kp/4][nr][4] with one scale per (row, segment); xcomp = -128 * sum(x_q).
+QG_AVX512VL void pack_x_i8_avx512(const GemmPlan& P, int64_t blk) {
+  const Geometry& g = P.g;
+  const int nr = P.nr;
+  const int64_t seg_cols = P.seg_blocks * kBlock;
+  const bool dense = g.gp == g.gs && g.k % g.gs == 0;  // padded space == column space
+  int8_t* dst = P.xq + blk * P.kp * nr;
+  float* sc = P.xsc + blk * P.nseg * nr;
+  int32_t* comp = P.xcomp + blk * P.nseg * nr;
+  alignas(64) float tmp[8 * kBlock];
+  for (int r = 0; r < nr; ++r) {
+    const int64_t row = blk * nr + r;
+    for (int64_t sg = 0; sg < P.nseg; ++sg) {
+      const int64_t c0 = sg * seg_cols;
+      int32_t* d32 = reinterpret_cast<int32_t*>(dst) + (c0 / 4) * nr + r;
+      if (row >= P.n) {
+        for (int64_t u = 0; u < seg_cols / 4; ++u) d32[u * nr] = 0;
+        sc[sg * nr + r] = 0.f;
+        comp[sg * nr + r] = 0;
+        continue;
+      }
+      const float* src;
+      if (dense) {
+        src = P.x + row * g.k + c0;
+      } else {
+        for (int64_t bb = 0; bb < P.seg_blocks; ++bb) {
+          int64_t k0, cnt;
+          block_span(g, c0 / kBlock + bb, &k0, &cnt);
+          for (int64_t j = 0; j < kBlock; ++j) tmp[bb * kBlock + j] = j < cnt ? P.x[row * g.k + k0 + j] : 0.f;
+        }
+        src = tmp;
+      }
+      __m512 mx = _mm512_setzero_ps();
+      for (int64_t j = 0; j < seg_cols; j += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_loadu_ps(src + j)));
+      const float amax = _mm512_reduce_max_ps(mx);
+      const float inv = amax > 0.f ? 127.f / amax : 0.f;
+      const __m512 vinv = _mm512_set1_ps(inv);
+      __m512i isum = _mm512_setzero_si512();
+      for (int64_t j = 0; j < seg_cols; j += 16) {
+        const __m512i qi = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(src + j), vinv));
+        isum = _mm512_add_epi32(isum, qi);
+        const __m128i qb = _mm512_cvtsepi32_epi8(qi);
+        int32_t* d = d32 + (j / 4) * nr;
+        d[0] = _mm_extract_epi32(qb, 0);
+        d[nr] = _mm_extract_epi32(qb, 1);
+        d[2 * nr] = _mm_extract_epi32(qb, 2);
+        d[3 * nr] = _mm_extract_epi32(qb, 3);
+      }
+      sc[sg * nr + r] = amax / 127.f;
+      comp[sg * nr + r] = -128 * _mm512_reduce_add_epi32(isum);
+    }
+  }
+}
+
+// acc += 4-byte dot products of u8 w and s8 x, in place (GCC 12 otherwise copies each accumulator per step).
+#define QG_DPBUSD(acc, w, x) asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(w), "v"(x))
+
+template <int R>
+QG_AVX512VNNI void ukr_i8_avx512_rows(const int8_t* xq, const float* xsc, const int32_t* xcomp, const uint8_t* w,
+                                      const float* wsc, int64_t nsegc, int64_t seg_steps, float* c) {
+  for (int64_t sg = 0; sg < nsegc; ++sg) {
+    __m512i a0[R], a1[R];
+#pragma GCC unroll 12
+    for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm512_set1_epi32(xcomp[sg * kNrAvx512 + r]);
+    for (int64_t s = 0; s < seg_steps; ++s, w += 4 * kRows, xq += 4 * kNrAvx512) {
+      const __m512i w0 = _mm512_load_si512(w), w1 = _mm512_load_si512(w + 64);
+#pragma GCC unroll 12
+      for (int r = 0; r < R; ++r) {
+        int32_t xv;
+        std::memcpy(&xv, xq + 4 * r, 4);
+        const __m512i xb = _mm512_set1_epi32(xv);
+        QG_DPBUSD(a0[r], w0, xb);
+        QG_DPBUSD(a1[r], w1, xb);
+      }
+    }
+    const __m512 s0 = _mm512_loadu_ps(wsc + sg * kRows), s1 = _mm512_loadu_ps(wsc + sg * kRows + 16);
+#pragma GCC unroll 12
+    for (int r = 0; r < R; ++r) {
+      const __m512 xs = _mm512_set1_ps(xsc[sg * kNrAvx512 + r]);
+      float* cr = c + r * kRows;
+      _mm512_storeu_ps(cr, _mm512_fmadd_ps(_mm512_cvtepi32_ps(a0[r]), _mm512_mul_ps(s0, xs), _mm512_loadu_ps(cr)));
+      _mm512_storeu_ps(cr + 16,
+                       _mm512_fmadd_ps(_mm512_cvtepi32_ps(a1[r]), _mm512_mul_ps(s1, xs), _mm512_loadu_ps(cr + 16)));
+    }
+  }
+}
+
+QG_AVX512VNNI void ukr_i8_avx512(const GemmPlan& P, int64_t blk, int64_t b0, int64_t b1, const void* wv,
+                                 const float* wsc, float* c, int rows) {
+  const int8_t* xq = P.xq + (blk * P.kp + b0 * kBlock) * kNrAvx512;
+  const int64_t s0 = b0 / P.seg_blocks;
+  const float* xsc = P.xsc + (blk * P.nseg + s0) * kNrAvx512;
+  const int32_t* xcomp = P.xcomp + (blk * P.nseg + s0) * kNrAvx512;
+  const uint8_t* w = static_cast<const uint8_t*>(wv);
+  const int64_t nsegc = (b1 - b0) / P.seg_blocks, steps = P.seg_blocks * kBlock / 4;
+  switch (rows) {
+    case 1: ukr_i8_avx512_rows<1>(xq, xsc, xcomp, w, wsc, nsegc, steps, c); break;
+    case 2: ukr_i8_avx512_rows<2>(xq, xsc, xcomp, w, wsc, nsegc, steps, c); break;
+    case 3: ukr_i8_avx512_rows<3>(xq, xsc, xcomp, w, wsc, nsegc, steps, c); break;
+    case 4: ukr_i8_avx512_rows<4>(xq, xsc, xcomp, w, wsc, nsegc, steps, c); break;
+    case 5: ukr_i8_avx512_rows<5>(xq, xsc, xcomp, w, wsc, nsegc, steps, c); break;
+    case 6: ukr_i8_avx512_rows<6>(xq, xsc, xcomp, w, wsc, nsegc, steps, c); break;
+    case 7: ukr_i8_avx512_rows<7>(xq, xsc, xcomp, w, wsc, nsegc, steps, c); break;
+    case 8: ukr_i8_avx512_rows<8>(xq, xsc, xcomp, w, wsc, nsegc, steps, c); break;
+    case 9: ukr_i8_avx512_rows<9>(xq, xsc, xcomp, w, wsc, nsegc, steps, c); break;
+    case 10: ukr_i8_avx512_rows<10>(xq, xsc, xcomp, w, wsc, nsegc, steps, c); break;
+    case 11: ukr_i8_avx512_rows<11>(xq, xsc, xcomp, w, wsc, nsegc, steps, c); break;
+    default: ukr_i8_avx512_rows<12>(xq, xsc, xcomp, w, wsc, nsegc, steps, c); break;
+  }
+}
+#pragma GCC diagnostic pop
+#endif  // QG_X86
+
+bool cpu_has_vnni() {
+#ifdef QG_X86
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl");
+#else
+  return false;
+#endif
+}
+
+void gemm_pack_chunk(void* ctx, int, int64_t blk) {
+  const GemmPlan& P = *static_cast<const GemmPlan*>(ctx);
+  P.pack_x(P, blk);
+}
+
+// Work item = (row tile, range of panels): decode the tile chunk by chunk, run every panel of the range.
+void gemm_item(void* ctx, int slot, int64_t item) {
+  const GemmPlan& P = *static_cast<const GemmPlan*>(ctx);
+  const Geometry& g = P.g;
+  const int64_t t = item / P.nranges, rr = item % P.nranges;
+  const int64_t blk0 = rr * P.blk_per_range, blk1 = std::min(P.nblk, blk0 + P.blk_per_range);
+  if (blk0 >= blk1) return;
+  char* base = P.slots + P.slot_bytes * slot;
+  void* wdec = base;
+  float* wsc = reinterpret_cast<float*>(base + P.wdec_bytes);
+  float* cbuf = reinterpret_cast<float*>(base + P.wdec_bytes + align64((P.chunk_blocks / P.seg_blocks + 1) *
+                                                                       kRows * sizeof(float)));
+  const int64_t crow = static_cast<int64_t>(P.nr) * kRows;
+  std::memset(cbuf, 0, sizeof(float) * crow * (blk1 - blk0));
+  for (int64_t b0 = 0; b0 < g.nb; b0 += P.chunk_blocks) {
+    const int64_t b1 = std::min(g.nb, b0 + P.chunk_blocks);
+    P.decode(P, t, b0, b1, wdec, wsc);
+    for (int64_t blk = blk0; blk < blk1; ++blk) {
+      const int rows = static_cast<int>(std::min<int64_t>(P.nr, P.n - blk * P.nr));
+      P.ukr(P, blk, b0, b1, wdec, wsc, cbuf + (blk - blk0) * crow, rows);
+    }
+  }
+  const int64_t mrows = std::min<int64_t>(kRows, g.m - t * kRows);
+  for (int64_t blk = blk0; blk < blk1; ++blk) {
+    const int64_t rows = std::min<int64_t>(P.nr, P.n - blk * P.nr);
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* cr = cbuf + (blk - blk0) * crow + r * kRows;
+      float* yr = P.y + (blk * P.nr + r) * g.m + t * kRows;
+      if (P.bias) {
+        for (int64_t j = 0; j < mrows; ++j) yr[j] = cr[j] + P.bias[t * kRows + j];
+      } else {
+        for (int64_t j = 0; j < mrows; ++j) yr[j] = cr[j];
+      }
+    }
+  }
+}
+
+int run_gemm(const Geometry& g, int isa, bool fast, const float* x, int64_t n, const uint8_t* packed,
+             const float* alpha, const float* offset, const float* bias, float* y) {
+  GemmPlan P{};
+  P.g = g;
+  P.packed = packed;
+  P.alpha = alpha;
+  P.offset = offset;
+  P.bias = bias;
+  P.kp = g.nb * kBlock;
+  P.kind = GEMM_F32;
+  P.seg_blocks = 1;
+  P.nr = 4;
+  P.decode = decode_f32_scalar;
+  P.ukr = ukr_f32_scalar;
+  P.pack_x = pack_x_f32_scalar;
+#ifdef QG_X86
+  if (isa >= ISA_AVX2) {
+    P.nr = kNrAvx2;
+    P.decode = decode_f32_avx2;
+    P.ukr = ukr_f32_avx2;
+    P.pack_x = pack_x_f32_avx2;
+  }
+  if (isa == ISA_AVX512) {
+    P.nr = kNrAvx512;
+    P.decode = decode_f32_avx512;
+    P.ukr = ukr_f32_avx512;
+    P.pack_x = pack_x_f32_avx512;
+    if (fast && cpu_has_vnni()) {
+      P.kind = GEMM_I8;
+      P.decode = decode_i8_avx512;
+      P.ukr = ukr_i8_avx512;
+      P.pack_x = pack_x_i8_avx512;
+    }
+  }
+#endif
+  (void)fast;
+  if (P.kind == GEMM_I8) {
+    P.seg_blocks = segment_blocks(g.bpg);
+    P.nseg = g.nb / P.seg_blocks;
+    const int64_t seg_cols = P.seg_blocks * kBlock;
+    P.chunk_blocks = std::max<int64_t>(1, kI8ChunkCols / seg_cols) * P.seg_blocks;
+    P.wdec_bytes = align64(P.chunk_blocks * kBlock * kRows);
+  } else {
+    P.chunk_blocks = kF32ChunkCols / kBlock;
+    P.wdec_bytes = align64(P.chunk_blocks * kBlock * kRows * sizeof(float));
+  }
+  P.chunk_blocks = std::min(P.chunk_blocks, g.nb);
+
+  const int nt_max = num_threads();
+  const int64_t slab = std::min(n, kGemmSlabRows);
+  const int64_t slab_blk = (slab + P.nr - 1) / P.nr;
+  // Enough items for every thread: split the panels of a slab when there are few row tiles.
+  const int64_t want = 4 * static_cast<int64_t>(nt_max);
+  int64_t nranges = g.mt >= want ? 1 : std::min<int64_t>(slab_blk, (want + g.mt - 1) / g.mt);
+  const int64_t blk_per_range = (slab_blk + nranges - 1) / nranges;
+  nranges = (slab_blk + blk_per_range - 1) / blk_per_range;
+  const int nt = static_cast<int>(std::min<int64_t>(nt_max, g.mt * nranges));
+
+  const size_t xbytes = P.kind == GEMM_I8 ? align64(slab_blk * P.kp * P.nr) : align64(slab_blk * P.kp * P.nr * 4);
+  const size_t sbytes = P.kind == GEMM_I8 ? align64(slab_blk * P.nseg * P.nr * sizeof(float)) : 0;
+  const size_t wsc_bytes = align64((P.chunk_blocks / P.seg_blocks + 1) * kRows * sizeof(float));
+  P.slot_bytes = P.wdec_bytes + wsc_bytes + align64(blk_per_range * P.nr * kRows * sizeof(float));
+  char* base = static_cast<char*>(t_scratch.get(xbytes + 2 * sbytes + P.slot_bytes * nt));
+  if (!base) return QG_ENOMEM;
+  if (P.kind == GEMM_I8) {
+    P.xq = reinterpret_cast<int8_t*>(base);
+    P.xsc = reinterpret_cast<float*>(base + xbytes);
+    P.xcomp = reinterpret_cast<int32_t*>(base + xbytes + sbytes);
+  } else {
+    P.xf = reinterpret_cast<float*>(base);
+  }
+  P.slots = base + xbytes + 2 * sbytes;
+  P.blk_per_range = blk_per_range;
+  qg::ThreadPool& pool = qg::ThreadPool::instance();
+  for (int64_t n0 = 0; n0 < n; n0 += slab) {
+    P.n = std::min(slab, n - n0);
+    P.nblk = (P.n + P.nr - 1) / P.nr;
+    P.nranges = (P.nblk + blk_per_range - 1) / blk_per_range;
+    P.x = x + n0 * g.k;
+    P.y = y + n0 * g.m;
+    pool.run(nt, P.nblk, gemm_pack_chunk, &P);
+    pool.run(nt, g.mt * P.nranges, gemm_item, &P);
+  }
+  return QG_OK;
+}
+
 }  // namespace
 
 extern "C" {
@@ -743,16 +1387,43 @@ QG_API int qg_biqgemm_pack_offset(const float* offset, int64_t m, int64_t k, int
   return QG_OK;
 }
 
+QG_API int qg_biqgemm_gemm_int8(int mode) {
+#ifdef QG_X86
+  return mode == QG_MODE_FAST && resolve_isa() == ISA_AVX512 && cpu_has_vnni() ? 1 : 0;
+#else
+  (void)mode;
+  return 0;
+#endif
+}
+
+QG_API void qg_biqgemm_set_lut_max_rows(int mode, int64_t rows) {
+  if (mode == QG_MODE_EXACT || mode == QG_MODE_FAST) g_lut_max_rows[mode] = rows < 0 ? -1 : rows;
+}
+
+QG_API int64_t qg_biqgemm_lut_max_rows(int mode) {
+  return mode == QG_MODE_EXACT || mode == QG_MODE_FAST ? g_lut_max_rows[mode].load() : -1;
+}
+
 QG_API int qg_biqgemm_f32(const float* x, int64_t n, int64_t k, const void* packed, const float* alpha,
                           const float* offset, const float* bias, int64_t m, int q, int64_t group_size,
                           int mode, float* y) {
+  return qg_biqgemm_f32_path(x, n, k, packed, alpha, offset, bias, m, q, group_size, mode, QG_PATH_AUTO, y);
+}
+
+QG_API int qg_biqgemm_f32_path(const float* x, int64_t n, int64_t k, const void* packed, const float* alpha,
+                               const float* offset, const float* bias, int64_t m, int q, int64_t group_size,
+                               int mode, int path, float* y) {
   Geometry g;
   if (!x || !packed || !alpha || !y || n < 0 || !make_geometry(m, k, q, group_size, &g)) return QG_EINVAL;
   if (mode != QG_MODE_EXACT && mode != QG_MODE_FAST) return QG_EINVAL;
+  if (path != QG_PATH_AUTO && path != QG_PATH_LUT && path != QG_PATH_GEMM) return QG_EINVAL;
   if (n == 0) return QG_OK;
 
   const int isa = resolve_isa();
   const bool fast = mode == QG_MODE_FAST;
+  if (path == QG_PATH_AUTO) path = n > g_lut_max_rows[mode].load(std::memory_order_relaxed) ? QG_PATH_GEMM : QG_PATH_LUT;
+  if (path == QG_PATH_GEMM)
+    return run_gemm(g, isa, fast, x, n, static_cast<const uint8_t*>(packed), alpha, offset, bias, y);
   TileFn tile = fast ? tile_fast_scalar : tile_exact_scalar;
   BuildExactFn build_exact = build_exact_scalar;
   BuildFastFn build_fast = build_fast_scalar;

@@ -28,11 +28,14 @@
 extern "C" {
 #endif
 
-#define QG_BIQGEMM_ABI 1
+#define QG_BIQGEMM_ABI 2
 #define QG_TILE_ROWS 32
 #define QG_BLOCK_K 32
 
 enum { QG_MODE_EXACT = 0, QG_MODE_FAST = 1 };
+enum { QG_PATH_AUTO = 0, QG_PATH_LUT = 1, QG_PATH_GEMM = 2 };
+#define QG_DEFAULT_LUT_MAX_ROWS_EXACT 8
+#define QG_DEFAULT_LUT_MAX_ROWS_FAST 8
 enum { QG_OK = 0, QG_EINVAL = -1, QG_ENOMEM = -2 };
 
 /* ABI version of this header (bumped when a signature or the packed layout changes). */
@@ -62,6 +65,19 @@ QG_API int qg_biqgemm_pack_offset(const float* offset, int64_t m, int64_t k, int
 QG_API int qg_biqgemm_f32(const float* x, int64_t n, int64_t k, const void* packed, const float* alpha,
                           const float* offset, const float* bias, int64_t m, int q, int64_t group_size,
                           int mode, float* y);
+/* The same with the path chosen by the caller: QG_PATH_AUTO (LUT up to qg_biqgemm_lut_max_rows(mode) input
+ * rows, decode + GEMM above), QG_PATH_LUT or QG_PATH_GEMM. The GEMM path decodes one 32-row tile of the code at
+ * a time, a chunk of K per step, into a per-thread buffer (at most 256 KiB) and never holds the whole matrix;
+ * in fast mode on AVX-512 VNNI it quantizes x to int8 (one scale per row and segment of <= 256 columns inside a
+ * group) and the decoded weights to int8 (one scale per row and group), elsewhere it is exact fp32. */
+QG_API int qg_biqgemm_f32_path(const float* x, int64_t n, int64_t k, const void* packed, const float* alpha,
+                               const float* offset, const float* bias, int64_t m, int q, int64_t group_size,
+                               int mode, int path, float* y);
+/* 1 if the GEMM path of the next call in this mode runs int8 (fast mode on AVX-512 VNNI), 0 if fp32. */
+QG_API int qg_biqgemm_gemm_int8(int mode);
+/* LUT-path row limit per mode (process-wide; rows < 0: never LUT). */
+QG_API void qg_biqgemm_set_lut_max_rows(int mode, int64_t rows);
+QG_API int64_t qg_biqgemm_lut_max_rows(int mode);
 
 #ifdef __cplusplus
 }
