@@ -84,6 +84,10 @@ def quantize(
                                           "calibrate_on_example_inputs": calib is None},
                       calibration=calib, instruments=list(instruments))
     result = pm.run(graph, ctx)
+    if isinstance(model, nn.Module):
+        from qgraph.artifact import model_fingerprint
+
+        ctx.artifacts["model_fingerprint"] = model_fingerprint(model)
     ctx.report["pipeline"] = str(pm)
     ctx.report["stats"] = result.stats
     return QuantizedModel(result.graph, tgt, str(pm), ctx.report, ctx.artifacts)

@@ -74,6 +74,7 @@ class _UsageError(Exception):
 
 def cmd_lower(args: argparse.Namespace) -> int:
     import qgraph
+    from qgraph.atomic import atomic_folder, check_writable_folder
     from qgraph.model_source import load_calibration, load_model_source
     from qgraph.report import write_report
 
@@ -82,26 +83,30 @@ def cmd_lower(args: argparse.Namespace) -> int:
     text = _pipeline_text(args, onnx_model=is_onnx)
     qgraph.PassManager(text)  # validate the pipeline before loading anything heavy
     target = qgraph.load_target(args.target)
+    out = check_writable_folder(args.out or f"qgraph-out/{Path(args.model).stem}-{target.name}")
     _say(args, f"qgraph: loading {args.model}")
     source = load_model_source(args.model)
     calib = load_calibration(args.calib, source) if args.calib else source.calibration
-    _say(args, f"qgraph: lowering {source.name} for {target.name}: {text}")
-    model = source.onnx_path if source.onnx_path else source.module
-    q = qgraph.quantize(model, source.example_inputs, target=target, calib=calib, pipeline=text,
-                        dynamic_shapes=source.dynamic_shapes, progress=not args.quiet)
-    out = Path(args.out or f"qgraph-out/{source.name}-{target.name}")
-    _say(args, f"qgraph: writing report to {out}/")
-    report_path = write_report(q, out, title=f"qgraph: {source.name} for {target.name}", measure=not args.no_measure)
-    if source.onnx_path:
-        left_float = q.graph.weights_to_qdq()
-        q.graph.save(out / f"{source.name}.qdq.onnx")
-        q.report.setdefault("lowering", []).extend(
-            {"node": n, "op": "?", "kernel": "float", "status": "float", "reason": "group QDQ needs opset 21"}
-            for n in left_float)
-    else:
-        from qgraph.artifact import save_artifact
+    # The whole output folder is built aside and swapped in at the end: no stale files, no torn folder, and
+    # a second `qgraph lower` into the same --out fails at once instead of racing this one.
+    with atomic_folder(out) as tmp:
+        _say(args, f"qgraph: lowering {source.name} for {target.name}: {text}")
+        model = source.onnx_path if source.onnx_path else source.module
+        q = qgraph.quantize(model, source.example_inputs, target=target, calib=calib, pipeline=text,
+                            dynamic_shapes=source.dynamic_shapes, progress=not args.quiet)
+        _say(args, f"qgraph: writing report to {out}/")
+        report_path = out / write_report(q, tmp, title=f"qgraph: {source.name} for {target.name}",
+                                         measure=not args.no_measure).relative_to(tmp)
+        if source.onnx_path:
+            left_float = q.graph.weights_to_qdq()
+            q.graph.save(tmp / f"{source.name}.qdq.onnx")
+            q.report.setdefault("lowering", []).extend(
+                {"node": n, "op": "?", "kernel": "float", "status": "float", "reason": "group QDQ needs opset 21"}
+                for n in left_float)
+        else:
+            from qgraph.artifact import save_artifact
 
-        save_artifact(q, out / "model", source=args.model)
+            save_artifact(q, tmp / "model", source=args.model)
     layers = q.report.get("layers", [])
     fp32 = sum(r["fp32_bytes"] for r in layers)
     qb = sum(r["bytes"] for r in layers)
@@ -177,16 +182,23 @@ def cmd_passes(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     import qgraph
-    from qgraph.artifact import load_artifact
+    from qgraph.artifact import load_artifact, read_manifest
+    from qgraph.errors import ArtifactError
     from qgraph.model_source import load_model_source
+    from qgraph.models.registry import BUNDLED
 
-    manifest = Path(args.artifact) / "manifest.json"
-    if not manifest.is_file():
-        from qgraph.errors import ExportError
-
-        raise ExportError(f"{args.artifact} is not a qgraph artifact folder (no manifest.json); point at the "
-                          f"model/ folder that qgraph lower wrote")
-    source = load_model_source(json.loads(manifest.read_text())["source"])
+    manifest = read_manifest(args.artifact)
+    if args.model:
+        spec = args.model  # the user names the float model; its weights are checked against the manifest
+    elif manifest.source in BUNDLED:
+        spec = manifest.source  # qgraph's own installed model code, never a path from the manifest
+    else:
+        raise ArtifactError(f"{args.artifact} was made from {manifest.source!r}: pass --model naming that float model "
+                            f"(qgraph never imports or runs code that an artifact names)")
+    source = load_model_source(spec)
+    if source.module is None:
+        raise ArtifactError(f"--model {spec}: an ONNX model's artifact is its .qdq.onnx file; export applies to "
+                            f"torch models")
     q = load_artifact(args.artifact, source.module, source.example_inputs, dynamic_shapes=source.dynamic_shapes)
     info = qgraph.export_onnx(q, args.out, source.example_inputs, portable=args.portable,
                               dynamic_shapes=source.dynamic_shapes)
@@ -289,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export", help="export a saved quantized model (qgraph lower's model/ folder) to ONNX")
     ex.add_argument("artifact", help="the model/ folder written by qgraph lower")
     ex.add_argument("--out", required=True, help="path of the .onnx file to write")
+    ex.add_argument("--model", help="the float model the artifact was made from (needed unless it is a bundled "
+                                    "model); its weights must match the artifact's fingerprint")
     ex.add_argument("--portable", action="store_true", help="BiQGEMM as standard ONNX ops (no custom op)")
     ex.add_argument("--json", action="store_true")
     ex.set_defaults(func=cmd_export)
