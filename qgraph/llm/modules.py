@@ -1,0 +1,124 @@
+"""The modules a quantized causal LM runs on: every quantized weight becomes a BCQ code on BiQGEMM.
+
+- `as_bcq`: a `BCQWeight` for any quantized weight qgraph's passes produce. A uniform b-bit code
+  ``w = s (c − z)`` with ``c − qmin = Σ_i 2^i bit_i`` is *exactly* the BCQ code with ``α_i = s·2^(i−1)``, bit-plane
+  ``B_i = 2·bit_i − 1`` and offset ``s ((2^b − 1)/2 + qmin − z)``, so uniform W4 runs on the same kernel
+  (the offset comes free from the kernel's all-ones table entry).
+- `BCQLinear` (from `qgraph.kernels.linear`) replaces each ``nn.Linear``.
+- `BCQEmbedding`: ``table[ids]`` read row by row out of a BCQ code. Built on a `BCQLinear` (a tied LM head)
+  it *shares* that module's packed buffers, so the tied table exists once, in the kernel's layout; built on
+  a `BCQWeight` it keeps the canonical bit-planes. Rows are decoded with the same arithmetic as
+  `BCQWeight.dequantize` (``Σ_i α_i B_i`` summed over planes, then ``+ z``).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qgraph.errors import KernelError, SpecError
+from qgraph.kernels import cpu
+from qgraph.kernels.linear import BCQLinear
+from qgraph.quant.bcq_weight import BCQWeight, pack_signs
+from qgraph.quant.qtensor import UniformWeight
+
+_SHIFTS = torch.arange(8, dtype=torch.uint8)
+
+
+def uniform_to_bcq(w: UniformWeight) -> BCQWeight:
+    """The BCQ code that stands for exactly the same matrix as a uniform weight ``[M, K]`` (rows along axis 0)."""
+    spec = w.spec
+    if w.codes.dim() != 2 or spec.axis != 0:
+        raise SpecError(f"only [out, in] weights quantized along rows convert to BCQ; got codes "
+                        f"{tuple(w.codes.shape)} with {spec}")
+    m, k = w.codes.shape
+    if spec.granularity == "tensor":
+        scale, zp, gs = w.scale.reshape(1, 1).expand(m, 1), w.zero_point.reshape(1, 1).expand(m, 1), k
+    elif spec.granularity == "channel":
+        scale, zp, gs = w.scale.reshape(m, 1), w.zero_point.reshape(m, 1), k
+    else:
+        scale, zp, gs = w.scale.reshape(m, -1), w.zero_point.reshape(m, -1), spec.group_size
+    scale = scale.to(torch.float32)
+    b = spec.bits
+    u = (w.codes.to(torch.int32) - spec.qmin).to(torch.uint8)  # 0 .. 2^b − 1
+    planes = torch.stack([((u >> i) & 1) for i in range(b)])  # [b, M, K] of {0, 1}
+    alpha = torch.stack([scale * float(2 ** (i - 1)) for i in range(b)])  # [b, M, G]
+    offset = scale * ((2 ** b - 1) / 2 + spec.qmin - zp.to(torch.float32))
+    return BCQWeight(pack_signs(planes).contiguous(), alpha.contiguous(), offset.contiguous(), (m, k), gs)
+
+
+def as_bcq(q) -> BCQWeight:
+    """A `BCQWeight` for a `BCQWeight` (itself) or a `UniformWeight` (its exact BCQ form)."""
+    if isinstance(q, BCQWeight):
+        return q
+    if isinstance(q, UniformWeight):
+        return uniform_to_bcq(q)
+    raise KernelError(f"no BiQGEMM form for a {type(q).__name__}")
+
+
+def _expand(t: torch.Tensor, group_size: int, k: int) -> torch.Tensor:
+    return t.repeat_interleave(group_size, dim=-1)[..., :k]
+
+
+class BCQEmbedding(nn.Module):
+    """An embedding whose table is a BCQ code: ``forward(ids) -> [..., dim]`` float32 rows."""
+
+    def __init__(self, weight: BCQWeight | None = None, *, head: BCQLinear | None = None) -> None:
+        super().__init__()
+        if (weight is None) == (head is None):
+            raise KernelError("BCQEmbedding takes a BCQWeight or a BCQLinear head to share, not both / neither")
+        if head is not None:
+            if head.layout not in ("planes", cpu.LAYOUT):
+                raise KernelError(f"BCQEmbedding cannot read rows from BiQGEMM layout {head.layout!r}")
+            self.layout, self.num_embeddings, self.dim = head.layout, head.out_features, head.in_features
+            self.group_size, self.bits = head.group_size, head.bits
+            # the very same tensors as the head's buffers: the table is held once
+            self.register_buffer("packed", head.packed)
+            self.register_buffer("alpha", head.alpha)
+            self.register_buffer("offset", head.offset)
+        else:
+            self.layout, (self.num_embeddings, self.dim) = "planes", weight.shape
+            self.group_size, self.bits = weight.group_size, weight.bits
+            self.register_buffer("packed", weight.planes.contiguous())
+            self.register_buffer("alpha", weight.alpha.contiguous())
+            self.register_buffer("offset", None if weight.offset is None else weight.offset.contiguous())
+        if self.layout == cpu.LAYOUT:
+            geo = cpu.Geometry(self.num_embeddings, self.dim, self.group_size)
+            col = torch.arange(self.dim)
+            cols = (col // geo.group_size) * geo.group_padded + col % geo.group_size
+            self.register_buffer("cols", cols, persistent=False)
+        self.tied = head is not None
+
+    def _signs_alpha_offset(self, ids: torch.Tensor):
+        k = self.dim
+        if self.layout == "planes":
+            by = self.packed[:, ids]  # [q, N, K/8]
+            bits = (by.unsqueeze(-1) >> _SHIFTS.to(by.device)) & 1
+            signs = bits.reshape(*by.shape[:-1], -1)[..., :k]  # [q, N, K]
+            alpha = self.alpha[:, ids]  # [q, N, G]
+            offset = None if self.offset is None else self.offset[ids]
+            return signs, alpha, offset
+        t, r = ids // cpu.TILE_ROWS, ids % cpu.TILE_ROWS
+        mt, nb, q, _ = self.packed.shape
+        by = self.packed.view(mt, nb, q, 4, cpu.TILE_ROWS)[t, :, :, :, r]  # [N, NB, q, 4]
+        bits = (by.unsqueeze(-1) >> _SHIFTS.to(by.device)) & 1  # [N, NB, q, 4, 8]
+        signs = bits.permute(2, 0, 1, 3, 4).reshape(q, ids.shape[0], nb * 32)[:, :, self.cols]  # [q, N, K]
+        alpha = self.alpha[t, :, :, r].permute(2, 0, 1)  # [q, N, G]
+        offset = None if self.offset is None else self.offset[t, :, r]  # [N, G]
+        return signs, alpha, offset
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        signs, alpha, offset = self._signs_alpha_offset(flat)
+        rows = (_expand(alpha, self.group_size, self.dim) * (signs.to(torch.float32) * 2 - 1)).sum(dim=0)
+        if offset is not None:
+            rows = rows + _expand(offset, self.group_size, self.dim)
+        return rows.reshape(*ids.shape, self.dim)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The whole table, dequantized (for inspection; the forward never builds it)."""
+        return self.forward(torch.arange(self.num_embeddings, device=self.alpha.device))
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_embeddings}, {self.dim}, bits={self.bits}, group_size={self.group_size}, "
+                f"offset={self.offset is not None}, layout={self.layout!r}, tied={self.tied}")

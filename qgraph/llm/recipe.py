@@ -1,0 +1,102 @@
+"""`LMRecipe`: how a causal LM is quantized (scheme, bits, groups, optimizer, LM head / embedding)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from qgraph.errors import SpecError
+from qgraph.quant.qspec import QSpec
+
+OPTIMIZERS = ("rtn", "gptq", "aespa")
+SCHEMES = ("bcq", "uniform")
+
+
+@dataclass(frozen=True)
+class LMRecipe:
+    """Weight-only quantization of a causal LM's decoder Linears, LM head and embedding.
+
+    ``scheme``/``bits``/``group_size`` (None: one scale set per row): the decoder Linears' spec. ``offset``:
+    BCQ's per-group offset z, or for uniform an asymmetric (zero-point) code; None picks the scheme's default
+    (BCQ: no z; uniform: asymmetric). ``optimizer``: ``rtn`` (round to nearest; BCQ by the weighted
+    alternating method), ``gptq`` or ``aespa`` (both from calibration Hessians, act-order; BCQ with the
+    Hessian diagonal as importance). ``head_bits``: bits of the LM head (and, tied or not, the embedding
+    table) with the same scheme and groups; None: same as ``bits``; 0: keep both float. ``head_optimizer``:
+    ``rtn`` or ``same`` (the head also goes through ``optimizer``; a tied table then follows the head's
+    objective, which can hurt the embedding side). ``calib_windows`` × ``window`` tokens of calibration text.
+    """
+
+    scheme: str = "bcq"
+    bits: int = 3
+    group_size: int | None = 192
+    optimizer: str = "gptq"
+    offset: bool | None = None
+    head_bits: int | None = None
+    head_optimizer: str = "rtn"
+    calib_windows: int = 16
+    window: int = 512
+
+    def __post_init__(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise SpecError(f"LMRecipe.scheme must be one of {SCHEMES}, got {self.scheme!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise SpecError(f"LMRecipe.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.head_optimizer not in ("rtn", "same"):
+            raise SpecError(f"LMRecipe.head_optimizer must be 'rtn' or 'same', got {self.head_optimizer!r}")
+        if self.calib_windows < 1 or self.window < 2:
+            raise SpecError(f"LMRecipe needs calib_windows >= 1 and window >= 2, got {self.calib_windows}, "
+                            f"{self.window}")
+        self.spec()  # validates bits / group size
+        if self.head_bits:
+            self.spec(self.head_bits)
+
+    @property
+    def has_offset(self) -> bool:
+        return self.offset if self.offset is not None else self.scheme == "uniform"
+
+    def spec(self, bits: int | None = None, *, optimized: bool | None = None) -> QSpec:
+        """The weight QSpec at ``bits`` (default: the Linears'). ``optimized``: whether GPTQ/aespa fits it
+        (BCQ then uses plain alternating BCQ, which those passes weigh by the Hessian)."""
+        bits = bits or self.bits
+        optimized = self.optimizer != "rtn" if optimized is None else optimized
+        gran = {"granularity": "group", "group_size": self.group_size} if self.group_size else \
+            {"granularity": "channel"}
+        if self.scheme == "bcq":
+            return QSpec.bcq(bits, group_size=self.group_size, method="alternating" if optimized else "weighted",
+                             bcq_offset=self.has_offset)
+        return QSpec.uniform(bits, symmetric=not self.has_offset, **gran)
+
+    def head_spec(self) -> QSpec | None:
+        if self.head_bits == 0:
+            return None
+        return self.spec(self.head_bits or self.bits, optimized=self.head_optimizer == "same"
+                         and self.optimizer != "rtn")
+
+    def optimizer_pass(self) -> str:
+        """The pipeline text of the weight optimizer ('' for round-to-nearest)."""
+        if self.optimizer == "rtn":
+            return ""
+        opts = "act_order=true" + (",bcq_importance=hessian" if self.scheme == "bcq" else "")
+        return f"{self.optimizer}{{{opts}}}"
+
+    @property
+    def name(self) -> str:
+        """A short label, e.g. ``bcq3-g192-gptq`` or ``int4-g64-aespa``."""
+        kind = "bcq" if self.scheme == "bcq" else "int"
+        z = "z" if self.scheme == "bcq" and self.has_offset else ""
+        z += "sym" if self.scheme == "uniform" and not self.has_offset else ""
+        g = f"g{self.group_size}" if self.group_size else "row"
+        head = "" if self.head_bits is None else f"-head{self.head_bits}"
+        return f"{kind}{self.bits}{z}-{g}-{self.optimizer}{head}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LMRecipe:
+        if not isinstance(d, dict):
+            raise SpecError(f"a recipe is a JSON object, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise SpecError(f"recipe has unknown field(s) {unknown}")
+        return cls(**d)
