@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from qgraph.errors import KernelError, SpecError
-from qgraph.kernels import cpu
+from qgraph.kernels import cpu, native
 from qgraph.kernels.reference import biqgemm_reference
 from qgraph.quant.bcq_weight import BCQWeight
 
@@ -68,6 +68,8 @@ def register_layout(
     if name in _LAYOUTS and not replace:
         raise KernelError(f"BiQGEMM layout {name!r} is already registered; pass replace=True to override it")
     _LAYOUTS[name] = Layout(name, impl, pack, unpack, device)
+    if name == cpu.LAYOUT:
+        native._sync_native_layout()
 
 
 def get_layout(name: str) -> Layout:
@@ -98,9 +100,13 @@ GRAD_SCHEMA = (
 # Registered with torch.library.Library (not custom_op): its Python dispatch costs ~20 µs less per call, which
 # matters for a kernel that takes a few hundred µs. A device-specific kernel registered later for the CUDA
 # key (torch.library.register_kernel / Library.impl) takes precedence over the layout dispatch below.
+# On CPU, the native shim (qgraph.kernels.native, loaded on the first cpu-lut4 call) registers C++ CPU and
+# AutogradCPU kernels, which take precedence over the Python ones below; for layouts other than cpu-lut4 it calls
+# the private op ``_biqgemm_py`` (same schema), i.e. the Python layout dispatch.
 _LIB = torch.library.Library("qgraph", "FRAGMENT")
 _LIB.define("biqgemm" + SCHEMA)
 _LIB.define("biqgemm_grad_x" + GRAD_SCHEMA)
+_LIB.define("_biqgemm_py" + SCHEMA)
 
 
 def _biqgemm_impl(x, packed, alpha, offset, bias, out_features, in_features, group_size, layout, mode="exact"):
@@ -118,6 +124,8 @@ def _biqgemm_fake(x, packed, alpha, offset, bias, out_features, in_features, gro
 
 _LIB.impl("biqgemm", _biqgemm_impl, "CompositeExplicitAutograd")
 torch.library.register_fake("qgraph::biqgemm", _biqgemm_fake, lib=_LIB)
+_LIB.impl("_biqgemm_py", _biqgemm_impl, "CompositeExplicitAutograd")
+torch.library.register_fake("qgraph::_biqgemm_py", _biqgemm_fake, lib=_LIB)
 
 # ------------------------------------------------------------------------------------------ built-in layouts
 def _planes_weight(packed, alpha, offset, out_features, in_features, group_size) -> BCQWeight:
@@ -137,6 +145,8 @@ def _planes_impl(x, packed, alpha, offset, bias, out_features, in_features, grou
 
 
 def _cpu_impl(x, packed, alpha, offset, bias, out_features, in_features, group_size, mode):
+    if not native._state["tried"]:
+        native.load()  # first use: later CPU calls dispatch to the C++ kernel
     return cpu.biqgemm_cpu(x, packed, alpha, offset, bias, out_features, in_features, group_size, mode)
 
 
