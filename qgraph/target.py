@@ -32,7 +32,10 @@ _BCQ_KEYS = {"granularities", "group_sizes", "offset"}
 _KERNEL_KEYS = {"ops", "scheme", "weight_bits", "activation_bits", "kernel"}
 _DEFAULT_KEYS = {"weight", "activation", "embedding"}
 _COST_KEYS = {"memory_bandwidth_gbps", "macs_per_second", "lut_lookups_per_second", "call_overhead_us",
-              "cache_bytes", "sources"}
+              "cache_bytes", "biqgemm_lut_max_rows", "sources"}
+# Input rows up to which the CPU BiQGEMM runs its LUT path (above: decode + GEMM), per mode, when a target does not
+# say (measure a machine's with `python bench/biqgemm.py --calibrate`).
+DEFAULT_BIQGEMM_LUT_MAX_ROWS = {"exact": 8, "fast": 8}
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,8 @@ class CostFigures:
     call_overhead_us: float
     cache_bytes: int = 32 * 1024 * 1024
     sources: dict[str, str] = field(default_factory=dict)
+    # CPU BiQGEMM: input rows up to which the LUT path wins, per mode ("exact", "fast"); measured crossover.
+    biqgemm_lut_max_rows: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_BIQGEMM_LUT_MAX_ROWS))
 
 
 @dataclass(frozen=True)
@@ -344,6 +349,7 @@ def _build(raw: dict, where: str) -> Target:
         call_overhead_us=c.get("call_overhead_us", float),
         cache_bytes=c.get("cache_bytes", int, 32 * 1024 * 1024),
         sources={str(k): str(v) for k, v in c.get("sources", dict, {}).items()},
+        biqgemm_lut_max_rows=_lut_rows(c),
     )
     if "fp32" not in cost.macs_per_second:
         raise c.fail("macs_per_second", "needs at least an 'fp32' entry")
@@ -363,6 +369,17 @@ def _build(raw: dict, where: str) -> Target:
         if problems:
             raise d.fail(label, f"names a quantization the target itself rejects: {problems[0]}")
     return target
+
+
+def _lut_rows(r: _Reader) -> dict[str, int]:
+    rows = dict(DEFAULT_BIQGEMM_LUT_MAX_ROWS)
+    for mode, v in r.get("biqgemm_lut_max_rows", dict, {}).items():
+        if mode not in rows:
+            raise r.fail(f"biqgemm_lut_max_rows.{mode}", f"is not a BiQGEMM mode; use {sorted(rows)}")
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise r.fail(f"biqgemm_lut_max_rows.{mode}", f"must be an int >= 0, got {v!r}")
+        rows[mode] = v
+    return rows
 
 
 def _positive(r: _Reader, k: str) -> float:

@@ -81,6 +81,7 @@ def _lib() -> ctypes.CDLL:
                                        _ptr]),
         "qg_biqgemm_set_lut_max_rows": (None, [_int, _i64]),
         "qg_biqgemm_gemm_int8": (_int, [_int]),
+        "qg_biqgemm_gemm_buffers": (_int, [_i64, _i64, _i64, _int, _i64, _int, _ptr]),
         "qg_biqgemm_lut_max_rows": (_i64, [_int]),
     }
     for name, (res, args) in sigs.items():
@@ -450,6 +451,20 @@ def biqgemm(x: torch.Tensor, w: CpuPackedWeight, bias: torch.Tensor | None = Non
     """Run the CPU kernel on a `CpuPackedWeight` through ctypes (no torch.library dispatch)."""
     m, k = w.shape
     return biqgemm_cpu(x, w.packed, w.alpha, w.offset, bias, m, k, w.group_size, mode, path)
+
+
+def gemm_buffers(n: int, w: CpuPackedWeight, mode: str = "fast") -> dict[str, int]:
+    """Bytes the GEMM path of an ``n``-row call on ``w`` works in (kept by the kernel for later calls): the decoded
+    weight chunk per thread (never more than one 32-row tile chunk, <= 256 KiB), the activation panels (a copy of
+    at most 256 rows of x, shared) and the accumulators per thread; and the threads it uses."""
+    out = (ctypes.c_int64 * 4)()
+    m, k = w.shape
+    rc = _lib().qg_biqgemm_gemm_buffers(n, m, k, w.bits, w.group_size, check_mode(mode),
+                                        out)
+    if rc != 0:
+        raise KernelError(f"gemm_buffers: invalid arguments (n={n}, {m}x{k})")
+    return {"weight_tile_bytes_per_thread": out[0], "activation_bytes": out[1], "accumulator_bytes_per_thread": out[2],
+            "threads": out[3]}
 
 
 def gemm_fast_is_int8() -> bool:

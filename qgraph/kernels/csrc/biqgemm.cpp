@@ -1232,14 +1232,9 @@ void gemm_item(void* ctx, int slot, int64_t item) {
   }
 }
 
-int run_gemm(const Geometry& g, int isa, bool fast, const float* x, int64_t n, const uint8_t* packed,
-             const float* alpha, const float* offset, const float* bias, float* y) {
-  GemmPlan P{};
+// Kernels and chunk sizes for this geometry, ISA and mode (no buffers yet).
+void plan_gemm(const Geometry& g, int isa, bool fast, GemmPlan& P) {
   P.g = g;
-  P.packed = packed;
-  P.alpha = alpha;
-  P.offset = offset;
-  P.bias = bias;
   P.kp = g.nb * kBlock;
   P.kind = GEMM_F32;
   P.seg_blocks = 1;
@@ -1268,32 +1263,59 @@ int run_gemm(const Geometry& g, int isa, bool fast, const float* x, int64_t n, c
   }
 #endif
   (void)fast;
+  (void)isa;
   if (P.kind == GEMM_I8) {
     P.seg_blocks = segment_blocks(g.bpg);
     P.nseg = g.nb / P.seg_blocks;
     const int64_t seg_cols = P.seg_blocks * kBlock;
-    P.chunk_blocks = std::max<int64_t>(1, kI8ChunkCols / seg_cols) * P.seg_blocks;
+    P.chunk_blocks = std::min(g.nb, std::max<int64_t>(1, kI8ChunkCols / seg_cols) * P.seg_blocks);
     P.wdec_bytes = align64(P.chunk_blocks * kBlock * kRows);
   } else {
-    P.chunk_blocks = kF32ChunkCols / kBlock;
+    P.chunk_blocks = std::min<int64_t>(g.nb, kF32ChunkCols / kBlock);
     P.wdec_bytes = align64(P.chunk_blocks * kBlock * kRows * sizeof(float));
   }
-  P.chunk_blocks = std::min(P.chunk_blocks, g.nb);
+}
 
-  const int nt_max = num_threads();
-  const int64_t slab = std::min(n, kGemmSlabRows);
-  const int64_t slab_blk = (slab + P.nr - 1) / P.nr;
+// Bytes of the per-call buffers: activation panels (+ scales) for one slab, and one slot per thread (a decoded
+// weight chunk, its scales, the accumulators of one range of panels).
+struct GemmBuffers {
+  size_t xbytes, sbytes, slot_bytes, wdec_bytes;
+  int64_t slab, slab_blk, blk_per_range;
+  int nt;
+};
+
+GemmBuffers gemm_buffers(const GemmPlan& P, int64_t n, int nt_max) {
+  const Geometry& g = P.g;
+  GemmBuffers B;
+  B.slab = std::min(n, kGemmSlabRows);
+  B.slab_blk = (B.slab + P.nr - 1) / P.nr;
   // Enough items for every thread: split the panels of a slab when there are few row tiles.
   const int64_t want = 4 * static_cast<int64_t>(nt_max);
-  int64_t nranges = g.mt >= want ? 1 : std::min<int64_t>(slab_blk, (want + g.mt - 1) / g.mt);
-  const int64_t blk_per_range = (slab_blk + nranges - 1) / nranges;
-  nranges = (slab_blk + blk_per_range - 1) / blk_per_range;
-  const int nt = static_cast<int>(std::min<int64_t>(nt_max, g.mt * nranges));
-
-  const size_t xbytes = P.kind == GEMM_I8 ? align64(slab_blk * P.kp * P.nr) : align64(slab_blk * P.kp * P.nr * 4);
-  const size_t sbytes = P.kind == GEMM_I8 ? align64(slab_blk * P.nseg * P.nr * sizeof(float)) : 0;
+  int64_t nranges = g.mt >= want ? 1 : std::min<int64_t>(B.slab_blk, (want + g.mt - 1) / g.mt);
+  B.blk_per_range = (B.slab_blk + nranges - 1) / nranges;
+  nranges = (B.slab_blk + B.blk_per_range - 1) / B.blk_per_range;
+  B.nt = static_cast<int>(std::min<int64_t>(nt_max, g.mt * nranges));
+  B.xbytes = P.kind == GEMM_I8 ? align64(B.slab_blk * P.kp * P.nr) : align64(B.slab_blk * P.kp * P.nr * 4);
+  B.sbytes = P.kind == GEMM_I8 ? align64(B.slab_blk * P.nseg * P.nr * sizeof(float)) : 0;
   const size_t wsc_bytes = align64((P.chunk_blocks / P.seg_blocks + 1) * kRows * sizeof(float));
-  P.slot_bytes = P.wdec_bytes + wsc_bytes + align64(blk_per_range * P.nr * kRows * sizeof(float));
+  B.wdec_bytes = P.wdec_bytes;
+  B.slot_bytes = P.wdec_bytes + wsc_bytes + align64(B.blk_per_range * P.nr * kRows * sizeof(float));
+  return B;
+}
+
+int run_gemm(const Geometry& g, int isa, bool fast, const float* x, int64_t n, const uint8_t* packed,
+             const float* alpha, const float* offset, const float* bias, float* y) {
+  GemmPlan P{};
+  plan_gemm(g, isa, fast, P);
+  P.packed = packed;
+  P.alpha = alpha;
+  P.offset = offset;
+  P.bias = bias;
+  const GemmBuffers B = gemm_buffers(P, n, num_threads());
+  const int nt = B.nt;
+  const int64_t slab = B.slab, blk_per_range = B.blk_per_range;
+  const size_t xbytes = B.xbytes, sbytes = B.sbytes;
+  P.slot_bytes = B.slot_bytes;
   char* base = static_cast<char*>(t_scratch.get(xbytes + 2 * sbytes + P.slot_bytes * nt));
   if (!base) return QG_ENOMEM;
   if (P.kind == GEMM_I8) {
@@ -1384,6 +1406,22 @@ QG_API int qg_biqgemm_pack_offset(const float* offset, int64_t m, int64_t k, int
         const int64_t row = t * kRows + r;
         out[(t * g.g + grp) * kRows + r] = row < m ? offset[row * g.g + grp] : 0.f;
       }
+  return QG_OK;
+}
+
+QG_API int qg_biqgemm_gemm_buffers(int64_t n, int64_t m, int64_t k, int q, int64_t group_size, int mode,
+                                   int64_t* out) {
+  Geometry g;
+  if (!out || n < 1 || !make_geometry(m, k, q, group_size, &g)) return QG_EINVAL;
+  if (mode != QG_MODE_EXACT && mode != QG_MODE_FAST) return QG_EINVAL;
+  GemmPlan P{};
+  plan_gemm(g, resolve_isa(), mode == QG_MODE_FAST, P);
+  const GemmBuffers B = gemm_buffers(P, n, num_threads());
+  const size_t wsc_bytes = align64((P.chunk_blocks / P.seg_blocks + 1) * kRows * sizeof(float));
+  out[0] = static_cast<int64_t>(B.wdec_bytes + wsc_bytes);
+  out[1] = static_cast<int64_t>(B.xbytes + 2 * B.sbytes);
+  out[2] = static_cast<int64_t>(B.slot_bytes - B.wdec_bytes - wsc_bytes);
+  out[3] = B.nt;
   return QG_OK;
 }
 

@@ -73,6 +73,11 @@ QG_API int qg_biqgemm_f32(const float* x, int64_t n, int64_t k, const void* pack
 QG_API int qg_biqgemm_f32_path(const float* x, int64_t n, int64_t k, const void* packed, const float* alpha,
                                const float* offset, const float* bias, int64_t m, int q, int64_t group_size,
                                int mode, int path, float* y);
+/* Buffers the GEMM path of an n-row call would use: out[0] = decoded weight chunk + its scales, per thread;
+ * out[1] = activation panels (one slab of <= 256 rows, shared); out[2] = accumulators per thread; out[3] = threads.
+ * The kernel keeps them (per calling thread) for later calls. */
+QG_API int qg_biqgemm_gemm_buffers(int64_t n, int64_t m, int64_t k, int q, int64_t group_size, int mode,
+                                   int64_t* out);
 /* 1 if the GEMM path of the next call in this mode runs int8 (fast mode on AVX-512 VNNI), 0 if fp32. */
 QG_API int qg_biqgemm_gemm_int8(int mode);
 /* LUT-path row limit per mode (process-wide; rows < 0: never LUT). */
