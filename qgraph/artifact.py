@@ -133,7 +133,7 @@ def model_fingerprint(model: nn.Module) -> str:
     for name, t in sorted({**dict(model.named_parameters()), **dict(model.named_buffers())}.items()):
         t = t.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 

@@ -17,7 +17,21 @@ import torch
 from qgraph.errors import ExportError
 
 GRAPH_FILE, WEIGHTS_FILE = "program.json", "program.safetensors"
-_ALLOWED_PREFIXES = ("torch.ops.", "_operator.")
+_DUNDER_OPS = {"__and__", "__or__", "__xor__", "__lshift__", "__rshift__", "__iand__", "__ior__", "__ixor__",
+               "__ilshift__", "__irshift__"}
+
+
+def _allowed_target(target: str) -> bool:
+    """``torch.ops.<namespace>.<op>[.<overload>]`` or ``_operator.<name>``: no attribute walks beyond that."""
+    parts = target.split(".")
+    if parts[0] == "_operator":
+        return len(parts) == 2 and parts[1].isidentifier() and not parts[1].startswith("_")
+    if parts[:2] != ["torch", "ops"] or len(parts) not in (4, 5):
+        return False
+    ns, op, overload = parts[2], parts[3], parts[4] if len(parts) == 5 else "default"
+    return (ns.isidentifier() and not ns.startswith("__") and op.isidentifier()
+            and (not op.startswith("__") or op in _DUNDER_OPS) and overload.isidentifier()
+            and not overload.startswith("__"))
 
 
 def program_dynamic_shapes(graph: Any, args: tuple) -> tuple:
@@ -55,7 +69,8 @@ def save_program(module: torch.nn.Module, example_inputs: tuple, folder: Path, *
             if not isinstance(t, torch.Tensor) or t.layout != torch.strided or t.is_quantized:
                 raise ExportError(f"the lowered graph cannot be stored as a program: {kind} {name!r} is a "
                                   f"{type(t).__name__}, not a plain tensor")
-            tensors[f"{kind}:{name}"] = t.detach().cpu().contiguous().clone()
+            tag = "param" if isinstance(t, torch.nn.Parameter) else kind
+            tensors[f"{tag}:{name}"] = t.detach().cpu().contiguous().clone()
     (folder / GRAPH_FILE).write_bytes(art.exported_program)
     save_file(tensors, str(folder / WEIGHTS_FILE))
     return [GRAPH_FILE, WEIGHTS_FILE]
@@ -79,13 +94,14 @@ def load_program(graph_bytes: bytes, tensors: dict[str, torch.Tensor], *, where:
         sep = _bytes_to_dataclass(schema.ExportedProgram, graph_bytes)
     except (ValueError, TypeError, KeyError, AttributeError, RecursionError, UnicodeDecodeError) as e:
         raise ExportError(f"{where}/{GRAPH_FILE} is not a serialized program: {type(e).__name__}: {e}") from None
-    bad = [t for t in _targets(sep.graph_module.graph)
-           if not t.startswith(_ALLOWED_PREFIXES) or any(p.startswith("__") for p in t.split("."))]
+    bad = [t for t in _targets(sep.graph_module.graph) if not _allowed_target(t)]
     if bad:
         raise ExportError(f"{where}/{GRAPH_FILE} calls {bad[0]!r}, which is not a registered torch operator; "
                           f"refusing to build it")
     sep.guards_code = []  # Python source that module() would compile: never run code from a file
     state = {k.split(":", 1)[1]: v for k, v in tensors.items() if k.startswith("state:")}
+    state |= {k.split(":", 1)[1]: torch.nn.Parameter(v, requires_grad=False) for k, v in tensors.items()
+              if k.startswith("param:")}
     consts = {k.split(":", 1)[1]: v for k, v in tensors.items() if k.startswith("const:")}
     try:
         ep = ExportedProgramDeserializer().deserialize(sep, state, consts, None)

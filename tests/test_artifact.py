@@ -314,3 +314,43 @@ def test_read_artifact_reports_the_file_and_field(saved, tmp_path):
     (dest / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(ArtifactError, match=rf"manifest.json: nodes.{name}.qparams.input0"):
         read_artifact(dest)
+
+
+@pytest.mark.slow
+@pytest.mark.models
+@pytest.mark.parametrize("name, options, module", [
+    ("minilm", "scheme=bcq,bits=4,group_size=128", "qgraph.models.minilm"),
+    ("mobilenetv2", "", "qgraph.models.mobilenetv2"),
+])
+def test_lowered_real_model_loads_alone_in_a_fresh_process(tmp_path, name, options, module):
+    from qgraph.model_source import load_model_source
+    from qgraph.models.registry import BUNDLED
+
+    if not BUNDLED[name].available():
+        pytest.skip(f"{name} is not installed")
+    s = load_model_source(name, calib_batches=2)
+    q = qgraph.quantize(s.module, s.example_inputs, target="x86-avx2", calib=s.calibration,
+                        pipeline=qgraph.api.lowering_pipeline(options), dynamic_shapes=s.dynamic_shapes,
+                        progress=False)
+    folder = save_artifact(q, tmp_path / "model", source=name)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["program"] is not None, manifest["program_note"]
+    inputs = [tuple(b) for b in s.calibration[:2]]
+    torch.save(inputs, tmp_path / "x.pt")
+    with torch.no_grad():
+        expect = [q(*b) for b in inputs]
+    code = f'''
+import sys, torch
+from qgraph.artifact import load_artifact
+m = load_artifact({str(folder)!r})
+with torch.no_grad():
+    ys = [m(*b) for b in torch.load({str(tmp_path / "x.pt")!r})]
+torch.save(ys, {str(tmp_path / "y.pt")!r})
+bad = [k for k in sys.modules if k in ({module!r}, "transformers", "qgraph.models.registry")]
+assert not bad, bad
+'''
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=False,
+                         cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = torch.load(tmp_path / "y.pt")
+    assert len(got) == len(expect) and all(torch.equal(a, b) for a, b in zip(got, expect))

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qgraph.errors import KernelError
+from qgraph.kernels import onednn_ops  # noqa: F401 - registers qgraph::int8_conv2d / int8_linear
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 
@@ -180,9 +181,8 @@ class Int8Linear(_PackedCache):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if self.impl == "onednn":
-            y = torch.ops.onednn.qlinear_pointwise(
-                self.act.u8(x2), self.act.scale, self.act.u8_zero_point, self.packed(), self.weight_scale,
-                torch.zeros(self.out_features, dtype=torch.int64), self.bias, 1.0, 0, torch.float32, "none", [], "")
+            y = torch.ops.qgraph.int8_linear(self.act.u8(x2), self.act.scale, self.act.u8_zero_point, self.codes,
+                                             self.weight_scale, self.bias)
         else:
             acc = int8_matmul(self.act.s8(x2), self.codes.t())
             z = self.act.zero_point + self.act.s8_shift
@@ -203,6 +203,8 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     torch 2.13; on CUDA it needs M > 16 and K, N multiples of 8), else an exact int32 matmul."""
     if a.shape[0] == 0:
         return torch.zeros(0, b.shape[1], dtype=torch.int32, device=a.device)
+    if a.shape[1] == 1:  # torch 2.13's CPU _int_mm returns garbage for K = 1 with a transposed [N, 1] weight
+        return a.to(torch.int32) @ b.to(torch.int32)
     try:
         return torch._int_mm(a, b)
     except RuntimeError:
@@ -282,9 +284,10 @@ class Int8Conv2d(_PackedCache):
             out_scale, out_zp, out_dtype = 1.0, 0, torch.float32
         else:
             out_scale, out_zp, out_dtype = self.output_act.scale, self.output_act.u8_zero_point, torch.uint8
-        return torch.ops.onednn.qconv2d_pointwise(
-            q, self.act.scale, self.act.u8_zero_point, self.packed(), self.weight_scale, self._w_zero, self.bias,
-            self.stride, self.padding, self.dilation, self.groups, out_scale, out_zp, out_dtype, attr, scalars, "")
+        lo, hi = scalars if scalars else (0.0, 0.0)
+        return torch.ops.qgraph.int8_conv2d(
+            q, self.act.scale, self.act.u8_zero_point, self.codes, self.weight_scale, self.bias, self.stride,
+            self.padding, self.dilation, self.groups, out_scale, out_zp, out_dtype == torch.uint8, attr, lo, hi)
 
     def extra_repr(self) -> str:
         k = tuple(self.codes.shape)
