@@ -15,6 +15,8 @@ from pathlib import Path
 
 import tomllib
 
+from qgraph.cli_types import group_size, int_range
+
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INPUT, EXIT_VERIFY = 0, 1, 2, 3, 4
 
 
@@ -216,10 +218,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from qgraph.model_source import load_model_source
 
     source = load_model_source(args.model)
+    model = source.onnx_path or source.module
     if args.pipeline:
-        q = qgraph.quantize(source.module, source.example_inputs, target=args.target, calib=source.calibration,
+        q = qgraph.quantize(model, source.example_inputs, target=args.target, calib=source.calibration,
                             pipeline=args.pipeline, dynamic_shapes=source.dynamic_shapes, progress=False)
         print(q.graph)
+    elif source.onnx_path:
+        from qgraph.ir.onnx import load_onnx
+
+        print(load_onnx(source.onnx_path))
     else:
         print(qgraph.trace(source.module, source.example_inputs, dynamic_shapes=source.dynamic_shapes))
     return EXIT_OK
@@ -266,10 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--pipeline", help="pass pipeline text (default: the full lowering pipeline)")
     lo.add_argument("--config", help="TOML file with 'pipeline' (and optional 'target')")
     lo.add_argument("--scheme", choices=["uniform", "bcq"])
-    lo.add_argument("--bits", type=int)
-    lo.add_argument("--group-size", type=int, dest="group_size")
+    lo.add_argument("--bits", type=int_range(1, 8, "--bits"))
+    lo.add_argument("--group-size", type=group_size, dest="group_size")
     lo.add_argument("--method", choices=["greedy", "alternating", "weighted"])
-    lo.add_argument("--act-bits", type=int, dest="act_bits", help="activation bits (0: weight-only)")
+    lo.add_argument("--act-bits", type=int_range(0, 8, "--act-bits"), dest="act_bits", help="activation bits (0: weight-only)")
     lo.add_argument("--fallback", action="store_true", help="keep nodes the target cannot run in float")
     lo.add_argument("--out", help="output folder (default qgraph-out/<model>-<target>)")
     lo.add_argument("--no-measure", action="store_true", help="skip measuring per-node latency")
@@ -297,6 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
     from qgraph.search.cli import add_parser as add_search_parser
 
     add_search_parser(sub)
+
+    from qgraph.llm.cli import add_parsers as add_llm_parsers
+
+    add_llm_parsers(sub)
 
     ex = sub.add_parser("export", help="export a saved quantized model (qgraph lower's model/ folder) to ONNX")
     ex.add_argument("artifact", help="the model/ folder written by qgraph lower")
@@ -335,10 +346,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qgraph: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except QGraphError as e:
-        first = str(e).strip().splitlines()
-        print(f"qgraph: error: {first[0]}", file=sys.stderr)
-        for line in first[1:]:
-            print(f"  {line.strip()}", file=sys.stderr)
+        first = str(e).strip("\n").splitlines() or [type(e).__name__]
+        print(f"qgraph: error: {first[0].strip()}", file=sys.stderr)
+        for line in first[1:]:  # kept as they are: a caret line points at a column of the line above
+            print(f"  {line.rstrip()}", file=sys.stderr)
         return EXIT_INPUT
     except KeyboardInterrupt:
         print("qgraph: interrupted", file=sys.stderr)

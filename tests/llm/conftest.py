@@ -29,3 +29,26 @@ def calib():
 def prompts():
     g = torch.Generator().manual_seed(2)
     return [torch.randint(3, 256, (1, n), generator=g) for n in (5, 9, 16)]
+
+
+def tiny_tokenizer(vocab: int = 256):
+    """A word-level tokenizer: "w3 w17 ..." → ids 3, 17, ... (ids 0-2: <unk>, <s>, </s>)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab)}}
+    tk = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    from tokenizers import decoders
+
+    tk.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>",
+                                                eos_token="</s>", pad_token="<unk>")
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """A local Hugging Face model folder (config.json, safetensors, tokenizer) of the tiny Llama."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama().save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder

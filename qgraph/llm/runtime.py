@@ -1,0 +1,165 @@
+"""Generation with Hugging Face ``generate()`` (greedy, KV cache), timed and streamed, optionally with a static
+KV cache and a ``torch.compile``d decode step.
+
+Timing: a streamer timestamps every token ``generate`` hands it. The prompt time is from the call to the first
+new token (prefill forward + first sampling step); the decode rate counts the tokens after the first over the
+time from the first to the last. ``compile=True`` uses ``generate``'s own path: a `StaticCache` sized to a
+bucket of `CACHE_BUCKET` tokens (so other prompt lengths reuse the compiled step) and ``torch.compile`` of the
+model's forward for the one-token decode steps (the prefill stays eager). A compile failure falls back to eager
+with one warning line.
+
+Threads: BiQGEMM's worker pool and libgomp's spinning workers fight over the cores when both are active (2
+cores: a decode step's attention took ~3.6 ms instead of ~20-50 µs). `passive_omp()` sets ``OMP_WAIT_POLICY=
+PASSIVE``, which libgomp only reads when it loads, so entry points call it before importing torch.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+CACHE_BUCKET = 256
+
+
+def passive_omp() -> bool:
+    """Set ``OMP_WAIT_POLICY=PASSIVE`` unless the user set it; True when it takes effect (torch not loaded yet)."""
+    if "OMP_WAIT_POLICY" in os.environ:
+        return False
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    return "torch" not in sys.modules
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    ids: Any
+    prompt_tokens: int
+    new_tokens: int
+    prompt_seconds: float
+    decode_seconds: float
+    token_times: list[float] = field(default_factory=list, repr=False)
+
+    @property
+    def prompt_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prompt_seconds if self.prompt_seconds > 0 else float("nan")
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        n = self.new_tokens - 1
+        return n / self.decode_seconds if n > 0 and self.decode_seconds > 0 else float("nan")
+
+    def summary(self) -> dict:
+        return {"text": self.text, "new_tokens": self.new_tokens,
+                "prompt_tokens_per_s": round(self.prompt_tokens_per_s, 3),
+                "decode_tokens_per_s": round(self.decode_tokens_per_s, 3)}
+
+
+class _Streamer:
+    """Timestamps each ``put``; decodes new tokens incrementally for ``on_text`` (text is emitted once it no
+    longer ends in an incomplete UTF-8 sequence)."""
+
+    def __init__(self, tokenizer: Any, on_text: Callable[[str], None] | None):
+        self.tokenizer, self.on_text = tokenizer, on_text
+        self.times: list[float] = []
+        self.tokens: list[int] = []
+        self.printed = 0
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())
+        if len(self.times) == 1:
+            return  # the prompt
+        self.tokens.extend(int(t) for t in value.reshape(-1).tolist())
+        self._emit(final=False)
+
+    def end(self) -> None:
+        self._emit(final=True)
+
+    def _emit(self, final: bool) -> None:
+        if self.on_text is None or self.tokenizer is None:
+            return
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if not final and text.endswith("\ufffd"):
+            return
+        if len(text) > self.printed:
+            self.on_text(text[self.printed:])
+            self.printed = len(text)
+
+
+class Generator:
+    """Greedy generation for one model + tokenizer, eager or with a compiled static-cache decode step."""
+
+    def __init__(self, model: Any, tokenizer: Any, *, compile: bool = False, bucket: int = CACHE_BUCKET,
+                 backend: Any = "inductor"):
+        self.model, self.tokenizer = model, tokenizer
+        self.compile, self.bucket, self.backend = compile, bucket, backend
+        self.compile_seconds: float | None = None
+        self.compile_error: str | None = None
+
+    def _kwargs(self, total: int) -> dict:
+        if not self.compile:
+            return {}
+        from transformers import CompileConfig
+
+        cc = CompileConfig(fullgraph=False, dynamic=False, mode="default", backend=self.backend)
+        cc._compile_all_devices = True
+        max_len = -(-total // self.bucket) * self.bucket
+        return {"cache_implementation": "static", "compile_config": cc, "max_cache_len": max_len}
+
+    def encode(self, prompt) -> Any:
+        import torch
+
+        if isinstance(prompt, torch.Tensor):
+            return prompt if prompt.dim() == 2 else prompt[None]
+        return self.tokenizer(prompt, return_tensors="pt").input_ids
+
+    def warmup(self, prompt_tokens: int = 8, max_new_tokens: int = 3) -> None:
+        """Compile the decode step (for a cache bucket that fits the next call); on failure fall back to eager
+        with one warning line. No-op when eager."""
+        if not self.compile or self.compile_seconds is not None:
+            return
+        import torch
+
+        ids = torch.full((1, prompt_tokens), 1, dtype=torch.long)
+        start = time.perf_counter()
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self.model.generate(ids, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                                    do_sample=False, **self._kwargs(prompt_tokens + max_new_tokens))
+            self.compile_seconds = time.perf_counter() - start
+        except Exception as e:  # any compiler failure: run eager
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            self.compile_error = f"{type(e).__name__}: {first}"
+            print(f"qgraph: torch.compile of the decode step failed ({self.compile_error}); running eager",
+                  file=sys.stderr)
+            self.compile = False
+            torch._dynamo.reset()
+
+    def generate(self, prompt, max_new_tokens: int, *, on_text: Callable[[str], None] | None = None,
+                 stop_at_eos: bool = True) -> GenerationResult:
+        import torch
+
+        ids = self.encode(prompt)
+        self.warmup()
+        streamer = _Streamer(self.tokenizer, on_text)
+        kw: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": False, "streamer": streamer}
+        if not stop_at_eos:
+            kw["min_new_tokens"] = max_new_tokens
+        pad = getattr(self.tokenizer, "pad_token_id", None) if self.tokenizer is not None else None
+        if pad is None:
+            pad = getattr(self.model.generation_config, "eos_token_id", None)
+        if isinstance(pad, list):
+            pad = pad[0]
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), pad_token_id=pad,
+                                      **kw, **self._kwargs(ids.shape[1] + max_new_tokens))
+        new = out[0, ids.shape[1]:]
+        t = streamer.times
+        text = self.tokenizer.decode(new, skip_special_tokens=True) if self.tokenizer is not None else ""
+        return GenerationResult(text, out, ids.shape[1], int(new.numel()), t[1] - t[0] if len(t) > 1 else 0.0,
+                                t[-1] - t[1] if len(t) > 2 else 0.0, t)
