@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qgraph.errors import CalibrationError, PipelineError, SpecError
+from qgraph.errors import CalibrationError, SpecError
 from qgraph.ir.graph_view import ANNOTATION_KEY
 from qgraph.ir.inputs import batches
 from qgraph.pass_base import FRACTION, NON_NEGATIVE, POSITIVE
@@ -188,16 +188,6 @@ def select(graph, pass_name: str) -> Selection:
         else:
             targets.append((node, spec, lop))
     return Selection(targets, rest, notes)
-
-
-def require_fx(graph, pass_name: str) -> None:
-    from qgraph.ir.fx import FxGraph
-
-    if not isinstance(graph, FxGraph):
-        raise PipelineError(
-            f"{pass_name} needs a torch graph (torch.fx symbolic_trace or torch.export): it runs layers and "
-            f"blocks of the graph with trainable rounding, which an {getattr(graph, 'frontend', '?')} graph "
-            f"cannot do here. Quantize the torch module instead, or use gptq / quantize-weights on ONNX models")
 
 
 def calibration(ctx, graph, pass_name: str, max_batches: int | None) -> list[tuple]:

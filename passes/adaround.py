@@ -37,6 +37,9 @@ from qgraph.registry import register_pass
 class AdaRoundPass(Pass):
     """Learn the rounding of annotated Linear / Conv weights layer by layer (uniform specs)."""
 
+    frontends = {"fx"}
+    frontend_reason = "it learns rounding by back-propagating through the graph's torch layers"
+
     @dataclass(frozen=True)
     class Options:
         iters: int = 500
@@ -57,7 +60,6 @@ class AdaRoundPass(Pass):
 
     def run(self, graph, ctx) -> PassResult:
         o = self.options
-        rc.require_fx(graph, "adaround")
         sel = rc.select(graph, "adaround")
         layers = ctx.report.setdefault("layers", [])
         rc.round_rest(graph, sel.rest, layers)

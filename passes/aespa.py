@@ -153,13 +153,7 @@ def _softmax_pattern(graph, softmax) -> Attention | None:
 
 
 def _is_linear(graph, node) -> bool:
-    if graph.op_type(node) != "Gemm":
-        return False
-    w = graph.param(node, "weight")
-    target = str(getattr(node, "target", ""))
-    is_module = getattr(node, "op", None) == "call_module" and hasattr(graph, "module_of") and \
-        isinstance(graph.module_of(node), torch.nn.Linear)
-    return w is not None and w.dim() == 2 and (is_module or "linear" in target)
+    return graph.is_linear(node)
 
 
 def _linear_behind(graph, value, limit: int = 64):
@@ -186,6 +180,9 @@ def _linear_behind(graph, value, limit: int = 64):
                requires=("annotated",), ensures=("weights-quantized",))
 class AespaPass(Pass):
     """Attention-aware Q/K/V quantization (aespa) with GPTQ for the other Linears (uniform or BCQ specs)."""
+
+    frontends = {"fx"}
+    frontend_reason = "it finds attention blocks in torch.fx graphs and learns their rounding through torch"
 
     @dataclass(frozen=True)
     class Options:

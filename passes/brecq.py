@@ -42,6 +42,9 @@ from qgraph.registry import register_pass
 class BRECQPass(Pass):
     """Learn the rounding of annotated Linear / Conv weights block by block (uniform specs)."""
 
+    frontends = {"fx"}
+    frontend_reason = "it learns rounding block by block by back-propagating through the graph's torch layers"
+
     @dataclass(frozen=True)
     class Options:
         iters: int = 500
@@ -65,7 +68,6 @@ class BRECQPass(Pass):
 
     def run(self, graph, ctx) -> PassResult:
         o = self.options
-        rc.require_fx(graph, "brecq")
         sel = rc.select(graph, "brecq")
         layers = ctx.report.setdefault("layers", [])
         rc.round_rest(graph, sel.rest, layers)

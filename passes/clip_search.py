@@ -71,6 +71,9 @@ class _OutOfBudget(Exception):
 class ClipSearch(Pass):
     """Search per-layer clipping of weights and activations on the calibration loss (module docstring)."""
 
+    frontends = {"fx"}
+    frontend_reason = "its simulation harness edits and runs the torch.fx graph many times"
+
     @dataclass(frozen=True)
     class Options:
         evals: int = 200
@@ -92,9 +95,6 @@ class ClipSearch(Pass):
 
     def run(self, graph, ctx) -> PassResult:
         o = self.options
-        if not hasattr(graph, "gm") or not hasattr(graph, "copy"):
-            raise PipelineError(f"pass 'clip-search' runs on torch.fx graphs; got a {type(graph).__name__} "
-                                f"(trace the model with torch instead of loading it from ONNX)")
         layers, notes = self._select(graph)
         n_units = sum(len(u.units) for u in layers)
         if n_units == 0:

@@ -1,6 +1,7 @@
 """gptq: GPTQ/OPTQ weight quantization of Linear layers from calibration Hessians (`qgraph.quant.gptq`).
 
-Each annotated Linear (``y = x Wᵀ``: nn.Linear, F.linear, aten.linear) is quantized with its annotated weight
+Each annotated Linear (``y = x Wᵀ``: nn.Linear, F.linear, aten.linear; on ONNX, Gemm and MatMul with a constant
+weight — `GraphView.is_linear`) is quantized with its annotated weight
 QSpec (uniform or BCQ); the options are only GPTQ's knobs. Results go to ``meta["qgraph.qweight"]``, the same
 place and kind as ``quantize-weights`` (which then skips these nodes). Other annotated weights (Conv,
 Gather, MatMul/addmm layouts) get plain round-to-nearest here, so the graph leaves this pass fully
@@ -142,18 +143,51 @@ class GPTQPass(Pass):
 
 
 def quantize_in_sequence(graph, groups, stacked, quantize_group, bar, pass_name: str) -> list:
-    """Run the stacked calibration batch once; at each input group's tap, ``quantize_group(i, h, weight)``
-    yields ``(node, result)`` for that group from its Hessian ``h`` (``weight(node)``: the float weight).
-    Each result's ``w_hat`` goes into the parameter at once, so later groups see the quantized prefix;
-    the float weights are put back at the end. Returns every ``(node, result)`` in order."""
-    requests = [(nodes[0][0], 0) for nodes in groups]
-    saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    """Run the stacked calibration batch through the graph; at each input group's tap,
+    ``quantize_group(i, h, weight)`` yields ``(node, result)`` for that group from its Hessian ``h``
+    (``weight(node)``: the float weight). Each result's ``w_hat`` becomes the layer's weight at once, so later
+    groups see the quantized prefix; the float weights are put back at the end. Returns every
+    ``(node, result)`` in order.
+
+    On a graph whose taps run inside the forward (``live_collect``: torch.fx) that is one run, the weights
+    swapped in place as the run reaches each layer; otherwise (ONNX: values come back after a run) one run per
+    group, each with the weights quantized so far."""
     results = []
+    if not graph.live_collect:
+        saved: dict = {}
+
+        def weight_of(node):
+            return saved[node] if node in saved else graph.param(node, "weight").detach().clone()
+
+        try:
+            for i, nodes in enumerate(groups):
+                seen: list = []
+                graph.collect([(nodes[0][0], 0)], [stacked], lambda _, t: seen.append(t))
+                acc = HessianAccumulator(seen[0].shape[-1])
+                acc.add(seen[0])
+                for node, res in quantize_group(i, acc.value(), weight_of):
+                    w = weight_of(node)
+                    saved.setdefault(node, w)
+                    graph.meta(node)[QWEIGHT_KEY] = res.qweight
+                    graph.set_param(node, "weight", res.w_hat.reshape(w.shape).to(w.dtype))
+                    results.append((node, res))
+                    next(bar, None)
+        except QGraphError:
+            raise
+        except Exception as e:
+            raise _stacking_error(e, stacked, pass_name) from e
+        finally:
+            for node, w in saved.items():
+                graph.set_param(node, "weight", w)
+        return results
+
+    requests = [(nodes[0][0], 0) for nodes in groups]
+    saved_p: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     done = [0]
 
     def weight(node):
         p = graph.param(node, "weight")
-        return saved[id(p)][1] if id(p) in saved else p.detach().clone()
+        return saved_p[id(p)][1] if id(p) in saved_p else p.detach().clone()
 
     def on_value(i, t):
         acc = HessianAccumulator(t.shape[-1])
@@ -162,7 +196,7 @@ def quantize_in_sequence(graph, groups, stacked, quantize_group, bar, pass_name:
             p = graph.param(node, "weight")
             w = weight(node)
             graph.meta(node)[QWEIGHT_KEY] = res.qweight
-            saved.setdefault(id(p), (p, w))
+            saved_p.setdefault(id(p), (p, w))
             with torch.no_grad():
                 p.copy_(res.w_hat.reshape(p.shape).to(p.dtype))
             results.append((node, res))
@@ -178,13 +212,10 @@ def quantize_in_sequence(graph, groups, stacked, quantize_group, bar, pass_name:
     except QGraphError:
         raise
     except Exception as e:
-        rows = next((t.shape[0] for t in stacked if isinstance(t, torch.Tensor)), "?")
-        raise CalibrationError(f"{pass_name}: the calibration batches stacked into one batch of {rows} do not run "
-                               f"through the graph ({type(e).__name__}: {e}); use {pass_name}{{sequential=false}} "
-                               f"or fewer batches") from e
+        raise _stacking_error(e, stacked, pass_name) from e
     finally:
         with torch.no_grad():
-            for p, w in saved.values():
+            for p, w in saved_p.values():
                 p.copy_(w)
     if done[0] != len(groups):
         raise CalibrationError(f"{pass_name}: the calibration run reached only {done[0]} of {len(groups)} "
@@ -192,19 +223,19 @@ def quantize_in_sequence(graph, groups, stacked, quantize_group, bar, pass_name:
     return results
 
 
+def _stacking_error(e: Exception, stacked, pass_name: str) -> CalibrationError:
+    rows = next((t.shape[0] for t in stacked if isinstance(t, torch.Tensor)), "?")
+    return CalibrationError(f"{pass_name}: the calibration batches stacked into one batch of {rows} do not run "
+                            f"through the graph ({type(e).__name__}: {e}); use {pass_name}{{sequential=false}} "
+                            f"or fewer batches")
+
+
 def _not_gptq_able(graph, node, spec) -> str:
     """Why a node cannot take GPTQ ('' when it can)."""
-    if graph.op_type(node) != "Gemm":
+    if graph.op_type(node) not in ("Gemm", "MatMul"):
         return f"{graph.op_type(node)} is not a Linear"
-    target = getattr(node, "target", None)
-    is_module = getattr(node, "op", None) == "call_module" and hasattr(graph, "module_of")
-    is_linear = (is_module and isinstance(graph.module_of(node), torch.nn.Linear)) or \
-        target is torch.nn.functional.linear or "aten.linear" in str(target)
-    if not is_linear:
-        return "only y = x Wᵀ layouts (nn.Linear, F.linear, aten.linear) take GPTQ"
-    w = graph.param(node, "weight")
-    if w is None or w.dim() != 2:
-        return "weight is not a matrix"
+    if not graph.is_linear(node):
+        return "only y = x Wᵀ layouts (nn.Linear, F.linear, aten.linear; ONNX Gemm / MatMul with a constant weight) take GPTQ"
     if spec.scheme == "uniform" and spec.granularity != "tensor" and spec.axis % 2 != 0:
         return f"spec {spec} does not quantize rows (axis 0)"
     return ""
@@ -222,7 +253,7 @@ def _stack(data: list[tuple], graph) -> tuple | None:
     """All batches as one batch (concatenated along dim 0), or None when they cannot be."""
     if len(data) == 1:
         return data[0]
-    dynamic = graph.dynamic_dims() if hasattr(graph, "dynamic_dims") else None
+    dynamic = graph.dynamic_dims()
     out = []
     for j, first in enumerate(data[0]):
         items = [b[j] for b in data]

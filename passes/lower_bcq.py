@@ -4,8 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from qgraph.ir.graph_view import ANNOTATION_KEY
-from qgraph.lowering import LOWERED_FROM_KEY, record, snapshot_simulation, target_of, weight_layout
+from qgraph.ir.graph_view import ANNOTATION_KEY, KERNEL_KEY
+from qgraph.lowering import record, snapshot_simulation, target_of
 from qgraph.pass_base import Pass, PassResult
 from qgraph.passes.quantize_weights import QWEIGHT_KEY
 from qgraph.quant.bcq_weight import BCQWeight
@@ -22,8 +22,6 @@ class LowerBCQ(Pass):
         mode: Literal["exact", "fast"] = "exact"
 
     def run(self, graph, ctx) -> PassResult:
-        from qgraph.kernels import BCQLinear
-
         target = target_of(ctx)
         snapshot_simulation(graph, ctx)
         lowered = 0
@@ -38,14 +36,15 @@ class LowerBCQ(Pass):
                 record(ctx, name, op, "float", "float", f"target {target.name} has no BiQGEMM kernel for {op}")
                 continue
             w = graph.param(node, "weight")
-            nk = op == "Gemm" and w is not None and weight_layout(graph, node, op) == "nk"
-            if not nk or tuple(w.shape) != tuple(q.shape):
-                record(ctx, name, op, "float", "float", "BiQGEMM runs x @ Wᵀ (Gemm) only; kept as simulated float")
+            if not graph.is_linear(node) or w is None or tuple(w.shape) != tuple(q.shape):
+                record(ctx, name, op, "float", "float", "BiQGEMM runs x @ Wᵀ (a Linear) only; kept as simulated float")
                 continue
-            module = BCQLinear(q, graph.param(node, "bias"), mode=self.options.mode)
-            new = graph.replace_with_module(node, module, f"{graph.name(node)}_biqgemm")
-            graph.meta(new)[LOWERED_FROM_KEY] = graph.name(node)
-            record(ctx, name, op, "biqgemm", "lowered", f"{q.bits}-bit, group {q.group_size}, {module.layout}")
+            if not graph.supports_kernel("biqgemm"):
+                record(ctx, name, op, "float", "float", f"the {graph.ir} adapter has no BiQGEMM kernel")
+                continue
+            new = graph.replace_with_kernel(node, "biqgemm", q, bias=graph.param(node, "bias"), mode=self.options.mode)
+            record(ctx, name, op, "biqgemm", "lowered",
+                   f"{q.bits}-bit, group {q.group_size}, {graph.meta(new).get(KERNEL_KEY)}")
             lowered += 1
         if lowered:
             graph.recompile()

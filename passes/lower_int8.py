@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from qgraph.errors import CalibrationError, PipelineError
-from qgraph.ir.fx import FxGraph
 from qgraph.ir.graph_view import ANNOTATION_KEY, FUSION_KEY
 from qgraph.kernels.int8 import ActQuant, Int8Conv2d, Int8Linear, saturation_possible
 from qgraph.lowering import LOWERED_FROM_KEY, record, snapshot_simulation, target_of, weight_layout
@@ -42,10 +41,10 @@ def report_entry(ctx, graph, node, op: str, kernel: str, status: str, reason: st
     record(ctx, graph.qualname(node), op, kernel, status, reason)
 
 
-def require_fx(graph, name: str) -> None:
-    if not isinstance(graph, FxGraph):
-        raise PipelineError(f"pass '{name}' lowers torch.fx graphs (FxGraph); got {type(graph).__name__}. "
-                            f"Trace the model with qgraph.trace / qgraph.quantize first")
+def no_kernel_here(graph, kernel: str) -> str:
+    """Why a node stays the simulation on an IR without ``kernel`` (the torch-module kernels)."""
+    return (f"an {graph.ir} graph cannot run the {kernel} kernel (a torch module); its Q/DQ simulation is what "
+            f"onnxruntime fuses into int8 kernels, and qgraph.export writes it")
 
 
 def is_fake_quant(node: fx.Node) -> bool:
@@ -203,7 +202,6 @@ class LowerInt8(Pass):
         chain: bool = True
 
     def run(self, graph, ctx) -> PassResult:
-        require_fx(graph, self.name)
         target = target_of(ctx)
         plans: list[_Plan] = []
         for node in list(graph.nodes()):
@@ -261,6 +259,8 @@ class LowerInt8(Pass):
             if kernel is None:
                 return "float", f"target {target.name} has no kernel for {op} with {what}"
             return kernel, f"target {target.name} runs {op} with {what} on {kernel!r}, not an int8 kernel"
+        if not graph.supports_kernel(kernel):
+            return kernel, no_kernel_here(graph, kernel)
         problems = _spec_problems(w_spec, a_spec)
         if problems:
             return kernel, "; ".join(problems)

@@ -20,7 +20,7 @@ from typing import Literal
 from qgraph.errors import KernelError, PipelineError
 from qgraph.ir.graph_view import ANNOTATION_KEY
 from qgraph.kernels.int8 import INT4_GROUP_SIZES, DequantLinear, Int4WeightOnlyLinear, Int8WeightOnlyLinear
-from qgraph.lowering import snapshot_simulation, target_of, weight_layout
+from qgraph.lowering import snapshot_simulation, target_of
 from qgraph.pass_base import Pass, PassResult
 from qgraph.passes.insert_fq import FQ_KEY
 from qgraph.passes.lower_int8 import (
@@ -28,8 +28,8 @@ from qgraph.passes.lower_int8 import (
     codes_nk,
     finish_replacement,
     module_name,
+    no_kernel_here,
     report_entry,
-    require_fx,
 )
 from qgraph.passes.quantize_weights import QWEIGHT_KEY
 from qgraph.quant.qtensor import UniformWeight
@@ -52,7 +52,6 @@ class LowerWeightOnly(Pass):
         fallback: Literal["dequant", "float"] = "dequant"
 
     def run(self, graph, ctx) -> PassResult:
-        require_fx(graph, self.name)
         target = target_of(ctx)
         count = {"int8_weight_only": 0, "int4_weight_only": 0, "dequant": 0}
         for node in list(graph.nodes()):
@@ -78,7 +77,10 @@ class LowerWeightOnly(Pass):
                        else f"target {target.name} maps {op} with {ann.weight} to {kernel!r}")
                 report_entry(ctx, graph, node, op, "float", "float", why + simulated)
                 continue
-            layout = weight_layout(graph, node, op)
+            if not graph.supports_kernel(kernel):
+                report_entry(ctx, graph, node, op, "float", "float", no_kernel_here(graph, kernel))
+                continue
+            layout = graph.weight_layout(node)
             if layout is None:
                 report_entry(ctx, graph, node, op, "float", "float",
                              f"{kernel}: only a constant 2-D weight operand can be lowered" + simulated)

@@ -24,7 +24,6 @@ from torch import nn
 from qgraph.errors import CalibrationError, SpecError
 from qgraph.ir.graph_view import ANNOTATION_KEY
 from qgraph.ir.inputs import batches
-from qgraph.lowering import weight_layout
 from qgraph.pass_base import NON_NEGATIVE, POSITIVE, POSITIVE_INT, Pass, PassResult, optional, validate
 from qgraph.passes.lower_int8 import conv_params
 from qgraph.passes.quantize_weights import QWEIGHT_KEY, quantize_tensor
@@ -133,7 +132,7 @@ class Multipoint(Pass):
             if have is not None and not isinstance(have, UniformWeight):
                 notes.append(f"{name}: already holds a {type(have).__name__}; left as it is")
                 continue
-            layout = weight_layout(graph, node, op)
+            layout = graph.weight_layout(node)
             if layout is None:
                 notes.append(f"{name}: weight layout of this {op} is not [out, in] / [in, out]; left as it is")
                 continue
@@ -142,7 +141,7 @@ class Multipoint(Pass):
 
     def _errors(self, graph, plans, data) -> int:
         """Fill ``plan.errors`` ([P, C] output errors) for the plans whose op can run on a weight difference."""
-        live = [p for p in plans if p.fn is not None] if data is not None and hasattr(graph, "collect") else []
+        live = [p for p in plans if p.fn is not None] if data is not None else []
         if not live:
             return 0
         deltas = [p.deltas() for p in live]
@@ -192,14 +191,16 @@ class _Plan:
 def _layer_fn(graph, node):
     """``(fn(x, delta_w) -> y, channel dim of y)`` computing the node's op without bias, or None."""
     op = graph.op_type(node)
-    mod = graph.module_of(node) if hasattr(graph, "module_of") else None
-    if isinstance(mod, nn.Linear):
+    if graph.is_linear(node):
         return (lambda x, d: F.linear(x, d)), -1
+    if graph.ir != "fx":
+        return None  # convolutions and matmuls are replayed from torch modules / aten arguments
+    mod = graph.module_of(node)
     if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return (lambda x, d: mod._conv_forward(x, d, None)), 1
     if getattr(node, "op", None) != "call_function":
         return None
-    layout = weight_layout(graph, node, op)
+    layout = graph.weight_layout(node)
     if op == "Gemm":
         return ((lambda x, d: F.linear(x, d)) if layout == "nk" else (lambda x, d: x @ d)), -1
     if op == "MatMul" and layout == "kn":

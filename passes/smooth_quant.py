@@ -23,10 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
-from qgraph.errors import CalibrationError, PipelineError
+from qgraph.errors import CalibrationError
 from qgraph.ir.graph_view import ANNOTATION_KEY
 from qgraph.ir.inputs import batches
-from qgraph.lowering import weight_layout
 from qgraph.pass_base import FRACTION, POSITIVE, POSITIVE_INT, Pass, PassResult, optional, validate
 from qgraph.progress import progress
 from qgraph.registry import register_pass
@@ -48,9 +47,6 @@ class SmoothQuant(Pass):
 
     def run(self, graph, ctx) -> PassResult:
         o = self.options
-        if not hasattr(graph, "gm"):
-            raise PipelineError("smooth-quant edits torch graphs only; for an ONNX model, quantize the torch "
-                                "model or drop smooth-quant from the pipeline")
         groups = self._groups(graph)
         if not groups:
             return PassResult(graph, modified=False, preserved=frozenset({"*"}), stats={"smoothed": 0})
@@ -75,7 +71,7 @@ class SmoothQuant(Pass):
             s = _scales(a, w, o.alpha, o.min_scale)
             for n, wt in zip(nodes, weights):
                 graph.set_param(n, "weight", (wt * s.to(wt.dtype)[None, :]).to(wt.dtype))
-            self._insert_divide(graph, producer, nodes, (1.0 / s).to(torch.float32))
+            graph.scale_input(nodes, 0, (1.0 / s).to(torch.float32))
             rows.append({"nodes": [graph.qualname(n) for n in nodes], "channels": int(a.numel()),
                          "act_max_before": float(a.max()), "act_max_after": float((a / s).max()),
                          "s_min": float(s.min()), "s_max": float(s.max())})
@@ -90,37 +86,12 @@ class SmoothQuant(Pass):
         groups: dict = defaultdict(list)
         for node in graph.nodes():
             ann = graph.meta(node).get(ANNOTATION_KEY)
-            if ann is None or ann.inputs.get(0) is None or graph.op_type(node) != "Gemm":
-                continue
-            w = graph.param(node, "weight")
-            if w is None or w.dim() != 2 or weight_layout(graph, node, "Gemm") != "nk":
+            if ann is None or ann.inputs.get(0) is None or not graph.is_linear(node):
                 continue
             groups[graph.inputs(node)[0]].append(node)
-        readers = _weight_readers(graph)  # a weight read elsewhere too (tied) must not be scaled
-        return {p: nodes for p, nodes in groups.items()
-                if all(readers[graph.param(n, "weight").data_ptr()] == 1 for n in nodes)}
-
-    @staticmethod
-    def _insert_divide(graph, producer, nodes, inv_scale: torch.Tensor) -> None:
-        attr = graph.constant_attr(f"{graph.name(nodes[0])}_smooth_inv_scale", inv_scale)
-        fxg = graph.gm.graph
-        with fxg.inserting_before(nodes[0]):
-            const = fxg.get_attr(attr)
-            mul = fxg.call_function(torch.mul, (producer, const))
-        mul.meta.update({k: v for k, v in producer.meta.items() if k in ("val", "tensor_meta")})
-        for n in nodes:
-            n.replace_input_with(producer, mul)
+        # a weight read elsewhere too (tied) must not be scaled
+        return {p: nodes for p, nodes in groups.items() if not any(graph.shares_weight(n) for n in nodes)}
 
 
 def _scales(a: torch.Tensor, w: torch.Tensor, alpha: float, floor: float) -> torch.Tensor:
     return (a.clamp_min(floor).pow(alpha) / w.clamp_min(floor).pow(1 - alpha)).clamp_min(floor)
-
-
-def _weight_readers(graph) -> dict[int, int]:
-    """How many nodes read each stored weight (by storage pointer)."""
-    readers: dict[int, int] = defaultdict(int)
-    for n in graph.nodes():
-        w = graph.param(n, "weight")
-        if w is not None:
-            readers[w.data_ptr()] += 1
-    return readers

@@ -42,6 +42,9 @@ class Sparq(Pass):
     "5opt" for 8→4 bits; ``shifts=[0,2,4]`` is its 3opt).
     """
 
+    frontends = {"fx"}
+    frontend_reason = "it swaps the fake-quant function of torch.fx nodes"
+
     @dataclass(frozen=True)
     class Options:
         bits: int = 4
@@ -54,9 +57,6 @@ class Sparq(Pass):
 
     def run(self, graph, ctx) -> PassResult:
         o = self.options
-        if not hasattr(graph, "gm"):
-            raise PipelineError(f"pass 'sparq' rewrites torch.fx fake-quant nodes; got a {type(graph).__name__} "
-                                f"(trace the model with torch instead of loading it from ONNX)")
         wrapped, notes = 0, []
         found = False
         for node in list(graph.nodes()):

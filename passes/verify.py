@@ -6,34 +6,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import fx
 
 from qgraph.errors import QGraphError
 from qgraph.ir.inputs import as_tuple, input_names
-from qgraph.lowering import LOWERED_FROM_KEY, SIMULATION
+from qgraph.lowering import SIMULATION
 from qgraph.pass_base import NON_NEGATIVE, Pass, PassResult, validate
 from qgraph.registry import register_pass
 
 
-class _Recorder(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule):
-        super().__init__(gm)
-        self.values: dict[str, torch.Tensor] = {}
-
-    def run_node(self, n: fx.Node) -> Any:
-        out = super().run_node(n)
-        if isinstance(out, torch.Tensor) and out.is_floating_point():
-            self.values[n.meta.get(LOWERED_FROM_KEY, n.name)] = out.detach()
-        return out
-
-
 def node_values(graph: Any, inputs: tuple) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Float outputs of every node (keyed by the pre-lowering node name) and the node order."""
-    rec = _Recorder(graph.gm)
-    with torch.no_grad():
-        rec.run(*inputs)
-    order = [n.meta.get(LOWERED_FROM_KEY, n.name) for n in graph.gm.graph.nodes]
-    return rec.values, order
+    return graph.node_values(inputs)
 
 
 def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from qgraph.ir.graph_view import LOWERED_FROM_KEY
 from qgraph.target import load_target
 
 SIMULATION = "simulation"
-LOWERED_FROM_KEY = "qgraph.lowered_from"
+__all__ = ["LOWERED_FROM_KEY", "SIMULATION", "record", "snapshot_simulation", "target_of", "weight_layout"]
 
 
 def snapshot_simulation(graph: Any, ctx: Any) -> None:
@@ -26,16 +27,7 @@ def target_of(ctx: Any):
     return load_target(t) if isinstance(t, str) else t
 
 
-def weight_layout(graph, node, op: str) -> str | None:
-    """``"nk"`` when the weight is ``[out, in]`` (Linear, linear, Conv), ``"kn"`` when it is the right
-    operand of a matmul ``[in, out]`` (MatMul, addmm); None for anything else (batched weights)."""
-    w = graph.param(node, "weight")
-    if w is None:
-        return None
-    if op == "Conv":
-        return "nk"
-    if w.dim() != 2:
-        return None
-    if op == "Gemm":
-        return "kn" if node.op == "call_function" and "addmm" in str(node.target) else "nk"
-    return "kn"
+def weight_layout(graph, node, op: str | None = None) -> str | None:
+    """``graph.weight_layout(node)``: ``"nk"`` when `param` gives the weight as ``[out, in]``, ``"kn"`` for
+    ``[in, out]``, None otherwise (kept for callers written before `GraphView.weight_layout`)."""
+    return graph.weight_layout(node)

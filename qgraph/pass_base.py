@@ -37,7 +37,8 @@ class Pass:
 
     Class attributes: ``name`` (set by ``register_pass``), ``Options`` (a frozen dataclass),
     ``after``/``before`` (ordering constraints on other pass names, checked when both appear in one
-    pipeline), ``requires``/``ensures`` (graph properties needed / established).
+    pipeline), ``requires``/``ensures`` (graph properties needed / established), ``frontends`` (the IR
+    families it runs on, checked by `PassManager` before anything runs).
     """
 
     name: ClassVar[str] = ""
@@ -46,6 +47,10 @@ class Pass:
     before: ClassVar[tuple[str, ...]] = ()
     requires_properties: ClassVar[frozenset[str]] = frozenset()
     ensures_properties: ClassVar[frozenset[str]] = frozenset()
+    #: IR families the pass runs on (``GraphView.ir``: ``"fx"`` for symbolic_trace / torch.export graphs,
+    #: ``"onnx"``); `PassManager` refuses it on others, saying why (``frontend_reason``).
+    frontends: ClassVar[frozenset[str] | set[str]] = frozenset({"fx", "onnx"})
+    frontend_reason: ClassVar[str] = ""
 
     def __init__(self, options: Any = None, /, **kwargs: Any):
         if options is not None and kwargs:

@@ -81,6 +81,28 @@ def run_pass(p: Pass, graph: Any, ctx: PassContext, ran: list[str]) -> Any:
         raise PassError(str(p), getattr(p, "options", None), ran, e) from e
 
 
+def check_frontends(passes: list[Pass], graph: Any) -> None:
+    """Raise `PipelineError` when a pass does not run on ``graph``'s IR family (``Pass.frontends``)."""
+    ir_name = getattr(graph, "ir", None)
+    if ir_name is None:
+        return
+    for p in passes:
+        allowed = set(type(p).frontends)
+        if ir_name in allowed:
+            continue
+        why = f" ({type(p).frontend_reason})" if type(p).frontend_reason else ""
+        kinds = " and ".join(_IR_NAMES.get(f, f) for f in sorted(allowed))
+        hint = ("quantize the torch model instead of its ONNX export" if "fx" in allowed
+                else "load the model from ONNX")
+        this = _IR_NAMES.get(ir_name, ir_name)
+        raise PipelineError(f"pass '{p.name}' runs on {kinds} graphs only{why}, and this is {_ARTICLE.get(this, 'a')} {this} "
+                            f"graph; {hint}, or drop '{p.name}' from the pipeline")
+
+
+_IR_NAMES = {"fx": "torch.fx", "onnx": "ONNX"}
+_ARTICLE = {"torch.fx": "a", "ONNX": "an"}
+
+
 class PassManager:
     """Runs a list of passes (or pipeline text) over a graph ``steps`` times."""
 
@@ -101,6 +123,7 @@ class PassManager:
     def run(self, graph: Any, ctx: PassContext | None = None) -> PassResult:
         ctx = ctx if ctx is not None else PassContext()
         check_properties(self.passes, set(getattr(graph, "properties", set())))
+        check_frontends(self.passes, graph)
         for inst in ctx.instruments:
             inst.before_pipeline(graph, ctx)
         any_modified = False

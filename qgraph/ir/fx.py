@@ -2,16 +2,20 @@
 from __future__ import annotations
 
 import copy
+import operator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from qgraph.ir import ops
+from qgraph.ir.graph_view import KERNEL_KEY, KERNELS, LOWERED_FROM_KEY, MODULE_KERNELS
 
 _COMPUTE = ("call_module", "call_function", "call_method")
 # Positional index of BatchNorm constants in the aten / functional forms.
 _BN_ARGS = {"weight": 1, "bias": 2, "running_mean": 3, "running_var": 4}
+_BN_EPS_ARG = {"batch_norm": 7, "_native_batch_norm_legit_no_training": 6}
 _GUARD_MODULES = ("_guards_fn",)
 
 
@@ -21,6 +25,9 @@ class FxGraph:
     ``frontend`` is ``"fx"`` (symbolic_trace: layers are ``call_module`` nodes) or ``"export"``
     (torch.export: ATen ``call_function`` nodes with ``get_attr`` constants).
     """
+
+    ir = "fx"
+    live_collect = True  # taps run inside the forward: weights swapped by a tap affect the rest of the run
 
     def __init__(self, gm: fx.GraphModule, *, frontend: str, example_inputs: tuple = (), name: str = "model"):
         self.gm = gm
@@ -90,6 +97,64 @@ class FxGraph:
     def meta(self, node: fx.Node) -> dict[str, Any]:
         return node.meta
 
+    def attribute(self, node: fx.Node, name: str, default: Any = None) -> Any:
+        op = self.op_type(node)
+        mod = self.module_of(node)
+        if op == "BatchNormalization" and name in ("epsilon", "training_mode"):
+            if mod is not None:
+                training = mod.training or mod.running_var is None
+                return int(training) if name == "training_mode" else float(mod.eps)
+            packet = getattr(node.target, "overloadpacket", None)  # aten batch_norm forms only
+            if packet is None:
+                return default
+            fn = packet.__name__
+            if name == "training_mode":
+                return int(bool(self.literal_arg(node, 5, False))) if fn == "batch_norm" else 0
+            idx = _BN_EPS_ARG.get(fn)
+            return float(self.literal_arg(node, idx, 1e-5)) if idx is not None else default
+        if op == "Gemm" and name == "transB":
+            return {"nk": 1, "kn": 0}.get(self.weight_layout(node), default)
+        if mod is not None:
+            value = getattr(mod, name, default)
+            return default if isinstance(value, (torch.Tensor, nn.Module)) else value
+        return node.kwargs.get(name, default)
+
+    def _target_name(self, node: fx.Node) -> str:
+        return str(getattr(node.target, "__name__", node.target)) if node.op == "call_function" else ""
+
+    def is_linear(self, node: fx.Node) -> bool:
+        if self.op_type(node) != "Gemm":
+            return False
+        mod = self.module_of(node)
+        linear = isinstance(mod, nn.Linear) if mod is not None else (
+            node.op == "call_function" and (node.target is F.linear or "aten.linear" in str(node.target)))
+        w = self.param(node, "weight")
+        return linear and w is not None and w.dim() == 2
+
+    def is_embedding(self, node: fx.Node) -> bool:
+        if self.op_type(node) != "Gather":
+            return False
+        mod = self.module_of(node)
+        if mod is not None:
+            plain = isinstance(mod, nn.Embedding) and mod.max_norm is None
+        else:
+            plain = node.op == "call_function" and "embedding" in str(node.target) and len(self.inputs(node)) == 1
+        w = self.param(node, "weight")
+        return plain and w is not None and w.dim() == 2
+
+    def weight_layout(self, node: fx.Node) -> str | None:
+        op = self.op_type(node)
+        w = self.param(node, "weight")
+        if w is None:
+            return None
+        if op == "Conv":
+            return "nk"
+        if w.dim() != 2 or op not in ("Gemm", "MatMul"):
+            return None
+        if op == "Gemm":
+            return "kn" if node.op == "call_function" and "addmm" in str(node.target) else "nk"
+        return "kn"
+
     # --- constants -------------------------------------------------------------------------
     def _const_arg_index(self, node: fx.Node, role: str) -> int | None:
         op = self.op_type(node)
@@ -141,6 +206,13 @@ class FxGraph:
         with self.gm.graph.inserting_before(node):
             args[idx] = self.gm.graph.get_attr(attr)
         node.args = tuple(args)
+
+    def shares_weight(self, node: fx.Node) -> bool:
+        w = self.param(node, "weight")
+        if w is None:
+            return False
+        ptr = w.data_ptr()
+        return sum(1 for n in self.nodes() if (p := self.param(n, "weight")) is not None and p.data_ptr() == ptr) > 1
 
     def constant_attr(self, name_hint: str, value: torch.Tensor) -> str:
         """Register a new constant on the module and return its attribute name."""
@@ -242,6 +314,50 @@ class FxGraph:
     def replace_all_uses(self, old: fx.Node, new: fx.Node) -> None:
         old.replace_all_uses_with(new)
 
+    def replace_node(self, old: fx.Node, new: fx.Node) -> None:
+        # ops returning a tuple (_native_batch_norm_legit_no_training: out, mean, invstd) are read through getitem
+        for user in list(old.users):
+            if user.op == "call_function" and user.target is operator.getitem and user.args[1] == 0:
+                user.replace_all_uses_with(new)
+                self.gm.graph.erase_node(user)
+        old.replace_all_uses_with(new)
+        self.gm.graph.erase_node(old)
+
+    def scale_input(self, nodes: list[fx.Node], idx: int, factor: torch.Tensor) -> fx.Node:
+        producer = self.inputs(nodes[0])[idx]
+        attr = self.constant_attr(f"{nodes[0].name}_input_scale", factor.detach())
+        with self.gm.graph.inserting_before(nodes[0]):
+            const = self.gm.graph.get_attr(attr)
+            mul = self.gm.graph.call_function(torch.mul, (producer, const))
+        mul.meta.update({k: v for k, v in producer.meta.items() if k in ("val", "tensor_meta")})
+        for n in nodes:
+            n.replace_input_with(producer, mul)
+        return mul
+
+    def supports_kernel(self, kernel: str) -> bool:
+        return kernel in KERNELS or kernel in MODULE_KERNELS
+
+    def replace_with_kernel(self, node: fx.Node, kernel: str, qweight: Any, *, bias: torch.Tensor | None = None,
+                            **options: Any) -> fx.Node:
+        if kernel == "biqgemm":
+            from qgraph.kernels import BCQLinear
+
+            module = BCQLinear(qweight, bias, mode=options.get("mode", "exact"))
+            new = self.replace_with_module(node, module, f"{node.name}_biqgemm")
+            new.meta[KERNEL_KEY] = module.layout
+        elif kernel == "rowwise_gather":
+            from qgraph.kernels.embedding import RowwiseQuantizedEmbedding
+
+            module = RowwiseQuantizedEmbedding(qweight.codes, qweight.scale,
+                                               qweight.zero_point.to(qweight.scale.dtype), qweight.spec.bits)
+            ids = self.inputs(node)[0]
+            new = self.replace_with_module(node, module, f"{node.name}_rowwise", inputs=[ids])
+            new.meta[KERNEL_KEY] = type(module).__name__
+        else:
+            raise KeyError(f"the fx adapter has no kernel {kernel!r}; it builds {', '.join(KERNELS)}")
+        new.meta[LOWERED_FROM_KEY] = node.name
+        return new
+
     def erase(self, node: fx.Node) -> None:
         self.gm.graph.erase_node(node)
 
@@ -260,10 +376,31 @@ class FxGraph:
     def __call__(self, *inputs: Any) -> Any:
         return self.gm(*inputs)
 
+    def node_values(self, inputs: tuple) -> tuple[dict[str, torch.Tensor], list[str]]:
+        rec = _Recorder(self.gm)
+        with torch.no_grad():
+            rec.run(*inputs)
+        order = [n.meta.get(LOWERED_FROM_KEY, n.name) for n in self.gm.graph.nodes]
+        return rec.values, order
+
     def __str__(self) -> str:
         from qgraph.ir.printer import format_graph
 
         return format_graph(self)
+
+
+class _Recorder(fx.Interpreter):
+    """Runs a GraphModule node by node, keeping every float tensor output by (pre-lowering) node name."""
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.values: dict[str, torch.Tensor] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if isinstance(out, torch.Tensor) and out.is_floating_point():
+            self.values[n.meta.get(LOWERED_FROM_KEY, n.name)] = out.detach()
+        return out
 
 
 def _stored_tensors(gm: fx.GraphModule) -> int:

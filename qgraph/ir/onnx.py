@@ -15,7 +15,8 @@ import onnx
 import onnx_ir as ir
 import torch
 
-from qgraph.errors import CalibrationError, ExportError
+from qgraph.errors import CalibrationError, ExportError, KernelError
+from qgraph.ir.graph_view import KERNEL_KEY, KERNELS, LOWERED_FROM_KEY
 
 MIN_OPSET, MAX_OPSET = 13, 23
 _NUMPY_DTYPES = {torch.int64: np.int64, torch.int32: np.int32, torch.float32: np.float32, torch.bool: np.bool_}
@@ -73,7 +74,9 @@ def _check_structure(proto: onnx.ModelProto, name: str) -> None:
 class OnnxGraph:
     """A `GraphView` over an ONNX model (onnx_ir), run with onnxruntime."""
 
+    ir = "onnx"
     frontend = "onnx"
+    live_collect = False  # calibration values come back after each onnxruntime run
 
     def __init__(self, model: ir.Model, *, name: str = "model", example_inputs: tuple = ()):
         self.model = model
@@ -120,6 +123,56 @@ class OnnxGraph:
 
     def meta(self, node: ir.Node) -> dict[str, Any]:
         return node.meta
+
+    def attribute(self, node: ir.Node, name: str, default: Any = None) -> Any:
+        """The attribute's value; when the node omits it, the operator schema's default (``epsilon`` of
+        BatchNormalization: 1e-5), else ``default``."""
+        attr = node.attributes.get(name)
+        if attr is not None:
+            return attr.value
+        domain = "" if node.domain == "ai.onnx" else node.domain
+        try:
+            schema = onnx.defs.get_schema(node.op_type, self.model.opset_imports.get(domain, 1), domain)
+        except onnx.defs.SchemaError:
+            return default
+        spec = schema.attributes.get(name)
+        if spec is None or spec.default_value.type == onnx.AttributeProto.UNDEFINED:
+            return default
+        return onnx.helper.get_attribute_value(spec.default_value)
+
+    def _const_matrix(self, node: ir.Node, idx: int) -> bool:
+        v = node.inputs[idx] if idx < len(node.inputs) else None
+        return v is not None and v.const_value is not None and len(v.const_value.shape) == 2
+
+    def _data_input(self, node: ir.Node, idx: int) -> bool:
+        v = node.inputs[idx] if idx < len(node.inputs) else None
+        return v is not None and v.const_value is None
+
+    def is_linear(self, node: ir.Node) -> bool:
+        if node.domain not in ("", "ai.onnx") or not self._data_input(node, 0) or not self._const_matrix(node, 1):
+            return False
+        if node.op_type == "MatMul":
+            return True
+        return node.op_type == "Gemm" and not self.attribute(node, "transA", 0) and \
+            self.attribute(node, "alpha", 1.0) == 1.0 and self.attribute(node, "beta", 1.0) == 1.0
+
+    def is_embedding(self, node: ir.Node) -> bool:
+        return node.domain in ("", "ai.onnx") and node.op_type == "Gather" and self.attribute(node, "axis", 0) == 0 \
+            and self._const_matrix(node, 0) and self._data_input(node, 1)
+
+    def weight_layout(self, node: ir.Node) -> str | None:
+        """``"nk"`` for Conv and for Gemm / MatMul with a constant 2-D weight: `param` presents those as
+        ``[out, in]`` whatever their storage (``transB``, MatMul's ``[in, out]``)."""
+        if node.op_type == "Conv" and self.param(node, "weight") is not None:
+            return "nk"
+        if node.op_type in ("Gemm", "MatMul") and self._const_matrix(node, 1):
+            return "nk"
+        return None
+
+    def shares_weight(self, node: ir.Node) -> bool:
+        slot = self._weight_slot(node, "weight")
+        v = node.inputs[slot[0]] if slot is not None and slot[0] < len(node.inputs) else None
+        return v is not None and v.const_value is not None and len(v.uses()) > 1
 
     # --- constants -------------------------------------------------------------------------
     def _weight_slot(self, node: ir.Node, role: str) -> tuple[int, bool] | None:
@@ -294,6 +347,84 @@ class OnnxGraph:
         old.outputs[0].replace_all_uses_with(new.outputs[0])
         self._session = None
 
+    def replace_node(self, old: ir.Node, new: ir.Node) -> None:
+        _take_over(old.outputs[0], new.outputs[0])
+        self.model.graph.remove(old, safe=True)
+        self._session = None
+
+    def scale_input(self, nodes: list[ir.Node], idx: int, factor: torch.Tensor) -> ir.Node:
+        value = self.inputs(nodes[0])[idx]
+        first = nodes[0]
+        c = ir.Value(name=self._fresh_name(f"{first.name}_input_scale"),
+                     const_value=ir.tensor(np.ascontiguousarray(factor.detach().cpu().numpy())))
+        self.model.graph.register_initializer(c)
+        mul = ir.Node("", "Mul", [value, c], name=self._fresh_name(f"{first.name}_scale_input"))
+        mul.outputs[0].name = self._fresh_name(f"{first.name}_in{idx}_scaled")
+        self.model.graph.insert_before(first, mul)
+        for n in nodes:
+            for pos, v in enumerate(n.inputs):
+                if v is value:
+                    n.replace_input_with(pos, mul.outputs[0])
+        self._session = None
+        return mul
+
+    def supports_kernel(self, kernel: str) -> bool:
+        return kernel in KERNELS
+
+    def replace_with_kernel(self, node: ir.Node, kernel: str, qweight: Any, *, bias: torch.Tensor | None = None,
+                            **options: Any) -> ir.Node:
+        """The node becomes what `qgraph.export` writes for it: ``ai.qgraph::BiQGEMM`` (the exact product; there
+        is no int8-table mode in ONNX) or a row-wise Gather of integer codes. Built as the exporter's placeholder
+        and rewritten by `qgraph.export.rewrite`, so a saved lowered graph is the exported file."""
+        from qgraph.export import rewrite as rewrite_mod
+        from qgraph.export import schema
+
+        name = self.name(node) or self._fresh_name(node.op_type)
+        g = self.model.graph
+
+        def const(suffix: str, arr: np.ndarray) -> ir.Value:
+            v = ir.Value(name=self._fresh_name(f"{name}_{suffix}"), const_value=ir.tensor(np.ascontiguousarray(arr)))
+            g.register_initializer(v)
+            return v
+
+        if kernel == "biqgemm":
+            m, k = qweight.shape
+            x = self.inputs(node)[0]
+            ins = [x, const("planes", qweight.planes.cpu().numpy()),
+                   const("alpha", qweight.alpha.cpu().to(torch.float32).numpy()),
+                   None if qweight.offset is None else const("offset", qweight.offset.cpu().numpy()),
+                   None if bias is None else const("bias", bias.detach().cpu().to(torch.float32).numpy())]
+            attrs = [ir.AttrInt64("out_features", m), ir.AttrInt64("in_features", k),
+                     ir.AttrInt64("group_size", qweight.group_size), ir.AttrString("name", name)]
+            placeholder = ir.Node(schema.PRIVATE_DOMAIN, "BCQLinear", ins, attributes=attrs, name=f"{name}__bcq")
+        elif kernel == "rowwise_gather":
+            codes, zp, bits = _rowwise_codes(qweight, packed=self.model.opset_imports.get("", 0) >= 18)
+            ins = [self.inputs(node)[0], const("codes", codes), const("scale", qweight.scale.cpu().to(torch.float32)
+                                                                           .numpy()), const("zero_point", zp)]
+            attrs = [ir.AttrInt64("bits", bits), ir.AttrInt64("dim", int(qweight.codes.shape[1])),
+                     ir.AttrString("name", name)]
+            placeholder = ir.Node(schema.PRIVATE_DOMAIN, "RowwiseGather", ins, attributes=attrs, name=f"{name}__rows")
+        else:
+            raise KernelError(f"the ONNX adapter has no kernel {kernel!r}; it builds {', '.join(KERNELS)}")
+        out = node.outputs[0]
+        out_name = out.name
+        g.insert_before(node, placeholder)
+        ir.convenience.replace_all_uses_with(out, placeholder.outputs[0], replace_graph_outputs=True)
+        out.name = self._fresh_name(f"{out_name}__lowered")
+        placeholder.outputs[0].name = out_name
+        placeholder.outputs[0].type, placeholder.outputs[0].shape = out.type, out.shape
+        g.remove(node, safe=True)
+        self.model.opset_imports.setdefault(schema.PRIVATE_DOMAIN, schema.VERSION)
+        schema.register()
+        rewrite_mod.rewrite(self.model)
+        new = next(n for n in g if any(o.name == out_name for o in n.outputs))
+        new.name = name  # the node it replaced: verify compares them by name
+        new.meta[LOWERED_FROM_KEY] = name
+        note = " (exact: the ONNX op has no int8-table mode)" if options.get("mode", "exact") != "exact" else ""
+        new.meta[KERNEL_KEY] = f"{new.domain + '::' if new.domain else ''}{new.op_type}{note}"
+        self._session = None
+        return new
+
     def erase(self, node: ir.Node) -> None:
         self.model.graph.remove(node, safe=True)
         self._session = None
@@ -320,6 +451,10 @@ class OnnxGraph:
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         opts.intra_op_num_threads = opts.intra_op_num_threads or torch.get_num_threads()
         opts.log_severity_level = 3
+        if any(o.domain == _CUSTOM_DOMAIN for o in proto.opset_import):
+            from qgraph.export.ort_ops import session_options
+
+            session_options(opts)  # registers ai.qgraph::BiQGEMM (qgraph's kernel) with onnxruntime
         return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
     def _feed(self, inputs: tuple) -> dict[str, np.ndarray]:
@@ -340,6 +475,27 @@ class OnnxGraph:
                 raise
             raise ExportError(f"onnxruntime could not run {self.name_}: {str(e).splitlines()[0][:300]}") from None
         return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def node_values(self, inputs: tuple) -> tuple[dict[str, torch.Tensor], list[str]]:
+        proto = self.to_proto()
+        existing = {o.name for o in proto.graph.output}
+        wanted: dict[str, str] = {}
+        order = []
+        for node in self.model.graph:
+            name = node.meta.get(LOWERED_FROM_KEY, node.name)
+            if not name or not node.outputs or not node.outputs[0].name:
+                continue
+            order.append(name)
+            wanted[node.outputs[0].name] = name
+            if node.outputs[0].name not in existing:
+                proto.graph.output.append(onnx.ValueInfoProto(name=node.outputs[0].name))
+        session = self._make_session(proto)
+        results = session.run(None, self._feed(inputs))
+        values = {}
+        for out, arr in zip(session.get_outputs(), results):
+            if out.name in wanted and isinstance(arr, np.ndarray) and np.issubdtype(arr.dtype, np.floating):
+                values[wanted[out.name]] = torch.from_numpy(arr)
+        return values, order
 
     def collect(self, requests: list[tuple[ir.Node, int]], batches, on_value) -> int:
         """Run ``batches`` with onnxruntime, handing input ``idx`` of each requested node to ``on_value``."""
@@ -371,6 +527,35 @@ class OnnxGraph:
         from qgraph.ir.printer import format_graph
 
         return format_graph(self)
+
+
+_CUSTOM_DOMAIN = "ai.qgraph"
+
+
+def _take_over(old: ir.Value, new: ir.Value) -> None:
+    """Every use of ``old`` reads ``new`` instead; a graph output keeps its name (``new`` takes it over)."""
+    name = old.name
+    output = old.is_graph_output()
+    if output:
+        old.name = f"{name}__replaced"
+    ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
+    if output:
+        new.name = name
+
+
+def _rowwise_codes(qweight: Any, *, packed: bool) -> tuple[np.ndarray, np.ndarray, int]:
+    """(codes, float zero points, bits attribute) of the exporter's RowwiseGather for a row-wise UniformWeight:
+    ≤ 4-bit codes two per byte like `RowwiseQuantizedEmbedding` (unpacked below opset 18, which lacks
+    BitwiseAnd), the code offset folded into the zero points."""
+    from qgraph.kernels.embedding import RowwiseQuantizedEmbedding
+
+    bits = qweight.spec.bits
+    mod = RowwiseQuantizedEmbedding(qweight.codes, qweight.scale, qweight.zero_point.to(qweight.scale.dtype), bits)
+    zp = (mod.zero_point + float(mod.code_offset)).numpy()
+    if bits > 4 or packed:
+        return mod.codes.numpy(), zp, bits
+    codes = (qweight.codes.to(torch.int16) + mod.code_offset).to(torch.uint8).numpy()
+    return codes, zp, 8
 
 
 def eval_list(text: str) -> list[str]:

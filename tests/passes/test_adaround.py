@@ -205,7 +205,7 @@ def test_typed_errors_and_place_in_pipelines():
         _quantize(model, "annotate{scheme=bcq,bits=2,group_size=8},adaround", _calib())
     from qgraph.ir.onnx import load_onnx
 
-    with pytest.raises(PipelineError, match="adaround needs a torch graph"):
+    with pytest.raises(PipelineError, match="pass 'adaround' runs on torch.fx graphs only"):
         qgraph.quantize(load_onnx(_mlp_proto()), calib=[torch.randn(4, 16)], progress=False,
                         pipeline="annotate{bits=4,act_bits=0},adaround")
     with pytest.raises(PassOrderError):

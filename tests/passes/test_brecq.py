@@ -111,7 +111,7 @@ def test_typed_errors_and_place_in_pipelines():
         PassManager("annotate{bits=4,act_bits=0},brecq").run(graph, PassContext(config={"progress": False}))
     with pytest.raises(SpecError, match="use gptq"):
         _quantize(model, "annotate{scheme=bcq,bits=2,group_size=8},brecq", calib)
-    with pytest.raises(PipelineError, match="brecq needs a torch graph"):
+    with pytest.raises(PipelineError, match="pass 'brecq' runs on torch.fx graphs only"):
         qgraph.quantize(load_onnx(_mlp_proto()), calib=[torch.randn(4, 16)], progress=False,
                         pipeline="annotate{bits=4,act_bits=0},brecq")
     with pytest.raises(PipelineError, match="option 'gap_layers' must be >= 1, got 0"):

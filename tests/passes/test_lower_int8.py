@@ -354,15 +354,18 @@ def test_missing_quantized_weights_is_a_typed_error():
         qgraph.quantize(model, (x,), calib=[x], progress=False, pipeline="annotate{act_bits=8},calibrate,lower-int8")
 
 
-def test_bad_option_and_non_fx_graph():
+def test_bad_option_and_onnx_graph():
     with pytest.raises(PipelineError, match="gemm"):
         PassManager("lower-int8{gemm=fast}")
+    from qgraph.ir.onnx import load_onnx
+    from tests.ir.test_onnx_adapter import _mlp_proto
 
-    class NotFx:
-        properties = frozenset({"annotated"})
-
-    with pytest.raises(PipelineError, match="FxGraph"):
-        PassManager("lower-int8").run(NotFx(), PassContext(target="x86-avx2"))
+    # an ONNX graph has no torch int8 modules: the nodes stay the Q/DQ simulation, each with the reason
+    q = qgraph.quantize(load_onnx(_mlp_proto()), calib=[torch.randn(4, 16)], progress=False,
+                        pipeline="annotate{act_bits=8},calibrate,quantize-weights,insert-fq,lower-int8")
+    assert q.report["stats"]["lower-int8"] == {"lowered": 0, "chained": 0}
+    assert [r["reason"].split(";")[0] for r in q.report["lowering"]] == \
+        ["int8_gemm: an onnx graph cannot run the int8_gemm kernel (a torch module)"] * 2
 
 
 def test_kernel_modules_reject_bad_inputs():

@@ -1,0 +1,192 @@
+"""The GraphView contract: passes written once run on torch.fx and on ONNX with the same decisions and results.
+
+ONNX models here are built with onnx.helper (the adapter tests' MLP: Gemm + Relu + MatMul) or exported by
+torch.onnx from the twin torch module (Gemm), and compared with the torch path on the same weights.
+"""
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+import qgraph
+from qgraph import PassContext, PassManager, PipelineError, trace
+from qgraph.api import lowering_pipeline
+from qgraph.ir.onnx import load_onnx
+from tests.conftest import rel_err
+from tests.ir.test_onnx_adapter import _mlp_proto
+
+BCQ3 = lowering_pipeline("scheme=bcq,bits=3,group_size=32")
+
+
+def _twin(proto: onnx.ModelProto) -> nn.Module:
+    """nn.Sequential(Linear, ReLU, Linear) with the weights of `_mlp_proto(k, h, n)` (transB=1)."""
+    inits = {t.name: torch.from_numpy(onnx.numpy_helper.to_array(t).copy()) for t in proto.graph.initializer}
+    h, k = inits["w1"].shape
+    n = inits["w2"].shape[1]
+    m = nn.Sequential(nn.Linear(k, h), nn.ReLU(), nn.Linear(h, n, bias=False)).eval()
+    with torch.no_grad():
+        m[0].weight.copy_(inits["w1"])
+        m[0].bias.copy_(inits["b1"])
+        m[2].weight.copy_(inits["w2"].T)
+    return m
+
+
+def _mlp(seed=0, k=64, h=96, n=32):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(k, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, n)).eval()
+
+
+def _exported(model: nn.Module, x: torch.Tensor, path) -> str:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), str(path), dynamo=True, input_names=["x"], output_names=["y"],
+                          dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024)},))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def helper_mlp():
+    proto = _mlp_proto(k=64, h=64, n=32)
+    return proto, _twin(proto)
+
+
+def test_onnx_adapter_answers_the_layer_questions(helper_mlp):
+    proto, twin = helper_mlp
+    g, f = load_onnx(proto), trace(twin, (torch.randn(2, 64),))
+    assert g.ir == "onnx" and f.ir == "fx"
+    assert [(g.op_type(n), g.is_linear(n), g.weight_layout(n)) for n in g.nodes()] == \
+        [("Gemm", True, "nk"), ("Relu", False, None), ("MatMul", True, "nk")]
+    assert [(f.op_type(n), f.is_linear(n), f.weight_layout(n)) for n in f.nodes()] == \
+        [("Gemm", True, "nk"), ("Relu", False, None), ("Gemm", True, "nk")]
+    gemm = g.nodes()[0]
+    assert g.attribute(gemm, "transB") == 1 and g.attribute(gemm, "alpha") == 1.0  # alpha: the schema default
+    assert g.attribute(gemm, "no_such", "d") == "d"
+    assert f.attribute(f.nodes()[0], "transB") == 1
+
+
+def test_bcq3_lowering_pipeline_on_onnx_matches_the_torch_path(helper_mlp, tmp_path):
+    """Was: AttributeError: 'Node' object has no attribute 'op' in lower-bcq (qgraph.lowering.weight_layout)."""
+    proto, twin = helper_mlp
+    calib = [torch.randn(8, 64) for _ in range(3)]
+    x = torch.randn(5, 64)
+    q_onnx = qgraph.quantize(load_onnx(proto), calib=calib, progress=False, pipeline=BCQ3)
+    q_torch = qgraph.quantize(twin, (x,), calib=calib, progress=False, pipeline=BCQ3)
+    assert q_onnx.report["stats"]["lower-bcq"] == q_torch.report["stats"]["lower-bcq"] == {"lowered": 2}
+    assert [(n.domain, n.op_type, n.name) for n in q_onnx.graph.nodes()] == \
+        [("ai.qgraph", "BiQGEMM", "fc1"), ("", "Relu", "act"), ("ai.qgraph", "BiQGEMM", "fc2")]
+    assert q_onnx.report["stats"]["verify"]["output_rel_err"] <= 1e-5
+    assert rel_err(q_onnx(x), q_torch(x)) <= 1e-5
+    # the lowered graph is the exporter's file: it passes the checker and runs in a fresh onnxruntime session
+    path = q_onnx.graph.save(tmp_path / "mlp-bcq3.onnx")
+    onnx.checker.check_model(str(path))
+    from qgraph.export.parity import run_onnx, session
+
+    y = run_onnx(session(path), (x,))[0]
+    assert rel_err(torch.from_numpy(y), q_torch(x)) <= 1e-5
+
+
+def test_bcq3_lowering_of_a_torch_exported_gemm_mlp(tmp_path):
+    model = _mlp()
+    x = torch.randn(4, 64)
+    path = _exported(model, x, tmp_path / "mlp.onnx")
+    g = load_onnx(path)
+    linears = [n for n in g.nodes() if g.is_linear(n)]
+    assert [g.op_type(n) for n in linears] == ["Gemm"] * 3
+    calib = [torch.randn(8, 64) for _ in range(2)]
+    q_onnx = qgraph.quantize(g, calib=calib, progress=False, pipeline=BCQ3)
+    q_torch = qgraph.quantize(model, (x,), calib=calib, progress=False, pipeline=BCQ3)
+    assert q_onnx.report["stats"]["lower-bcq"] == q_torch.report["stats"]["lower-bcq"] == {"lowered": 3}
+    assert rel_err(q_onnx(x), q_torch(x)) <= 1e-5
+
+
+@pytest.mark.parametrize("pipe", ["annotate{scheme=bcq,bits=3,group_size=32},gptq,insert-fq",
+                                  "annotate{bits=4,act_bits=0},gptq,insert-fq",
+                                  "annotate{bits=4,act_bits=0},gptq{sequential=false},insert-fq"])
+def test_gptq_on_onnx_quantizes_every_weight_bearing_gemm_and_matmul(helper_mlp, pipe):
+    """Was: {'gptq': 0, 'rtn': 2} on ONNX (gptq read fx's node.op / node.target)."""
+    proto, twin = helper_mlp
+    calib = [torch.randn(8, 64) for _ in range(3)]
+    x = torch.randn(5, 64)
+    g = load_onnx(proto)
+    weighted = sum(1 for n in g.nodes() if g.op_type(n) in ("Gemm", "MatMul") and g.param(n, "weight") is not None)
+    q_onnx = qgraph.quantize(g, calib=calib, progress=False, pipeline=pipe)
+    q_torch = qgraph.quantize(twin, (x,), calib=calib, progress=False, pipeline=pipe)
+    stats = q_onnx.report["stats"]["gptq"]
+    assert (stats["gptq"], stats["rtn"]) == (weighted, 0) == (2, 0)
+    assert stats == q_torch.report["stats"]["gptq"]
+    assert rel_err(q_onnx(x), q_torch(x)) <= 1e-4
+    # the float weights are back in the graph: the quantized ones live in the meta until insert-fq
+    rows = q_onnx.report["layers"]
+    assert [r["method"] for r in rows] == ["gptq", "gptq"]
+
+
+def test_smooth_quant_runs_on_onnx_with_the_torch_statistics(helper_mlp):
+    proto, twin = helper_mlp
+    calib = [torch.randn(8, 64) * torch.linspace(0.1, 8, 64) for _ in range(3)]
+    x = calib[0][:5]
+    pipe = "annotate{act_bits=8},smooth-quant,calibrate,quantize-weights,insert-fq"
+    q_onnx = qgraph.quantize(load_onnx(proto), calib=calib, progress=False, pipeline=pipe)
+    q_torch = qgraph.quantize(twin, (x,), calib=calib, progress=False, pipeline=pipe)
+    assert q_onnx.report["stats"]["smooth-quant"] == q_torch.report["stats"]["smooth-quant"] == \
+        {"smoothed": 2, "groups": 2}
+    assert sum(n.op_type == "Mul" for n in q_onnx.graph.nodes()) == 2
+    assert rel_err(q_onnx(x), q_torch(x)) <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["adaround", "brecq", "aespa", "clip-search"])
+def test_torch_only_passes_are_refused_on_onnx_before_anything_runs(helper_mlp, name):
+    proto, _ = helper_mlp
+    g = load_onnx(proto)
+    with pytest.raises(PipelineError, match=f"pass '{name}' runs on torch.fx graphs only \\(.+\\), and this is an "
+                                            f"ONNX graph; quantize the torch model instead of its ONNX export, or "
+                                            f"drop '{name}' from the pipeline"):
+        PassManager(f"annotate{{bits=4,act_bits=0}},{name}").run(g, PassContext(calibration=[torch.randn(4, 64)]))
+    assert not any(g.meta(n) for n in g.nodes())  # annotate did not run either
+
+
+def test_sparq_is_refused_on_onnx():
+    g = load_onnx(_mlp_proto())
+    with pytest.raises(PipelineError, match="pass 'sparq' runs on torch.fx graphs only"):
+        PassManager("annotate{act_bits=8},calibrate,insert-fq,sparq").run(g, PassContext())
+
+
+def test_w8a8_lowering_pipeline_on_onnx_keeps_the_qdq_simulation_and_says_why(helper_mlp):
+    proto, twin = helper_mlp
+    calib = [torch.randn(8, 64) for _ in range(2)]
+    x = torch.randn(5, 64)
+    q = qgraph.quantize(load_onnx(proto), calib=calib, progress=False, pipeline=lowering_pipeline("act_bits=8"))
+    rows = q.report["lowering"]
+    assert [(r["node"], r["status"]) for r in rows] == [("fc1", "float"), ("fc2", "float")]
+    assert all("cannot run the int8_gemm kernel" in r["reason"] and "onnxruntime" in r["reason"] for r in rows)
+    sim = qgraph.quantize(load_onnx(proto), calib=calib, progress=False,
+                          pipeline="annotate{act_bits=8},calibrate,quantize-weights,insert-fq")
+    assert rel_err(q(x), sim(x)) == 0.0
+
+
+def test_shares_weight_on_both_adapters():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(8, 8)
+            self.b = nn.Linear(8, 8)
+            self.b.weight = self.a.weight
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    f = trace(Tied().eval(), (torch.randn(2, 8),))
+    assert [f.shares_weight(n) for n in f.nodes() if f.op_type(n) == "Gemm"] == [True, True]
+    from onnx import TensorProto, helper
+
+    w = np.random.default_rng(0).standard_normal((8, 8)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="a"), helper.make_node("Relu", ["h"], ["r"], name="r"),
+             helper.make_node("MatMul", ["r", "w"], ["y"], name="b")]
+    graph = helper.make_graph(nodes, "tied", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8])],
+                              initializer=[onnx.numpy_helper.from_array(w, "w")])
+    g = load_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert [g.shares_weight(n) for n in g.nodes()] == [True, False, True]
+    assert [g.shares_weight(n) for n in load_onnx(_mlp_proto()).nodes()] == [False, False, False]
