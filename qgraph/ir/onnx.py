@@ -7,6 +7,7 @@ observed values as extra graph outputs and runs onnxruntime.
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from qgraph.errors import CalibrationError, ExportError, KernelError
 from qgraph.ir.graph_view import KERNEL_KEY, KERNELS, LOWERED_FROM_KEY
 
 MIN_OPSET, MAX_OPSET = 13, 23
+UPGRADE_FROM, UPGRADE_TO = 7, 17  # older default-domain opsets are converted to UPGRADE_TO on load
 _NUMPY_DTYPES = {torch.int64: np.int64, torch.int32: np.int32, torch.float32: np.float32, torch.bool: np.bool_}
 
 
@@ -40,9 +42,14 @@ def load_onnx(path_or_proto: str | Path | onnx.ModelProto | bytes) -> OnnxGraph:
         raise ExportError(f"{name} is not a readable ONNX model ({type(e).__name__}: {str(e)[:200]}); "
                           f"re-export it or check the file is complete") from None
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    upgraded_from = None
+    if opset is not None and UPGRADE_FROM <= opset < MIN_OPSET:
+        proto, upgraded_from, opset = _upgrade(proto, opset, name), opset, UPGRADE_TO
     if opset is None or not MIN_OPSET <= opset <= MAX_OPSET:
         raise ExportError(f"{name}: default-domain opset {opset} is unsupported; qgraph reads opsets "
-                          f"{MIN_OPSET}..{MAX_OPSET} (convert with onnx.version_converter)")
+                          f"{MIN_OPSET}..{MAX_OPSET} and upgrades {UPGRADE_FROM}..{MIN_OPSET - 1} (convert older "
+                          f"models with onnx.version_converter, or re-export them)")
+    proto = _initializers_not_inputs(proto)
     try:
         onnx.checker.check_model(proto)
     except Exception as e:
@@ -50,10 +57,59 @@ def load_onnx(path_or_proto: str | Path | onnx.ModelProto | bytes) -> OnnxGraph:
     _check_structure(proto, name)
     try:
         model = ir.from_proto(proto)
+        _lift_constants(model)
         ir.to_proto(model)  # names or attributes the IR cannot write back fail here, not mid-pipeline
     except Exception as e:
         raise ExportError(f"{name} cannot be read into the IR: {type(e).__name__}: {str(e)[:200]}") from None
-    return OnnxGraph(model, name=Path(name).stem)
+    graph = OnnxGraph(model, name=Path(name).stem)
+    if upgraded_from is not None:
+        graph.notes.append(f"default-domain opset {upgraded_from} upgraded to {UPGRADE_TO} with onnx.version_converter")
+    return graph
+
+
+def _upgrade(proto: onnx.ModelProto, opset: int, name: str) -> onnx.ModelProto:
+    """``proto`` converted to opset `UPGRADE_TO` by onnx.version_converter, with a warning that says so."""
+    from onnx import version_converter
+
+    try:
+        converted = version_converter.convert_version(proto, UPGRADE_TO)
+    except Exception as e:  # noqa: BLE001 - the converter raises C++ errors of many kinds
+        raise ExportError(f"{name}: default-domain opset {opset} could not be upgraded to {UPGRADE_TO} by "
+                          f"onnx.version_converter ({type(e).__name__}: {str(e).splitlines()[0][:200]}); re-export "
+                          f"the model at opset {MIN_OPSET} or newer") from None
+    floor = onnx.helper.find_min_ir_version_for(list(converted.opset_import), ignore_unknown=True)
+    converted.ir_version = max(converted.ir_version, floor)
+    warnings.warn(f"{name}: ONNX default-domain opset {opset} upgraded to {UPGRADE_TO} with onnx.version_converter",
+                  OpsetUpgradeWarning, stacklevel=3)
+    return converted
+
+
+def _initializers_not_inputs(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Drop graph inputs that name an initializer (the IR < 4 convention, still common in model zoos): qgraph
+    treats them as the constants they hold, not as inputs a caller feeds."""
+    names = {t.name for t in proto.graph.initializer}
+    if not any(i.name in names for i in proto.graph.input):
+        return proto
+    original, proto = proto, onnx.ModelProto()
+    proto.CopyFrom(original)  # the caller's proto stays as it was
+    keep = [i for i in proto.graph.input if i.name not in names]
+    del proto.graph.input[:]
+    proto.graph.input.extend(keep)
+    proto.ir_version = max(proto.ir_version, 4)
+    return proto
+
+
+def _lift_constants(model: ir.Model) -> None:
+    """Tensor-valued Constant nodes become initializers (older exporters store weights that way), so `param`
+    sees a Conv / Gemm / BatchNormalization constant whichever way the file holds it."""
+    from onnx_ir.passes.common import LiftConstantsToInitializersPass
+
+    if any(n.op_type == "Constant" and n.domain in ("", "ai.onnx") for n in model.graph):
+        LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=0)(model)
+
+
+class OpsetUpgradeWarning(UserWarning):
+    """An ONNX model below opset 13 was upgraded with onnx.version_converter on load."""
 
 
 def _check_structure(proto: onnx.ModelProto, name: str) -> None:
@@ -83,6 +139,7 @@ class OnnxGraph:
         self.name_ = name
         self.properties: set[str] = set()
         self.example_inputs = tuple(example_inputs)
+        self.notes: list[str] = []  # what load_onnx changed on the way in (opset upgrade)
         self._session = None
 
     @property

@@ -85,12 +85,23 @@ def test_calibration_data_of_wrong_shape_names_the_input():
         qgraph.quantize(load_onnx(_mlp_proto()), (torch.randn(2, 16),), calib=[torch.randn(8, 15)], progress=False)
 
 
-@pytest.mark.parametrize("opset", [7, 12, 99])
+@pytest.mark.parametrize("opset", [6, 99])
 def test_unsupported_opsets(opset):
     proto = _mlp_proto()
     proto.opset_import[0].version = opset
     with pytest.raises(ExportError, match=f"opset {opset} is unsupported"):
         load_onnx(proto)
+
+
+@pytest.mark.parametrize("opset", [7, 12])
+def test_opsets_7_to_12_are_upgraded(opset):
+    from qgraph.ir.onnx import OpsetUpgradeWarning
+
+    proto = _mlp_proto(opset=opset)
+    with pytest.warns(OpsetUpgradeWarning, match=f"opset {opset} upgraded to 17"):
+        g = load_onnx(proto)
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(g(x), _torch_twin(proto)(x), rtol=1e-5, atol=1e-5)
 
 
 def test_missing_initializer_and_dangling_input():
