@@ -31,6 +31,18 @@ def _say(args: argparse.Namespace, msg: str) -> None:
         print(msg, file=sys.stderr)
 
 
+def _silence() -> None:
+    """--quiet: no progress bars or warnings from qgraph or the libraries it drives; errors still print."""
+    import logging
+    import warnings
+
+    os.environ.update(QGRAPH_QUIET="1", TQDM_DISABLE="1", HF_HUB_DISABLE_PROGRESS_BARS="1",
+                      TRANSFORMERS_VERBOSITY="error", TRANSFORMERS_NO_ADVISORY_WARNINGS="1")
+    warnings.simplefilter("ignore")
+    for name in ("transformers", "torch", "onnxruntime", "onnxscript", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def _annotate_options(args: argparse.Namespace) -> str:
     opts = []
     for flag, key in (("scheme", "scheme"), ("bits", "bits"), ("group_size", "group_size"), ("method", "method"),
@@ -329,15 +341,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # usage errors, --help and --version: a return code, so main(argv) runs in-process
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
     if not getattr(args, "command", None):
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     if args.command == "lower":
         args.target_default = args.target is None
         args.target = args.target or "x86-avx2"
-        if args.quiet:
-            os.environ["QGRAPH_QUIET"] = "1"
+    if getattr(args, "quiet", False):
+        _silence()
     from qgraph.errors import QGraphError
 
     try:

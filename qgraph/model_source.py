@@ -74,7 +74,15 @@ def _from_hf_dir(path: Path, calib_batches: int) -> ModelSource:
         import transformers
     except ImportError:
         raise ModelLoadError("loading a Hugging Face folder needs transformers: pip install 'qgraph[models]'") from None
-    archs = json.loads(cfg_file.read_text()).get("architectures") or []
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ModelLoadError(f"{cfg_file} is not valid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise ModelLoadError(f"{cfg_file} must hold a JSON object, got {type(cfg).__name__}")
+    archs = cfg.get("architectures") or []
+    if not isinstance(archs, list):
+        raise ModelLoadError(f"{cfg_file}: 'architectures' must be a list of class names")
     try:
         tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
         if any(a.endswith("ForCausalLM") for a in archs):
@@ -85,8 +93,9 @@ def _from_hf_dir(path: Path, calib_batches: int) -> ModelSource:
             from qgraph.models.minilm import MiniLMEmbedder
 
             module = MiniLMEmbedder(transformers.AutoModel.from_pretrained(path, local_files_only=True))
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"{path}: transformers could not load it: {str(e).splitlines()[0]}") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ModelLoadError(f"{path}: transformers could not load it: {type(e).__name__}: {first}") from None
     from qgraph.data.text import calibration_plays, sentences
 
     if tok.pad_token is None and tok.eos_token is not None:
@@ -112,7 +121,10 @@ def _from_factory(path: Path, factory: str) -> ModelSource:
     fn = getattr(module, factory, None)
     if not callable(fn):
         raise ModelLoadError(f"{path} has no function {factory!r}")
-    out = fn()
+    try:
+        out = fn()
+    except Exception as e:  # noqa: BLE001 - user code: any failure is a model-loading error
+        raise ModelLoadError(f"{path}:{factory} raised {type(e).__name__}: {e}") from None
     if isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], nn.Module):
         model, example = out
     elif isinstance(out, nn.Module) and hasattr(out, "example_inputs"):
@@ -137,16 +149,32 @@ def load_calibration(path: str, source: ModelSource, *, batch_size: int = 8, max
         imgs = load_image_folder(p)
         return [(imgs[i:i + batch_size],) for i in range(0, len(imgs), batch_size)][:max_batches]
     if p.suffix in (".pt", ".pth"):
-        data = torch.load(p, weights_only=True, map_location="cpu")
+        try:
+            data = torch.load(p, weights_only=True, map_location="cpu")
+        except Exception as e:  # noqa: BLE001 - torch.load raises many types on a bad file
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise CalibrationError(f"{path} is not a tensor file torch can load safely: {first}") from None
         return _tensor_batches(data, batch_size, max_batches, path)
     if p.suffix == ".npy":
         import numpy as np
 
-        return _tensor_batches(torch.from_numpy(np.load(p, allow_pickle=False)), batch_size, max_batches, path)
+        try:
+            arr = np.load(p, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            raise CalibrationError(f"{path} is not a plain numeric .npy array: {e}") from None
+        if arr.dtype.kind not in "biuf":
+            raise CalibrationError(f"{path} holds {arr.dtype} values; calibration data must be numeric")
+        return _tensor_batches(torch.from_numpy(arr), batch_size, max_batches, path)
     if p.suffix in (".txt", ".text", ".md"):
         if source.tokenizer is None or source.kind != "text":
             raise CalibrationError(f"{path} is a text file but {source.name} does not take text")
-        lines = [ln.strip() for ln in p.read_text(errors="replace").splitlines() if len(ln.split()) >= 3]
+        try:
+            text = p.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise CalibrationError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        if sum(ch.isprintable() or ch.isspace() for ch in text) < 0.95 * len(text):
+            raise CalibrationError(f"{path} is mostly unprintable characters: give a plain text file")
+        lines = [ln.strip() for ln in text.splitlines() if len(ln.split()) >= 3]
         if not lines:
             raise CalibrationError(f"{path} has no lines of text to calibrate with")
         return [_encode_text(source, lines[i:i + batch_size]) for i in range(0, len(lines), batch_size)][:max_batches]
@@ -162,6 +190,10 @@ def _encode_text(source: ModelSource, lines: list[str]) -> tuple:
 
 
 def _tensor_batches(data: Any, batch_size: int, max_batches: int, path: str) -> list[tuple]:
+    for t in (data,) if isinstance(data, torch.Tensor) else data if isinstance(data, (list, tuple)) else ():
+        for x in (t,) if isinstance(t, torch.Tensor) else t if isinstance(t, (list, tuple)) else ():
+            if isinstance(x, torch.Tensor) and x.dtype in (torch.float64, torch.complex64, torch.complex128):
+                raise CalibrationError(f"{path} holds {x.dtype} tensors: save them as float32 (x.float())")
     if isinstance(data, torch.Tensor):
         return [(data[i:i + batch_size],) for i in range(0, len(data), batch_size)][:max_batches]
     if isinstance(data, (list, tuple)) and data and all(isinstance(b, (torch.Tensor, tuple, list)) for b in data):

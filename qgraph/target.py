@@ -7,6 +7,7 @@ patterns it executes as one kernel, the default quantization it prefers, and cos
 from __future__ import annotations
 
 import importlib.resources
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ import tomllib
 from qgraph.errors import SpecError, TargetError
 from qgraph.ir.ops import ATEN_OPS, FUNCTION_OPS, METHOD_OPS, MODULE_OPS
 from qgraph.quant.qspec import QSpec
+
+MAX_GROUP_SIZE = 1 << 16
 
 KERNELS = ("biqgemm", "int8_gemm", "int8_conv", "int4_weight_only", "int8_weight_only", "int8_gather",
            "int4_gather", "float")
@@ -305,14 +308,14 @@ def _build(raw: dict, where: str) -> Target:
         weight_symmetric=uni.get_list("weight_symmetric", bool, (True, False)),
         activation_symmetric=uni.get_list("activation_symmetric", bool, (True, False)),
         pow2_scales=uni.get("pow2_scales", str, "optional", choices=("optional", "required", "unsupported")),
-        group_sizes=uni.get_list("group_sizes", int, (32, 64, 128)),
+        group_sizes=_group_sizes(uni, "group_sizes"),
     )
     bcq = None
     if "bcq" in raw and raw["bcq"] is not False:
         b = _Reader(where, top.get("bcq", dict), "bcq", _BCQ_KEYS)
         bcq = BCQCaps(
             granularities=b.get_list("granularities", str, ("channel", "group"), choices=("channel", "group")),
-            group_sizes=b.get_list("group_sizes", int, (32, 64, 128)),
+            group_sizes=_group_sizes(b, "group_sizes"),
             offset=b.get("offset", bool, True),
         )
     kernels = []
@@ -340,14 +343,14 @@ def _build(raw: dict, where: str) -> Target:
     c = _Reader(where, top.get("cost", dict), "cost", _COST_KEYS)
     macs = c.get("macs_per_second", dict)
     for k, v in macs.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
-            raise c.fail(f"macs_per_second.{k}", f"must be a positive number, got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise c.fail(f"macs_per_second.{k}", f"must be a finite number > 0, got {v!r}")
     cost = CostFigures(
         memory_bandwidth_gbps=_positive(c, "memory_bandwidth_gbps"),
         macs_per_second={k: float(v) for k, v in macs.items()},
         lut_lookups_per_second=_positive(c, "lut_lookups_per_second"),
-        call_overhead_us=c.get("call_overhead_us", float),
-        cache_bytes=c.get("cache_bytes", int, 32 * 1024 * 1024),
+        call_overhead_us=_non_negative(c, "call_overhead_us", float, ...),
+        cache_bytes=_non_negative(c, "cache_bytes", int, 32 * 1024 * 1024),
         sources={str(k): str(v) for k, v in c.get("sources", dict, {}).items()},
         biqgemm_lut_max_rows=_lut_rows(c),
     )
@@ -384,6 +387,21 @@ def _lut_rows(r: _Reader) -> dict[str, int]:
 
 def _positive(r: _Reader, k: str) -> float:
     v = r.get(k, float)
-    if v <= 0:
-        raise r.fail(k, f"must be > 0, got {v}")
+    if not math.isfinite(v) or v <= 0:
+        raise r.fail(k, f"must be a finite number > 0, got {v}")
     return v
+
+
+def _non_negative(r: _Reader, k: str, typ: type, default: Any) -> Any:
+    v = r.get(k, typ, default)
+    if not math.isfinite(v) or v < 0:
+        raise r.fail(k, f"must be a finite number ≥ 0, got {v}")
+    return v
+
+
+def _group_sizes(r: _Reader, k: str) -> tuple[int, ...]:
+    sizes = r.get_list(k, int, (32, 64, 128))
+    bad = [g for g in sizes if not 1 <= g <= MAX_GROUP_SIZE]
+    if bad:
+        raise r.fail(k, f"has {bad[0]}; group sizes are 1..{MAX_GROUP_SIZE}")
+    return sizes

@@ -48,22 +48,46 @@ def trace(
     was_training = model.training
     model.eval()
     try:
-        if frontend == "fx":
-            return _trace_fx(model, example_inputs, dynamic_batch, name)
-        if frontend == "export" or dynamic_shapes is not None:
-            return _trace_export(model, example_inputs, dynamic_batch, name, dynamic_shapes)
-        try:
-            return _trace_fx(model, example_inputs, dynamic_batch, name)
-        except TraceError as fx_error:
-            try:
-                return _trace_export(model, example_inputs, dynamic_batch, name)
-            except TraceError as export_error:
-                raise TraceError(
-                    f"could not trace {name} with either frontend.\n  symbolic_trace: {fx_error}\n"
-                    f"  torch.export: {export_error}"
-                ) from None
+        with _quiet_torch():
+            return _capture(model, example_inputs, frontend, dynamic_batch, name, dynamic_shapes)
     finally:
         model.train(was_training)
+
+
+def _capture(model: nn.Module, example_inputs: tuple, frontend: str, dynamic_batch: bool, name: str,
+             dynamic_shapes: Any) -> FxGraph:
+    if frontend == "fx":
+        return _trace_fx(model, example_inputs, dynamic_batch, name)
+    if frontend == "export" or dynamic_shapes is not None:
+        return _trace_export(model, example_inputs, dynamic_batch, name, dynamic_shapes)
+    try:
+        return _trace_fx(model, example_inputs, dynamic_batch, name)
+    except TraceError as fx_error:
+        try:
+            return _trace_export(model, example_inputs, dynamic_batch, name)
+        except TraceError as export_error:
+            raise TraceError(
+                f"could not trace {name} with either frontend.\n  symbolic_trace: {fx_error}\n"
+                f"  torch.export: {export_error}"
+            ) from None
+
+
+@contextlib.contextmanager
+def _quiet_torch():
+    """Failed captures make torch print tracebacks and fake-tensor logs; the TraceError says what matters."""
+    import logging
+
+    loggers = [logging.getLogger(n) for n in ("torch._subclasses.fake_tensor", "torch.export", "torch._dynamo",
+                                               "torch.fx.experimental.symbolic_shapes", "torch._export")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def _where(exc: BaseException) -> str:

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from qgraph.cli_types import finite_float, group_size_list, int_range
+
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INPUT = 0, 1, 2, 3
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([kKmMgG]i?[bB]|[bB]|%)?\s*$")
@@ -41,24 +43,24 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     sp.add_argument("--target", default="x86-avx2", help="target name or .toml path (default x86-avx2)")
     sp.add_argument("--max-bytes", type=parse_size, dest="max_bytes",
                     help="weight size limit: bytes, 25MB / 24MiB, or 30%% of the float weights")
-    sp.add_argument("--avg-bits", type=float, dest="avg_bits", help="limit on the average weight bits of searched layers")
-    sp.add_argument("--max-latency", type=float, dest="max_latency", help="limit on predicted latency (µs)")
-    sp.add_argument("--max-metric-drop", type=float, dest="max_metric_drop",
+    sp.add_argument("--avg-bits", type=finite_float(0, what="--avg-bits"), dest="avg_bits", help="limit on the average weight bits of searched layers")
+    sp.add_argument("--max-latency", type=finite_float(0, what="--max-latency"), dest="max_latency", help="limit on predicted latency (µs)")
+    sp.add_argument("--max-metric-drop", type=finite_float(0, inclusive=True, what="--max-metric-drop"), dest="max_metric_drop",
                     help="limit on the metric drop vs float (cosine gap, or perplexity increase)")
     sp.add_argument("--driver", choices=["greedy", "ilp", "nsga"], default="nsga")
-    sp.add_argument("--trials", type=int, default=50, help="distinct strategies to evaluate (default 50)")
+    sp.add_argument("--trials", type=int_range(1, what="--trials"), default=50, help="distinct strategies to evaluate (default 50)")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--cache", help="trial cache (JSON lines); a rerun with the same file resumes (quantized weights are "
                     "kept beside it, in CACHE.qweights/)")
-    sp.add_argument("--workers", type=int, default=2, help="trial worker processes (0: in this process)")
+    sp.add_argument("--workers", type=int_range(0, 64, what="--workers"), default=2, help="trial worker processes (0: in this process)")
     sp.add_argument("--ray", metavar="ADDRESS", help="run trials on Ray: a cluster address, or 'local'")
     sp.add_argument("--sensitivity", choices=["hessian", "proxy"], default="hessian")
-    sp.add_argument("--hutchinson-iters", type=int, default=30, dest="hutchinson_iters",
+    sp.add_argument("--hutchinson-iters", type=int_range(1, what="--hutchinson-iters"), default=30, dest="hutchinson_iters",
                     help="cap on Hutchinson iterations (stops earlier at 1e-3 relative change)")
     sp.add_argument("--metric", choices=["auto", "cosine", "perplexity"], default="auto")
-    sp.add_argument("--eval-size", type=int, default=32, dest="eval_size",
+    sp.add_argument("--eval-size", type=int_range(1, what="--eval-size"), default=32, dest="eval_size",
                     help="sentences (MiniLM) / windows (SmolLM2) / batches each trial is scored on")
-    sp.add_argument("--group-sizes", default="128", dest="group_sizes",
+    sp.add_argument("--group-sizes", default=(128,), type=group_size_list, dest="group_sizes",
                     help="comma-separated group sizes offered for int4 and BCQ (default 128)")
     sp.add_argument("--no-act", action="store_true", dest="no_act", help="do not offer int8 activations")
     sp.add_argument("--embeddings", action="store_true", help="search embedding (Gather) nodes too")
@@ -71,7 +73,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     sp.add_argument("--baselines", default="bcq3-g128,bcq4-g128,w4-g128,w8-ch",
                     help="uniform strategies to evaluate for comparison (choice labels; '' for none)")
     sp.add_argument("--out", help="report folder (default qgraph-out/search-<model>-<target>)")
-    sp.add_argument("--threads", type=int, default=1, help="torch threads of this process (default 1)")
+    sp.add_argument("--threads", type=int_range(1, 256, what="--threads"), default=1, help="torch threads of this process (default 1)")
     sp.add_argument("--quiet", action="store_true", help="no progress output")
     sp.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     sp.set_defaults(func=cmd_search)
@@ -82,14 +84,14 @@ def _options(args: argparse.Namespace) -> Any:
     from qgraph.cli import _UsageError
     from qgraph.search.objectives import Constraints
     from qgraph.search.run import SearchOptions
-    from qgraph.search.space import SpaceOptions
+    from qgraph.search.space import SearchError, SpaceOptions
 
-    try:
-        groups = tuple(int(g) for g in str(args.group_sizes).split(",") if g.strip())
-    except ValueError:
-        raise _UsageError(f"--group-sizes must be comma-separated integers, got {args.group_sizes!r}") from None
-    if args.trials < 1:
-        raise _UsageError(f"--trials must be at least 1, got {args.trials}")
+    groups = tuple(args.group_sizes)
+    if str(args.model).endswith(".onnx"):
+        raise SearchError(f"{args.model}: search runs on torch models (it re-traces and lowers each trial); for an "
+                          f"ONNX model use qgraph lower with a fixed strategy")
+    if args.cache and Path(args.cache).is_dir():
+        raise SearchError(f"--cache {args.cache} is a folder: give a file path (the trial cache is a JSON-lines file)")
     max_bytes, fraction = args.max_bytes if args.max_bytes else (None, None)
     constraints = Constraints(max_bytes=max_bytes, max_latency_us=args.max_latency, avg_bits=args.avg_bits,
                               max_metric_drop=args.max_metric_drop)
