@@ -481,7 +481,8 @@ def write_target_entry(path: Path, rows: dict) -> None:
         cost = re.search(r"^\[cost\]\s*$", text, flags=re.M)
         if cost is None:
             raise SystemExit(f"biqgemm: {path} has no [cost] table")
-        text = text[:cost.end()] + "\n" + line + text[cost.end():]
+        note = "# CPU BiQGEMM: LUT path up to these input rows, decode + GEMM above (bench/biqgemm.py --calibrate)"
+        text = text[:cost.end()] + "\n" + note + "\n" + line + text[cost.end():]
     path.write_text(text)
 
 

@@ -38,7 +38,7 @@ _COST_KEYS = {"memory_bandwidth_gbps", "macs_per_second", "lut_lookups_per_secon
               "cache_bytes", "biqgemm_lut_max_rows", "sources"}
 # Input rows up to which the CPU BiQGEMM runs its LUT path (above: decode + GEMM), per mode, when a target does not
 # say (measure a machine's with `python bench/biqgemm.py --calibrate`).
-DEFAULT_BIQGEMM_LUT_MAX_ROWS = {"exact": 8, "fast": 8}
+DEFAULT_BIQGEMM_LUT_MAX_ROWS = {"exact": 4, "fast": 4}
 
 
 @dataclass(frozen=True)

@@ -499,7 +499,7 @@ int resolve_isa() {
 
 std::atomic<int> g_threads{0};
 // Input rows up to which the LUT path runs, per mode (above: decode + GEMM); set by the host from the target's
-// measured crossover (qgraph.kernels.cpu), these are the defaults of the x86-avx2 target.
+// measured crossover (qgraph.kernels.cpu); these defaults match qgraph.target's for a target without one.
 std::atomic<int64_t> g_lut_max_rows[2] = {{QG_DEFAULT_LUT_MAX_ROWS_EXACT}, {QG_DEFAULT_LUT_MAX_ROWS_FAST}};
 constexpr int kMaxThreads = 256;
 

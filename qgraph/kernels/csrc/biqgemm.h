@@ -34,8 +34,8 @@ extern "C" {
 
 enum { QG_MODE_EXACT = 0, QG_MODE_FAST = 1 };
 enum { QG_PATH_AUTO = 0, QG_PATH_LUT = 1, QG_PATH_GEMM = 2 };
-#define QG_DEFAULT_LUT_MAX_ROWS_EXACT 8
-#define QG_DEFAULT_LUT_MAX_ROWS_FAST 8
+#define QG_DEFAULT_LUT_MAX_ROWS_EXACT 4
+#define QG_DEFAULT_LUT_MAX_ROWS_FAST 4
 enum { QG_OK = 0, QG_EINVAL = -1, QG_ENOMEM = -2 };
 
 /* ABI version of this header (bumped when a signature or the packed layout changes). */
