@@ -112,6 +112,12 @@ class Manifest:
             _need(isinstance(d.get(key), str) and d[key].strip() != "", f"{where}: {key}", "must be a non-empty string")
         for key in ("source", "target_source", "model_fingerprint", "program_note"):
             _need(d.get(key) is None or isinstance(d[key], str), f"{where}: {key}", "must be a string or null")
+        _need(d["frontend"] in ("fx", "export", "onnx"), f"{where}: frontend", "must be fx, export or onnx")
+        fp = d.get("model_fingerprint")
+        _need(fp is None or (len(fp) == 64 and all(c in "0123456789abcdef" for c in fp)),
+              f"{where}: model_fingerprint", "must be 64 lowercase hex digits or null")
+        if isinstance(d.get("program"), dict):
+            _program_inputs(d["program"].get("inputs"), f"{where}: program.inputs")
         _need(isinstance(d.get("nodes"), dict), f"{where}: nodes", "must be an object")
         _need(isinstance(d.get("files"), dict), f"{where}: files", "must be an object")
         _need(d.get("program") is None or isinstance(d["program"], dict), f"{where}: program", "must be an object")
@@ -124,6 +130,14 @@ class Manifest:
         return cls(fmt, d["target"], d["pipeline"], d["frontend"], nodes, files, d.get("source"),
                    d.get("target_source"), d.get("model_fingerprint"), d.get("program"), d.get("program_note"),
                    d.get("versions") if isinstance(d.get("versions"), dict) else {})
+
+
+def _program_inputs(v: Any, where: str) -> None:
+    ok = isinstance(v, list) and len(v) > 0 and all(
+        isinstance(i, list) and len(i) == 2 and isinstance(i[0], list) and isinstance(i[1], str)
+        and i[1].startswith("torch.") and isinstance(getattr(torch, i[1][6:], None), torch.dtype)
+        and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in i[0]) for i in v)
+    _need(ok, where, "must list each input as [shape (non-negative ints), dtype name]")
 
 
 # --- fingerprints and hashing -------------------------------------------------------------------------
@@ -266,20 +280,52 @@ def _check_coverage(manifest: Manifest, tensors: dict[str, torch.Tensor], folder
         raise ArtifactError(f"{folder / MANIFEST}: nodes: empty, but the pipeline quantizes weights")
     used: set[str] = set()
     for name, entry in manifest.nodes.items():
+        ann = _annotation(entry, f"{folder / MANIFEST}: nodes.{name}.annotation")
         if entry.qweight is None:
             continue
         where = f"{folder / MANIFEST}: nodes.{name}.qweight"
         try:
             used |= tensor_names(entry.qweight)
-            qweight_from_parts(entry.qweight, tensors)
+            q = qweight_from_parts(entry.qweight, tensors)
         except SpecError as e:
             raise ArtifactError(f"{where}: {e}") from None
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ArtifactError(f"{where}: malformed ({type(e).__name__}: {e})") from None
+        _agree(ann, q, where)
     extra = sorted(set(tensors) - used)
     if extra:
         raise ArtifactError(f"{folder / WEIGHTS}: tensor {extra[0]!r} belongs to no node of the manifest "
                             f"(nodes were removed from the manifest?)")
+
+
+def _annotation(entry: NodeEntry, where: str) -> Any:
+    """The node's annotation; it must parse and print back to exactly what the manifest holds."""
+    from qgraph.quant.qspec import Annotation
+
+    try:
+        ann = Annotation.from_dict(entry.annotation)
+        canonical = ann.to_dict()
+    except (QGraphError, KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ArtifactError(f"{where}: {e}") from None
+    if json.loads(json.dumps(canonical)) != entry.annotation:
+        raise ArtifactError(f"{where}: not in canonical form (missing fields or values of the wrong type)")
+    return ann
+
+
+def _agree(ann: Any, q: Any, where: str) -> None:
+    """The annotation's weight spec and the stored weight describe the same quantization."""
+    spec = ann.weight
+    kind = type(q).__name__
+    stored = getattr(q, "spec", None) or getattr(getattr(q, "base", None), "spec", None)
+    if spec is None:
+        raise ArtifactError(f"{where}: a quantized weight is stored but the annotation has no weight spec")
+    if kind == "BCQWeight":
+        ok = spec.scheme == "bcq" and spec.bits == q.bits
+    else:
+        ok = stored is not None and spec.scheme == stored.scheme and spec.bits == stored.bits and \
+            spec.signed == stored.signed and spec.symmetric == stored.symmetric
+    if not ok:
+        raise ArtifactError(f"{where}: the stored {kind} does not match the annotation's weight spec {spec}")
 
 
 def load_artifact(path: str | Path, model: nn.Module | None = None, example_inputs: tuple | None = None,
