@@ -84,15 +84,17 @@ def _from_hf_dir(path: Path, calib_batches: int) -> ModelSource:
     if not isinstance(archs, list):
         raise ModelLoadError(f"{cfg_file}: 'architectures' must be a list of class names")
     try:
-        tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
         if any(a.endswith("ForCausalLM") for a in archs):
             from qgraph.models.smollm2 import CausalLMLogits
 
-            module = CausalLMLogits(transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True))
+            module = CausalLMLogits(transformers.AutoModelForCausalLM.from_pretrained(
+                path, local_files_only=True, trust_remote_code=False))
         else:
             from qgraph.models.minilm import MiniLMEmbedder
 
-            module = MiniLMEmbedder(transformers.AutoModel.from_pretrained(path, local_files_only=True))
+            module = MiniLMEmbedder(transformers.AutoModel.from_pretrained(
+                path, local_files_only=True, trust_remote_code=False))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ModelLoadError(f"{path}: transformers could not load it: {type(e).__name__}: {first}") from None
