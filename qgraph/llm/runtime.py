@@ -124,6 +124,10 @@ class Generator:
         import torch
 
         ids = torch.full((1, prompt_tokens), 1, dtype=torch.long)
+        # each model instance compiles its own graph (guards on the module); room for several per process
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        torch._dynamo.config.accumulated_recompile_limit = max(
+            torch._dynamo.config.accumulated_recompile_limit, 512)
         start = time.perf_counter()
         try:
             with torch.no_grad(), warnings.catch_warnings():
