@@ -121,6 +121,9 @@ def cmd_lower(args: argparse.Namespace) -> int:
             from qgraph.artifact import save_artifact
 
             save_artifact(q, tmp / "model", source=args.model)
+        ort_summary = None
+        if args.runtime == "onnxruntime" and not source.onnx_path:
+            ort_summary = _onnxruntime_route(args, q, source, tmp, out)
     layers = q.report.get("layers", [])
     fp32 = sum(r["fp32_bytes"] for r in layers)
     qb = sum(r["bytes"] for r in layers)
@@ -136,16 +139,32 @@ def cmd_lower(args: argparse.Namespace) -> int:
         "latency_rank_correlation": q.report.get("latency_rank_correlation"),
         "seconds": round(time.perf_counter() - t0, 2),
     }
+    if ort_summary is not None:
+        summary["onnxruntime"] = ort_summary
     if args.json:
         print(json.dumps(summary))
     else:
         size = f"{qb / 1e6:.2f} MB vs {fp32 / 1e6:.2f} MB fp32" if fp32 else "no weights quantized"
         print(f"lowered {source.name} for {target.name}: {summary['lowered']} layers on real kernels, "
               f"{summary['float']} float; weights {size}; report {report_path}")
+        if ort_summary is not None:
+            print(f"onnxruntime route: {ort_summary['file']} ({ort_summary['fused_int8_ops']} fused int8 kernels, "
+                  f"{ort_summary['unfused_qdq_ops']} Q/DQ left unfused)")
     if verify.get("first_divergent") is not None and args.strict:
         print(f"qgraph: error: verify: first divergent node {verify['first_divergent']}", file=sys.stderr)
         return EXIT_VERIFY
     return EXIT_OK
+
+
+def _onnxruntime_route(args: argparse.Namespace, q: object, source: object, tmp: Path, out: Path) -> dict:
+    """Export the lowered model for onnxruntime (``--runtime onnxruntime``) and say what its optimizer fused."""
+    from qgraph.export.runtime import onnxruntime_model
+
+    _say(args, "qgraph: exporting the onnxruntime route")
+    ort_model = onnxruntime_model(q, source.example_inputs, tmp / "model.onnx", dynamic_shapes=source.dynamic_shapes)
+    info = ort_model.summary()
+    info["file"] = str(out / "model.onnx")
+    return info
 
 
 def cmd_targets(args: argparse.Namespace) -> int:
@@ -293,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--out", help="output folder (default qgraph-out/<model>-<target>)")
     lo.add_argument("--no-measure", action="store_true", help="skip measuring per-node latency")
     lo.add_argument("--strict", action="store_true", help="exit 4 when lowered and simulated outputs diverge")
+    lo.add_argument("--runtime", choices=["torch", "onnxruntime"], default="torch",
+                    help="also export OUT/model.onnx (QDQ + ai.qgraph::BiQGEMM) and open it in onnxruntime with its "
+                         "graph optimizations on, reporting which int8 kernels it fused")
     lo.add_argument("--quiet", action="store_true", help="no progress output")
     lo.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     lo.set_defaults(func=cmd_lower)

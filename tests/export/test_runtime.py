@@ -1,0 +1,62 @@
+"""The onnxruntime route: a session-backed model from qgraph's export, with the optimized graph's op types."""
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import qgraph
+from qgraph.errors import KernelError
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxruntime_extensions")
+
+from qgraph.export.runtime import onnxruntime_model  # noqa: E402
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8)).eval(), torch.randn(4, 32)
+
+
+@pytest.mark.parametrize("options, tol", [("scheme=bcq,bits=3,group_size=32", 1e-5), ("", 2e-2)])
+def test_session_model_matches_the_lowered_model(tmp_path, options, tol):
+    model, x = _mlp()
+    calib = [torch.randn(16, 32) for _ in range(4)]
+    q = qgraph.quantize(model, (x,), target="x86-avx2", calib=calib, progress=False,
+                        pipeline=qgraph.api.lowering_pipeline(options))
+    m = onnxruntime_model(q, (torch.randn(8, 32),), tmp_path / "m.onnx")
+    other = torch.randn(5, 32)
+    y, ref = m(other), q(other)
+    assert y.shape == ref.shape
+    assert float((y - ref).abs().max() / ref.abs().max()) <= tol
+    assert sum(m.optimized_ops.values()) > 0
+    if "bcq" in options:
+        assert m.optimized_ops["BiQGEMM"] == 2 and m.unfused_qdq_ops == 0
+    summary = m.summary()
+    assert summary["fused_int8_ops"] == m.fused_int8_ops and json.dumps(summary)
+
+
+def test_session_model_rejects_bad_inputs(tmp_path):
+    model, x = _mlp()
+    q = qgraph.quantize(model, (x,), target="x86-avx2", progress=False,
+                        pipeline=qgraph.api.lowering_pipeline("scheme=bcq,bits=3,group_size=32"))
+    m = onnxruntime_model(q, (torch.randn(8, 32),), tmp_path / "m.onnx")
+    with pytest.raises(KernelError, match="takes 1 inputs"):
+        m(x, x)
+    with pytest.raises(KernelError, match="must be torch.float32"):
+        m(x.double())
+
+
+def test_cli_lower_with_the_onnxruntime_runtime(tmp_path, capsys):
+    from qgraph.cli import main
+
+    src = tmp_path / "net.py"
+    src.write_text("import torch, torch.nn as nn\n\ndef make():\n    torch.manual_seed(0)\n"
+                   "    return nn.Sequential(nn.Linear(32, 16)).eval(), (torch.randn(4, 32),)\n")
+    out = tmp_path / "o"
+    code = main(["lower", f"{src}:make", "--scheme", "bcq", "--bits", "3", "--group-size", "32", "--out", str(out),
+                 "--runtime", "onnxruntime", "--quiet", "--no-measure", "--json"])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert code == 0 and (out / "model.onnx").is_file()
+    assert summary["onnxruntime"]["optimized_ops"]["BiQGEMM"] == 1
