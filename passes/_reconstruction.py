@@ -18,11 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from qgraph.errors import CalibrationError, SpecError
-from qgraph.ir.graph_view import ANNOTATION_KEY
 from qgraph.ir.inputs import batches
+from qgraph.ir.meta import ANNOTATION_KEY, QPARAMS_KEY, QWEIGHT_KEY
 from qgraph.pass_base import FRACTION, NON_NEGATIVE, POSITIVE
-from qgraph.passes.calibrate import QPARAMS_KEY
-from qgraph.passes.quantize_weights import QWEIGHT_KEY, dequantized, quantize_tensor
+from qgraph.passes.quantize_weights import dequantized, quantize_tensor
 from qgraph.quant.adaround import LayerInputStats, adaround, relative
 
 #: Ranges of the learned-rounding options adaround and brecq share (``qgraph.quant.adaround.check_options``).

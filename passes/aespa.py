@@ -35,12 +35,11 @@ from typing import Literal
 import torch
 
 from qgraph.errors import CalibrationError, PipelineError, QGraphError
-from qgraph.ir.graph_view import ANNOTATION_KEY
 from qgraph.ir.inputs import batches
+from qgraph.ir.meta import ANNOTATION_KEY, QWEIGHT_KEY
 from qgraph.pass_base import NON_NEGATIVE, POSITIVE, POSITIVE_INT, Pass, PassResult, optional, validate
 from qgraph.passes._reconstruction import round_rest
 from qgraph.passes.gptq import GPTQ_RULES, GPTQPass, _by_input, _layer_row, _stack, quantize_in_sequence
-from qgraph.passes.quantize_weights import QWEIGHT_KEY
 from qgraph.progress import progress
 from qgraph.quant.aespa import RefineConfig, ValueHessian, aespa_qkv, attention_probs, query_rows
 from qgraph.quant.gptq import GPTQResult, HessianAccumulator, gptq

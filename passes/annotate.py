@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from qgraph.errors import PipelineError, SpecError
-from qgraph.ir.graph_view import ANNOTATION_KEY
+from qgraph.ir.meta import ANNOTATION_KEY
 from qgraph.pass_base import (
     POSITIVE_INT,
     Pass,

@@ -28,9 +28,9 @@ import torch
 from qgraph.analyses.blocks import Block, find_blocks, gap_blocks, schedule
 from qgraph.errors import CalibrationError, QGraphError
 from qgraph.ir.fx_run import Lockstep
+from qgraph.ir.meta import QWEIGHT_KEY
 from qgraph.pass_base import NON_NEGATIVE, POSITIVE, POSITIVE_INT, Pass, PassResult, optional, validate
 from qgraph.passes import _reconstruction as rc
-from qgraph.passes.quantize_weights import QWEIGHT_KEY
 from qgraph.progress import progress
 from qgraph.quant.adaround import LearnedRounding, optimize, relative
 from qgraph.quant.uniform import one_thread

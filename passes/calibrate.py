@@ -5,14 +5,13 @@ import warnings
 from dataclasses import dataclass
 
 from qgraph.errors import CalibrationError
-from qgraph.ir.graph_view import ANNOTATION_KEY
 from qgraph.ir.inputs import batches
+from qgraph.ir.meta import ANNOTATION_KEY, QPARAMS_KEY
 from qgraph.pass_base import POSITIVE_INT, Pass, PassResult, Rule, in_range, optional, validate
 from qgraph.progress import progress
 from qgraph.quant.qspec import OBSERVER_NAMES
 from qgraph.registry import register_pass
 
-QPARAMS_KEY = "qgraph.qparams"
 OBSERVER = Rule(lambda name: name in OBSERVER_NAMES, f"an observer: {', '.join(OBSERVER_NAMES)}")
 
 

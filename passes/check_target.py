@@ -9,7 +9,7 @@ import warnings
 from dataclasses import dataclass
 
 from qgraph.errors import TargetError
-from qgraph.ir.graph_view import ANNOTATION_KEY
+from qgraph.ir.meta import ANNOTATION_KEY
 from qgraph.pass_base import Pass, PassResult
 from qgraph.quant.qspec import Annotation
 from qgraph.registry import register_pass

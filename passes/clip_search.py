@@ -38,8 +38,8 @@ import torch
 from torch import nn
 
 from qgraph.errors import CalibrationError, PipelineError, SpecError
-from qgraph.ir.graph_view import ANNOTATION_KEY
 from qgraph.ir.inputs import batches
+from qgraph.ir.meta import ANNOTATION_KEY, QPARAMS_KEY, QWEIGHT_KEY
 from qgraph.pass_base import (
     NON_NEGATIVE,
     POSITIVE,
@@ -51,8 +51,7 @@ from qgraph.pass_base import (
     optional,
     validate,
 )
-from qgraph.passes.calibrate import QPARAMS_KEY
-from qgraph.passes.quantize_weights import QWEIGHT_KEY, dequantized, quantize_tensor
+from qgraph.passes.quantize_weights import dequantized, quantize_tensor
 from qgraph.progress import progress
 from qgraph.quant import uniform
 from qgraph.quant.qtensor import UniformWeight

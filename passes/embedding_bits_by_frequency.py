@@ -19,8 +19,8 @@ from typing import Literal
 import torch
 
 from qgraph.errors import CalibrationError
-from qgraph.ir.graph_view import ANNOTATION_KEY
 from qgraph.ir.inputs import batches
+from qgraph.ir.meta import ANNOTATION_KEY, QWEIGHT_KEY
 from qgraph.pass_base import (
     NON_NEGATIVE,
     POSITIVE,
@@ -33,7 +33,6 @@ from qgraph.pass_base import (
     optional,
     validate,
 )
-from qgraph.passes.quantize_weights import QWEIGHT_KEY
 from qgraph.quant.bcq import quantize_bcq
 from qgraph.quant.bcq_weight import BCQWeight
 from qgraph.registry import register_pass

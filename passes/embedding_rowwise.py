@@ -14,9 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from qgraph.errors import PipelineError
-from qgraph.ir.graph_view import ANNOTATION_KEY
+from qgraph.ir.meta import ANNOTATION_KEY, QWEIGHT_KEY
 from qgraph.pass_base import POSITIVE_INT, Pass, PassResult, Rule, in_range, validate
-from qgraph.passes.quantize_weights import QWEIGHT_KEY
 from qgraph.progress import progress
 from qgraph.quant import uniform
 from qgraph.quant.qspec import Annotation, QSpec

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qgraph.ir.graph_view import FUSION_KEY
+from qgraph.ir.meta import FUSED_INTO_KEY, FUSION_KEY
 from qgraph.pass_base import Pass, PassResult, Rule, each, validate
 from qgraph.registry import register_pass
 
@@ -16,7 +16,6 @@ DEFAULT_PATTERNS = (
     "Conv+Relu", "Conv+Clip", "Conv+HardSwish", "Gemm+Relu", "Gemm+Gelu", "Gemm+Clip",
     "MatMul+Relu", "MatMul+Gelu", "Add+Relu",
 )
-FUSED_INTO_KEY = "qgraph.fused_into"
 PATTERN = Rule(lambda p: len(p.split("+")) == 2 and all(p.split("+")), 'of the form "Producer+Activation"')
 
 

@@ -24,11 +24,10 @@ from typing import Literal
 import torch
 
 from qgraph.errors import CalibrationError, QGraphError
-from qgraph.ir.graph_view import ANNOTATION_KEY
 from qgraph.ir.inputs import batches
+from qgraph.ir.meta import ANNOTATION_KEY, QWEIGHT_KEY
 from qgraph.pass_base import NON_NEGATIVE, POSITIVE, POSITIVE_INT, Pass, PassResult, optional, validate
 from qgraph.passes._reconstruction import round_rest
-from qgraph.passes.quantize_weights import QWEIGHT_KEY
 from qgraph.progress import progress
 from qgraph.quant.gptq import GPTQResult, HessianAccumulator, gptq
 from qgraph.registry import register_pass

@@ -8,13 +8,10 @@ from __future__ import annotations
 import torch
 
 from qgraph.errors import PipelineError, SpecError
-from qgraph.ir.graph_view import ANNOTATION_KEY
+from qgraph.ir.meta import ANNOTATION_KEY, FQ_KEY, QPARAMS_KEY, QWEIGHT_KEY
 from qgraph.pass_base import Pass, PassResult
-from qgraph.passes.calibrate import QPARAMS_KEY
-from qgraph.passes.quantize_weights import QWEIGHT_KEY, dequantized
+from qgraph.passes.quantize_weights import dequantized
 from qgraph.registry import register_pass
-
-FQ_KEY = "qgraph.fake_quant"
 
 
 @register_pass("insert-fq", after=("quantize-weights", "calibrate"), requires=("annotated",),

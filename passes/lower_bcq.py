@@ -4,10 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from qgraph.ir.graph_view import ANNOTATION_KEY, KERNEL_KEY
+from qgraph.ir.meta import ANNOTATION_KEY, KERNEL_KEY, QWEIGHT_KEY
 from qgraph.lowering import record, snapshot_simulation, target_of
 from qgraph.pass_base import Pass, PassResult
-from qgraph.passes.quantize_weights import QWEIGHT_KEY
 from qgraph.quant.bcq_weight import BCQWeight
 from qgraph.registry import register_pass
 

@@ -1,9 +1,9 @@
 """lower-embedding: Gather nodes with a row-wise uniform weight become a row-wise quantized gather."""
 from __future__ import annotations
 
+from qgraph.ir.meta import QWEIGHT_KEY
 from qgraph.lowering import record, snapshot_simulation
 from qgraph.pass_base import Pass, PassResult
-from qgraph.passes.quantize_weights import QWEIGHT_KEY
 from qgraph.quant.qtensor import UniformWeight
 from qgraph.registry import register_pass
 

@@ -22,17 +22,21 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from qgraph.errors import CalibrationError, PipelineError
-from qgraph.ir.graph_view import ANNOTATION_KEY, FUSION_KEY
+from qgraph.ir.meta import (
+    ANNOTATION_KEY,
+    FQ_KEY,
+    FUSION_KEY,
+    LOWERED_FROM_KEY,
+    LOWERED_KEY,
+    QPARAMS_KEY,
+    QWEIGHT_KEY,
+)
 from qgraph.kernels.int8 import ActQuant, Int8Conv2d, Int8Linear, saturation_possible
-from qgraph.lowering import LOWERED_FROM_KEY, record, snapshot_simulation, target_of, weight_layout
+from qgraph.lowering import record, snapshot_simulation, target_of, weight_layout
 from qgraph.pass_base import Pass, PassResult
-from qgraph.passes.calibrate import QPARAMS_KEY
-from qgraph.passes.insert_fq import FQ_KEY
-from qgraph.passes.quantize_weights import QWEIGHT_KEY
 from qgraph.quant.qtensor import UniformWeight
 from qgraph.registry import register_pass
 
-LOWERED_KEY = "qgraph.lowered"
 GEMM_OPS = ("Gemm", "MatMul")
 
 

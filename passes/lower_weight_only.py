@@ -18,11 +18,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 from qgraph.errors import KernelError, PipelineError
-from qgraph.ir.graph_view import ANNOTATION_KEY
+from qgraph.ir.meta import ANNOTATION_KEY, FQ_KEY, QWEIGHT_KEY
 from qgraph.kernels.int8 import INT4_GROUP_SIZES, DequantLinear, Int4WeightOnlyLinear, Int8WeightOnlyLinear
 from qgraph.lowering import snapshot_simulation, target_of
 from qgraph.pass_base import Pass, PassResult
-from qgraph.passes.insert_fq import FQ_KEY
 from qgraph.passes.lower_int8 import (
     GEMM_OPS,
     codes_nk,
@@ -31,7 +30,6 @@ from qgraph.passes.lower_int8 import (
     no_kernel_here,
     report_entry,
 )
-from qgraph.passes.quantize_weights import QWEIGHT_KEY
 from qgraph.quant.qtensor import UniformWeight
 from qgraph.registry import register_pass
 

@@ -22,11 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from qgraph.errors import CalibrationError, SpecError
-from qgraph.ir.graph_view import ANNOTATION_KEY
 from qgraph.ir.inputs import batches
+from qgraph.ir.meta import ANNOTATION_KEY, QWEIGHT_KEY
 from qgraph.pass_base import NON_NEGATIVE, POSITIVE, POSITIVE_INT, Pass, PassResult, optional, validate
 from qgraph.passes.lower_int8 import conv_params
-from qgraph.passes.quantize_weights import QWEIGHT_KEY, quantize_tensor
+from qgraph.passes.quantize_weights import quantize_tensor
 from qgraph.progress import progress
 from qgraph.quant.multipoint import MultipointWeight, greedy_counts, residual_points
 from qgraph.quant.qtensor import UniformWeight

@@ -5,15 +5,13 @@ from dataclasses import dataclass
 
 import torch
 
-from qgraph.ir.graph_view import ANNOTATION_KEY
+from qgraph.ir.meta import ANNOTATION_KEY, QWEIGHT_KEY
 from qgraph.pass_base import POSITIVE, Pass, PassResult, validate
 from qgraph.progress import progress
 from qgraph.quant import uniform
 from qgraph.quant.bcq import quantize_bcq_spec
 from qgraph.quant.qtensor import UniformWeight
 from qgraph.registry import register_pass
-
-QWEIGHT_KEY = "qgraph.qweight"
 
 
 @register_pass("quantize-weights", after=("annotate", "calibrate"), requires=("annotated",),

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import torch
 
 from qgraph.errors import CalibrationError
-from qgraph.ir.graph_view import ANNOTATION_KEY
 from qgraph.ir.inputs import batches
+from qgraph.ir.meta import ANNOTATION_KEY
 from qgraph.pass_base import FRACTION, POSITIVE, POSITIVE_INT, Pass, PassResult, optional, validate
 from qgraph.progress import progress
 from qgraph.registry import register_pass

@@ -22,13 +22,11 @@ from typing import Literal
 import torch
 
 from qgraph.errors import PipelineError
-from qgraph.ir.graph_view import ANNOTATION_KEY
+from qgraph.ir.meta import ANNOTATION_KEY, FQ_KEY, SPARQ_KEY
 from qgraph.pass_base import NON_NEGATIVE, Pass, PassResult, each, in_range, validate
-from qgraph.passes.insert_fq import FQ_KEY
 from qgraph.quant.sparq import sparq_fake_quantize
 from qgraph.registry import register_pass
 
-SPARQ_KEY = "qgraph.sparq"
 _FQ_TARGETS = (torch.fake_quantize_per_tensor_affine, torch.ops.aten.fake_quantize_per_tensor_affine.default)
 
 

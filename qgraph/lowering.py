@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from qgraph.ir.graph_view import LOWERED_FROM_KEY
+from qgraph.ir.meta import LOWERED_FROM_KEY
 from qgraph.target import load_target
 
 SIMULATION = "simulation"

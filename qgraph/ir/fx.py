@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from qgraph.ir import ops
-from qgraph.ir.graph_view import KERNEL_KEY, KERNELS, LOWERED_FROM_KEY, MODULE_KERNELS
+from qgraph.ir.graph_view import KERNELS, MODULE_KERNELS
+from qgraph.ir.meta import KERNEL_KEY, LOWERED_FROM_KEY
 
 _COMPUTE = ("call_module", "call_function", "call_method")
 # Positional index of BatchNorm constants in the aten / functional forms.

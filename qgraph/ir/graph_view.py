@@ -10,11 +10,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-ANNOTATION_KEY = "qgraph.annotation"
-FUSION_KEY = "qgraph.fusion"
-LOWERED_FROM_KEY = "qgraph.lowered_from"
-KERNEL_KEY = "qgraph.kernel"  # on a node from replace_with_kernel: what it runs (a BiQGEMM layout, an ONNX op)
-
+from qgraph.ir.meta import ANNOTATION_KEY, FUSION_KEY, KERNEL_KEY, LOWERED_FROM_KEY  # noqa: F401 (re-exported)
 
 #: Lowered kernels an adapter may implement in `GraphView.replace_with_kernel` (see `supports_kernel`).
 KERNELS = ("biqgemm", "rowwise_gather")

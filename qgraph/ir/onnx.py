@@ -17,7 +17,8 @@ import onnx_ir as ir
 import torch
 
 from qgraph.errors import CalibrationError, ExportError, KernelError
-from qgraph.ir.graph_view import KERNEL_KEY, KERNELS, LOWERED_FROM_KEY
+from qgraph.ir.graph_view import KERNELS
+from qgraph.ir.meta import KERNEL_KEY, LOWERED_FROM_KEY
 
 MIN_OPSET, MAX_OPSET = 13, 23
 UPGRADE_FROM, UPGRADE_TO = 7, 17  # older default-domain opsets are converted to UPGRADE_TO on load
@@ -357,7 +358,7 @@ class OnnxGraph:
     def weights_to_qdq(self) -> list[str]:
         """Store each uniformly quantized weight as integer codes + DequantizeLinear (per tensor/channel;
         per group when the opset has DequantizeLinear's block_size, 21+). Returns the nodes left float."""
-        from qgraph.passes.quantize_weights import QWEIGHT_KEY
+        from qgraph.ir.meta import QWEIGHT_KEY
         from qgraph.quant.qtensor import UniformWeight
 
         opset = self.model.opset_imports.get("", 0)
