@@ -63,6 +63,7 @@ def load_onnx(path_or_proto: str | Path | onnx.ModelProto | bytes) -> OnnxGraph:
     except Exception as e:
         raise ExportError(f"{name} cannot be read into the IR: {type(e).__name__}: {str(e)[:200]}") from None
     graph = OnnxGraph(model, name=Path(name).stem)
+    graph.example_inputs = example_inputs_for(graph)  # like a traced graph, it can run without being told how
     if upgraded_from is not None:
         graph.notes.append(f"default-domain opset {upgraded_from} upgraded to {UPGRADE_TO} with onnx.version_converter")
     return graph
