@@ -35,7 +35,7 @@ def _allowed_target(target: str) -> bool:
 
 
 def program_dynamic_shapes(graph: Any, args: tuple) -> tuple:
-    """``Dim.AUTO`` on the batch dim and on every dim that was dynamic when the model was traced."""
+    """``Dim.AUTO`` on the batch dim and on every dim that was dynamic when the model was traced (programs and ONNX export)."""
     try:
         traced = list(graph.dynamic_dims())
     except (AttributeError, TypeError):

@@ -23,6 +23,7 @@ from qgraph.errors import ExportError
 from qgraph.export import markers, schema
 from qgraph.export.prepare import prepare
 from qgraph.export.rewrite import rewrite
+from qgraph.program import program_dynamic_shapes
 
 DEFAULT_OPSET = 21
 MIN_OPSET = 18
@@ -98,7 +99,7 @@ def prepare_onnx(
     schema.register()
     prepared = prepare(qmodel)
     if dynamic_shapes is None:
-        dynamic_shapes = _default_dynamic_shapes(getattr(qmodel, "graph", qmodel), args)
+        dynamic_shapes = program_dynamic_shapes(getattr(qmodel, "graph", qmodel), args)
     model = _torch_export(prepared.module, args, dynamic_shapes, opset)
     meta = {}
     for key, attr in (("qgraph.pipeline", "pipeline"), ("qgraph.target", "target")):
@@ -143,19 +144,6 @@ def _version() -> str:
     import qgraph
 
     return getattr(qgraph, "__version__", "0")
-
-
-def _default_dynamic_shapes(graph: Any, args: tuple) -> tuple:
-    """``Dim.AUTO`` on the batch dim and on every dim that was dynamic when the model was traced."""
-    try:
-        traced = list(graph.dynamic_dims())
-    except (AttributeError, TypeError):
-        traced = []
-    out = []
-    for i, a in enumerate(args):
-        dims = (set(traced[i]) if i < len(traced) else set()) | ({0} if a.dim() > 0 else set())
-        out.append({d: torch.export.Dim.AUTO for d in sorted(dims) if d < a.dim()} or None)
-    return tuple(out)
 
 
 def _first_line(e: BaseException) -> str:
