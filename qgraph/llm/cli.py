@@ -51,6 +51,8 @@ def add_parsers(subparsers: Any) -> None:
     g.add_argument("--compile", choices=["on", "off"], default="off",
                    help="static KV cache + torch.compile of the decode step (compiles once per process)")
     g.add_argument("--threads", type=_tokens, help="intra-op threads (default: torch's)")
+    g.add_argument("--ignore-eos", action="store_true", dest="ignore_eos",
+                   help="always generate --max-new-tokens tokens (for timing)")
     g.add_argument("--json", action="store_true", help="last stdout line: a JSON summary")
     g.set_defaults(func=cmd_generate)
 
@@ -143,7 +145,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    res = gen.generate(args.prompt, args.max_new_tokens, on_text=show)
+    res = gen.generate(args.prompt, args.max_new_tokens, on_text=show, stop_at_eos=not args.ignore_eos)
     sys.stdout.write("\n")
     print(f"prompt: {res.prompt_tokens} tokens, {res.prompt_tokens_per_s:.1f} tok/s; decode: {res.new_tokens} "
           f"tokens, {res.decode_tokens_per_s:.1f} tok/s ({args.mode} mode"

@@ -79,7 +79,7 @@ def artifact(tiny_folder, tmp_path_factory):
 
 def test_generate_streams_text_and_ends_with_json(tiny_folder, artifact, capsys):
     assert main(["generate", str(tiny_folder), "--artifact", str(artifact), "--prompt", "w5 w6 w77",
-                 "--max-new-tokens", "12", "--json"]) == 0
+                 "--max-new-tokens", "12", "--ignore-eos", "--json"]) == 0
     out, err = capsys.readouterr()
     lines = out.strip().splitlines()
     summary = json.loads(lines[-1])
@@ -91,7 +91,7 @@ def test_generate_streams_text_and_ends_with_json(tiny_folder, artifact, capsys)
     model, tok, _ = load_lm(artifact)
     ids = tok("w5 w6 w77", return_tensors="pt").input_ids
     with torch.no_grad():
-        ref = model.generate(ids, max_new_tokens=12, do_sample=False)
+        ref = model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
     assert tok.decode(ref[0, 3:], skip_special_tokens=True) == summary["text"]
 
 

@@ -117,7 +117,7 @@ def test_float_head_keeps_head_and_embedding(tiny, calib):
 def test_recipe_checks_and_round_trips():
     r = LMRecipe(scheme="uniform", bits=4, group_size=64, optimizer="aespa", head_bits=8)
     assert LMRecipe.from_dict(r.to_dict()) == r
-    assert r.name == "int4-g64-aespa-head8"
+    assert r.name == "int4-g64-aespa-head-int8-g64-same"
     assert r.optimizer_pass() == "aespa{act_order=true}"
     with pytest.raises(SpecError):
         LMRecipe(optimizer="adam")

@@ -1,0 +1,413 @@
+"""Token generation with SmolLM2-135M on the CPU: Hugging Face fp32, torch dynamic int8 and qgraph's BiQGEMM
+models (BCQ-3, BCQ-4, uniform W4, each at its better optimizer of gptq / aespa), plus llama.cpp when
+``llama-cpp-python`` is importable (it is never installed by this script).
+
+Setup: 2 threads, greedy, a 128-token prompt (the start of the evaluation play), 128 new tokens (EOS ignored).
+Per row and per execution (eager ``generate()``, or a static KV cache + ``torch.compile``d decode step):
+prompt tok/s (prompt tokens / time to the first new token) and decode tok/s (the other new tokens / their
+time), medians over interleaved rounds; the model's stored bytes (qgraph: the artifact's tensors, a tied table
+once; bits per decoder-Linear weight beside it); perplexity on bench/quality_llm.py's held-out windows (4 x 512
+tokens of the evaluation play; fp32 36.68), computed by the row's own model; peak RSS of a fresh process that
+loads the row as it is deployed and generates (qgraph rows load their artifact); and the physical limit: bytes
+read per decode step (weights + the KV cache at the mean context) / the streaming-read bandwidth measured in
+this process (a 2-thread ``sum`` over 256 MiB; a 2-thread copy is printed beside it).
+
+qgraph artifacts are made once (``qgraph.llm.quantize_lm`` on the traced graph, 16 x 512 calibration tokens from
+the calibration plays) and kept under ``$QGRAPH_CACHE_DIR/lm/`` (``--requantize`` remakes them). Parity (the
+BCQ-3 row): exact mode's greedy text against the fake-quant simulation (64 tokens, 3 prompts) and fast mode's
+decode-step logits against the simulation (max over the vocabulary of |Δ| / max|logit|). Profile: one decode
+step split into kernel / attention / other ops / compiled code / python / sampling + loop
+(`qgraph.llm.profile`).
+
+``OMP_WAIT_POLICY=PASSIVE`` is set before torch loads (unless already set): with libgomp's workers spinning,
+BiQGEMM's own pool and the attention's OpenMP team fight over 2 cores (see `qgraph.llm.runtime`). Every row runs
+under the same setting.
+
+    python bench/decode_llm.py [--quick] [--json out.json] [--rows ...] [--no-compile] [--requantize]
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import argparse  # noqa: E402
+import copy  # noqa: E402
+import dataclasses  # noqa: E402
+import importlib.util  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from _records import Records, machine, markdown_table  # noqa: E402
+
+from qgraph.llm import LMRecipe, calibration_rows, quantize_lm, simulate_weights  # noqa: E402
+from qgraph.llm.artifact import lm_weights_from, load_lm, read_lm_artifact, save_lm  # noqa: E402
+from qgraph.llm.profile import profile_decode  # noqa: E402
+from qgraph.llm.runtime import Generator  # noqa: E402
+from qgraph.models import smollm2  # noqa: E402
+
+THREADS = 2
+GROUP = 192
+BASELINES = ("hf-fp32", "torch-int8-dynamic")
+# row -> {optimizer: recipe}; the row keeps the optimizer with the lower perplexity
+# row -> its recipe; the row is quantized with each optimizer asked for and keeps the lower perplexity
+QGRAPH_ROWS = {
+    "qgraph-bcq3": LMRecipe(bits=3, group_size=GROUP),
+    "qgraph-bcq4": LMRecipe(bits=4, group_size=None),
+    "qgraph-w4": LMRecipe(scheme="uniform", bits=4, group_size=GROUP),
+}
+PARITY_PROMPTS = ("The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,")
+
+
+# ------------------------------------------------------------------------------------------ setup
+def artifact_dir(recipe: LMRecipe) -> Path:
+    return smollm2.disk_cache_dir() / "lm" / f"smollm2-{recipe.name}-c{recipe.calib_windows}x{recipe.window}"
+
+
+def make_artifact(recipe: LMRecipe, fp32, tok, requantize: bool) -> Path:
+    out = artifact_dir(recipe)
+    if out.is_dir() and not requantize:
+        try:
+            read_lm_artifact(out)
+            return out
+        except Exception as e:  # a broken cache entry is remade
+            print(f"  remaking {out.name}: {e}", file=sys.stderr)
+    t0 = time.perf_counter()
+    print(f"  quantizing {recipe.name} (once; cached in {out.parent})...", file=sys.stderr, flush=True)
+    calib = calibration_rows(tok, recipe.calib_windows, recipe.window) if recipe.optimizer != "rtn" else None
+    lw = quantize_lm(fp32, recipe, calib)
+    save_lm(out, fp32, lw, tok, source="smollm2")
+    print(f"  {recipe.name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    return out
+
+
+def bandwidth() -> tuple[float, float]:
+    """(streaming-read GB/s, copy GB/s counting read + write), medians of 7, 256 MiB, this process's threads."""
+    n = 64 << 20
+    a, b = torch.ones(n), torch.empty(n)
+    reads, copies = [], []
+    for _ in range(7):
+        t = time.perf_counter()
+        a.sum()
+        reads.append(4 * n / (time.perf_counter() - t) / 1e9)
+        t = time.perf_counter()
+        b.copy_(a)
+        copies.append(8 * n / (time.perf_counter() - t) / 1e9)
+    return statistics.median(reads), statistics.median(copies)
+
+
+def dense_bytes(model) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def int8_dynamic(fp32):
+    from torch.ao.quantization import quantize_dynamic
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = quantize_dynamic(copy.deepcopy(fp32), {torch.nn.Linear}, dtype=torch.qint8)
+    return m.eval()
+
+
+def int8_bytes(model) -> int:
+    """Stored bytes of a dynamic-int8 model: int8 weights + per-tensor scale/zero point, fp32 rest."""
+    total, seen = 0, set()
+    for mod in model.modules():
+        if hasattr(mod, "_packed_params"):
+            w, b = mod._packed_params._weight_bias()
+            total += w.numel() + 8 + (0 if b is None else b.numel() * 4)
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def read_per_token(row: str, model, stored: int, kv_ctx: float) -> float:
+    """Bytes one decode step reads: every weight except the embedding table (one row is read), + the KV cache."""
+    cfg = model.config
+    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4
+    emb = model.get_input_embeddings()
+    tied = getattr(cfg, "tie_word_embeddings", False) or row.startswith("qgraph")
+    emb_bytes = 0 if tied else sum(t.numel() * t.element_size() for t in emb.parameters())
+    return stored - emb_bytes + kv * kv_ctx
+
+
+# ------------------------------------------------------------------------------------------ measuring
+def timed_rounds(gens: dict[str, Generator], ids, new_tokens: int, rounds: int) -> dict[str, list]:
+    out: dict[str, list] = {k: [] for k in gens}
+    for r in range(rounds):
+        for name, g in gens.items():
+            res = g.generate(ids, new_tokens, stop_at_eos=False)
+            out[name].append((res.prompt_tokens_per_s, res.decode_tokens_per_s))
+        print(f"  round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1][1]:.1f}" for k, v in out.items()),
+              file=sys.stderr, flush=True)
+    return out
+
+
+def peak_rss(row: str, art: str | None, new_tokens: int) -> int:
+    """ru_maxrss (bytes) of a fresh process that loads ``row`` as deployed and generates ``new_tokens``."""
+    cmd = [sys.executable, __file__, "--rss-child", row, "--new-tokens", str(new_tokens)]
+    if art:
+        cmd += ["--artifact", art]
+    env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+        return int(out.stdout.strip().splitlines()[-1])
+    except (subprocess.SubprocessError, ValueError, IndexError):
+        return -1
+
+
+def rss_child(row: str, art: str | None, new_tokens: int) -> None:
+    import resource
+
+    torch.set_num_threads(THREADS)
+    if row == "baseline":
+        import transformers  # noqa: F401
+    else:
+        if art:
+            model, tok, _ = load_lm(art, mode="fast" if row.endswith("fast") else "exact")
+        else:
+            fp32, tok = smollm2.load_smollm2(cache=False)
+            model = int8_dynamic(fp32) if row == "torch-int8-dynamic" else fp32
+            del fp32
+        ids = tok("The quick brown fox", return_tensors="pt").input_ids
+        Generator(model, tok).generate(ids, new_tokens, stop_at_eos=False)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+def perplexity_of(model, windows) -> float:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from quality_llm import perplexity
+
+    with torch.no_grad():
+        return perplexity(lambda ids: model(input_ids=ids, use_cache=False).logits, windows)
+
+
+def parity(fp32, art: Path, tok, records: Records, case: str) -> list[list]:
+    """Exact mode's greedy text vs the simulation (64 tokens, 3 prompts); fast mode's decode logits vs it."""
+    from transformers import DynamicCache
+
+    manifest, tensors = read_lm_artifact(art)
+    sim = simulate_weights(fp32, lm_weights_from(manifest, tensors))
+    exact, _, _ = load_lm(art, mode="exact", tokenizer=False)
+    fast, _, _ = load_lm(art, mode="fast", tokenizer=False)
+    rows, same, worst_fast, worst_exact = [], 0, 0.0, 0.0
+
+    def steps(model, ids, follow=None, n=8):
+        cache, out_rows = DynamicCache(), []
+        with torch.no_grad():
+            out = model(ids, cache=cache, use_cache=True)
+            for i in range(n):
+                out_rows.append(out.logits[0, -1].clone())
+                nxt = out.logits[:, -1:].argmax(-1) if follow is None else follow[i]
+                out = model(nxt, cache=cache, use_cache=True)
+        return out_rows
+
+    def rel(a, b):
+        return float((a - b).abs().max() / b.abs().max())
+
+    for p in PARITY_PROMPTS:
+        ids = tok(p, return_tensors="pt").input_ids
+        with torch.no_grad():
+            a = sim.generate(ids, max_new_tokens=64, min_new_tokens=64, do_sample=False)
+            b = exact.generate(ids, max_new_tokens=64, min_new_tokens=64, do_sample=False)
+        identical = torch.equal(a, b)
+        same += identical
+        ref = steps(sim, ids)
+        follow = [r.argmax()[None, None] for r in ref]
+        ef = max(rel(x, y) for x, y in zip(steps(fast, ids, follow), ref))
+        ee = max(rel(x, y) for x, y in zip(steps(exact, ids, follow), ref))
+        worst_fast, worst_exact = max(worst_fast, ef), max(worst_exact, ee)
+        rows.append([repr(p), "yes" if identical else "NO", f"{ee:.1e}", f"{ef:.1e}"])
+    records.add(f"{case} exact greedy-64 vs simulation", "agreement", same / len(PARITY_PROMPTS))
+    records.add(f"{case} exact decode logits vs simulation", "max_rel_err", worst_exact)
+    records.add(f"{case} fast decode logits vs simulation", "max_rel_err", worst_fast)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ main
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true",
+                    help="fp32 and qgraph BCQ-3 (gptq) only, 32 new tokens, 2 rounds, 1 window, no compile")
+    ap.add_argument("--json", metavar="PATH")
+    ap.add_argument("--rows", nargs="*", help=f"subset of {list(BASELINES) + list(QGRAPH_ROWS)}")
+    ap.add_argument("--optimizers", nargs="*", default=["gptq", "aespa"], choices=["gptq", "aespa", "rtn"])
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--eval-windows", type=int, default=4)
+    ap.add_argument("--no-compile", action="store_true", help="eager generate() only")
+    ap.add_argument("--no-rss", action="store_true", help="skip the fresh-process peak-RSS runs")
+    ap.add_argument("--no-parity", action="store_true")
+    ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--requantize", action="store_true", help="remake the cached qgraph artifacts")
+    ap.add_argument("--rss-child", help=argparse.SUPPRESS)
+    ap.add_argument("--artifact", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(THREADS)
+    if args.rss_child:
+        rss_child(args.rss_child, args.artifact, args.new_tokens)
+        return 0
+    if args.quick:
+        args.rows = args.rows or ["hf-fp32", "qgraph-bcq3"]
+        args.optimizers = ["gptq"] if args.optimizers == ["gptq", "aespa"] else args.optimizers
+        args.new_tokens, args.rounds, args.eval_windows = 32, 2, 1
+        args.no_compile = args.no_rss = True
+    rows = args.rows or list(BASELINES) + list(QGRAPH_ROWS)
+    unknown = [r for r in rows if r not in BASELINES and r not in QGRAPH_ROWS]
+    if unknown:
+        ap.error(f"unknown row(s) {unknown}")
+    t0 = time.perf_counter()
+    records = Records()
+    fp32, tok = smollm2.load_smollm2(cache=False)
+    from qgraph.data.text import evaluation_plays, load_play
+
+    play = load_play(evaluation_plays()[0])
+    windows = smollm2.token_windows(tok, play, smollm2.WINDOW, args.eval_windows)
+    ids = tok(play, return_tensors="pt").input_ids[:, : args.prompt_tokens]
+    kv_ctx = args.prompt_tokens + args.new_tokens / 2
+    read_bw, copy_bw = bandwidth()
+    print(f"bandwidth: read {read_bw:.1f} GB/s, copy {copy_bw:.1f} GB/s ({THREADS} threads); "
+          f"load {os.getloadavg()[0]:.1f}", file=sys.stderr)
+    records.add("stream read", "bytes", read_bw * 1e9, unit="bytes/s")
+
+    # --- build every row: model, stored bytes, bits/weight, perplexity --------------------------
+    models: dict[str, tuple] = {}  # row -> (model, stored bytes, linear bits/weight or None, label, artifact)
+    ppl: dict[str, float] = {}
+    if "hf-fp32" in rows:
+        models["hf-fp32"] = (fp32, dense_bytes(fp32), 32.0, "HF fp32", None)
+    if "torch-int8-dynamic" in rows:
+        m8 = int8_dynamic(fp32)
+        models["torch-int8-dynamic"] = (m8, int8_bytes(m8), 8.0, "torch dynamic int8", None)
+    for row in [r for r in rows if r in QGRAPH_ROWS]:
+        best = None
+        for opt in args.optimizers:
+            recipe = dataclasses.replace(QGRAPH_ROWS[row], optimizer=opt)
+            art = make_artifact(recipe, fp32, tok, args.requantize)
+            model, _, manifest = load_lm(art, mode="exact", tokenizer=False)
+            p = perplexity_of(model, windows)
+            records.add(f"smollm2 {row} {recipe.name} exact", "perplexity", p)
+            print(f"  {recipe.name}: perplexity {p:.2f}", file=sys.stderr, flush=True)
+            if best is None or p < best[0]:
+                best = (p, recipe, art, model, manifest)
+        p, recipe, art, model, manifest = best
+        b = manifest["bytes"]
+        bpw = b["decoder_linears"] * 8 / b["decoder_linear_weights"]
+        models[row] = (model, b["total"], bpw, f"qgraph {recipe.name} exact", str(art))
+        fast, _, _ = load_lm(art, mode="fast", tokenizer=False)
+        models[row + "-fast"] = (fast, b["total"], bpw, f"qgraph {recipe.name} fast", str(art))
+        ppl[row] = p
+        ppl[row + "-fast"] = perplexity_of(fast, windows)
+    for row in ("hf-fp32", "torch-int8-dynamic"):
+        if row in models:
+            ppl[row] = perplexity_of(models[row][0], windows)
+    print(f"built rows in {time.perf_counter() - t0:.0f} s; perplexity: "
+          + ", ".join(f"{k} {v:.2f}" for k, v in ppl.items()), file=sys.stderr, flush=True)
+
+    # --- speed: eager and compiled, interleaved rounds --------------------------------------------
+    gens: dict[str, Generator] = {}
+    compile_s: dict[str, float | None] = {}
+    for row, (model, *_rest) in models.items():
+        gens[row + " eager"] = Generator(model, tok)
+        if not args.no_compile:
+            g = Generator(model, tok, compile=True)
+            t = time.perf_counter()
+            g.warmup(prompt_tokens=ids.shape[1], max_new_tokens=3)
+            compile_s[row] = time.perf_counter() - t if g.compile else None
+            print(f"  compiled {row} in {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
+            if g.compile:
+                gens[row + " compiled"] = g
+    speed = timed_rounds(gens, ids, args.new_tokens, args.rounds)
+
+    llama_note = ("llama.cpp rows skipped: llama-cpp-python is not installed (optional; it builds from source "
+                  "in ~15 min on 2 cores: pip install llama-cpp-python)")
+    if importlib.util.find_spec("llama_cpp") is not None:
+        llama_note = "llama.cpp rows: llama-cpp-python is importable but this bench does not drive it yet"
+
+    # --- peak RSS in fresh processes ----------------------------------------------------------------
+    rss: dict[str, int] = {}
+    if not args.no_rss:
+        rss["baseline"] = peak_rss("baseline", None, 0)
+        for row, (_m, _b, _bpw, _label, art) in models.items():
+            rss[row] = peak_rss(row, art, 16)
+            print(f"  peak RSS {row}: {rss[row] / 2**20:.0f} MiB", file=sys.stderr, flush=True)
+
+    # --- table ----------------------------------------------------------------------------------------
+    table = []
+    for row, (model, stored, bpw, label, _art) in models.items():
+        per_tok = read_per_token(row, model, stored, kv_ctx)
+        limit = read_bw * 1e9 / per_tok
+        for kind in ("eager", "compiled"):
+            key = f"{row} {kind}"
+            if key not in speed:
+                continue
+            pt = statistics.median(v[0] for v in speed[key])
+            dt = statistics.median(v[1] for v in speed[key])
+            case = f"smollm2 {label} {kind}"
+            records.add(f"{case} decode", "tokens_per_s", dt)
+            records.add(f"{case} prompt", "tokens_per_s", pt)
+            table.append([label, kind, f"{pt:.0f}", f"{dt:.1f}", f"{limit:.0f}", f"{dt / limit:.0%}",
+                          f"{ppl[row]:.2f}", f"{stored / 1e6:.1f}", f"{bpw:.2f}",
+                          f"{rss[row] / 2**20:.0f}" if rss.get(row, -1) > 0 else "-",
+                          f"{compile_s[row]:.0f}" if kind == "compiled" and compile_s.get(row) else "-"])
+        records.add(f"smollm2 {label}", "perplexity", ppl[row])
+        records.add(f"smollm2 {label}", "bytes", stored)
+        records.add(f"smollm2 {label} read per token", "bytes", per_tok)
+        records.add(f"smollm2 {label} physical limit", "tokens_per_s", limit)
+        if rss.get(row, -1) > 0:
+            records.add(f"smollm2 {label}", "peak_rss_bytes", rss[row])
+    if rss.get("baseline", -1) > 0:
+        records.add("python + torch + transformers", "peak_rss_bytes", rss["baseline"])
+    records.write(args.json)
+
+    print(f"\nSmolLM2-135M, {THREADS} threads, greedy, {ids.shape[1]}-token prompt, {args.new_tokens} new tokens, "
+          f"medians of {args.rounds} interleaved rounds; {machine()}; stream read {read_bw:.1f} GB/s "
+          f"(copy {copy_bw:.1f}); 1-min load {os.getloadavg()[0]:.1f}; total {time.perf_counter() - t0:.0f} s\n")
+    print(markdown_table(["model", "decode step", "prompt tok/s", "decode tok/s", "limit tok/s", "of limit",
+                          f"ppl ({args.eval_windows}x512)", "stored MB", "bits/linear weight", "peak RSS MiB",
+                          "compile s"], table))
+    if rss.get("baseline", -1) > 0:
+        print(f"\npeak RSS of python + torch + transformers alone: {rss['baseline'] / 2**20:.0f} MiB; the int8 row's "
+              f"process loads fp32 first, so its peak includes the fp32 model")
+    print(f"\n{llama_note}")
+
+    if not args.no_parity and "qgraph-bcq3" in models:
+        prow = parity(fp32, Path(models["qgraph-bcq3"][4]), tok, records, "smollm2 qgraph-bcq3")
+        print("\nParity of " + models["qgraph-bcq3"][3].replace(" exact", "")
+              + " with its fake-quant simulation (decode logits: max over 8 steps of max|Δ| / max|logit|):\n")
+        print(markdown_table(["prompt", "exact: greedy 64 tokens identical", "exact: logits rel err",
+                              "fast: logits rel err"], prow))
+    if not args.no_profile:
+        prof_rows = []
+        for key, g in gens.items():
+            if key.startswith(("hf-fp32", "qgraph-bcq3 ", "qgraph-bcq3-fast")):
+                p = profile_decode(g, ids, steps=16)
+                prof_rows.append([key] + [f"{p[k]:.2f}" for k in ("kernel", "attention", "other ops",
+                                                                   "compiled code", "python", "sampling + loop",
+                                                                   "step")])
+                for k in ("kernel", "attention", "other ops", "compiled code", "python", "sampling + loop"):
+                    records.add(f"smollm2 {key} decode step {k}", "seconds", p[k] / 1e3)
+        print("\nOne decode step, ms (torch.profiler over 16 steps):\n")
+        print(markdown_table(["model", "kernel", "attention", "other ops", "compiled code", "python",
+                              "sampling + loop", "step"], prof_rows))
+    records.write(args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
