@@ -6,9 +6,12 @@ weights, fake-quant, lower) driven by a declarative target, and export or run th
 from qgraph.api import QuantizedModel, quantize
 from qgraph.context import PassContext
 from qgraph.errors import (
+    ArtifactError,
     CalibrationError,
     ExportError,
     KernelError,
+    OptionError,
+    PassError,
     PassOrderError,
     PipelineError,
     QGraphError,
@@ -27,14 +30,17 @@ from qgraph.target import Target, list_targets, load_target
 __version__ = "0.1.0"
 
 __all__ = [
+    "ArtifactError",
     "CalibrationError",
     "DumpIRInstrument",
     "ExportError",
     "FxGraph",
     "GraphView",
     "KernelError",
+    "OptionError",
     "Pass",
     "PassContext",
+    "PassError",
     "PassInstrument",
     "PassManager",
     "PassOrderError",

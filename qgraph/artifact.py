@@ -169,8 +169,7 @@ def save_artifact(qmodel: Any, path: str | Path, *, source: str | None = None, p
     from safetensors.torch import save_file
 
     from qgraph.atomic import atomic_folder
-    from qgraph.passes.calibrate import QPARAMS_KEY
-    from qgraph.passes.quantize_weights import QWEIGHT_KEY
+    from qgraph.ir.meta import QPARAMS_KEY, QWEIGHT_KEY
     from qgraph.quant.qweight_io import qweight_parts
 
     sim = qmodel.artifacts.get("simulation", qmodel.graph)
@@ -435,8 +434,7 @@ def _replay_prefix(manifest: Manifest, model: nn.Module, example_inputs: tuple, 
 
 
 def _restore(graph: Any, manifest: Manifest, tensors: dict, ctx: Any, folder: Path) -> None:
-    from qgraph.passes.calibrate import QPARAMS_KEY
-    from qgraph.passes.quantize_weights import QWEIGHT_KEY
+    from qgraph.ir.meta import QPARAMS_KEY, QWEIGHT_KEY
     from qgraph.quant.qspec import Annotation
     from qgraph.quant.qweight_io import qweight_from_parts
 

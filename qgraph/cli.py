@@ -108,9 +108,15 @@ def cmd_lower(args: argparse.Namespace) -> int:
         model = source.onnx_path if source.onnx_path else source.module
         q = qgraph.quantize(model, source.example_inputs, target=target, calib=calib, pipeline=text,
                             dynamic_shapes=source.dynamic_shapes, progress=not args.quiet)
+        if source.module is not None:  # compiled code is this process's only; the artifact stays data
+            mode = {True: "on", False: "off", None: "auto"}[args.compile]
+            if mode != "off":
+                _say(args, f"qgraph: torch.compile of the lowered graph ({mode})")
+            q.compile_execution(mode, source.example_inputs, measure=not args.no_measure)
         _say(args, f"qgraph: writing report to {out}/")
         report_path = out / write_report(q, tmp, title=f"qgraph: {source.name} for {target.name}",
-                                         measure=not args.no_measure).relative_to(tmp)
+                                         measure=not args.no_measure, float_model=source.module,
+                                         inputs=source.example_inputs, logits=_is_classifier(source)).relative_to(tmp)
         if source.onnx_path:
             left_float = q.graph.weights_to_qdq()
             q.graph.save(tmp / f"{source.name}.qdq.onnx")
@@ -128,6 +134,7 @@ def cmd_lower(args: argparse.Namespace) -> int:
     fp32 = sum(r["fp32_bytes"] for r in layers)
     qb = sum(r["bytes"] for r in layers)
     verify = q.report.get("verify", {})
+    e2e = q.report.get("end_to_end", {})
     summary = {
         "model": source.name, "target": target.name, "pipeline": q.pipeline, "out": str(out),
         "report": str(report_path),
@@ -137,6 +144,9 @@ def cmd_lower(args: argparse.Namespace) -> int:
         "float": sum(r["status"] == "float" for r in q.report.get("lowering", [])),
         "verify_output_rel_err": verify.get("output_rel_err"), "first_divergent": verify.get("first_divergent"),
         "latency_rank_correlation": q.report.get("latency_rank_correlation"),
+        "execution": q.report.get("compile", {}).get("used", "eager"),
+        "latency_ms": e2e.get("rows", {}).get("qgraph", {}).get("ms"),
+        "speedup_vs_float": e2e.get("speedup_vs_float"), "speedup_vs_ort_fp32": e2e.get("speedup_vs_ort_fp32"),
         "seconds": round(time.perf_counter() - t0, 2),
     }
     if ort_summary is not None:
@@ -145,8 +155,14 @@ def cmd_lower(args: argparse.Namespace) -> int:
         print(json.dumps(summary))
     else:
         size = f"{qb / 1e6:.2f} MB vs {fp32 / 1e6:.2f} MB fp32" if fp32 else "no weights quantized"
+        speed = ""
+        if summary["latency_ms"] is not None:
+            ratios = [f"{v:.2f}x {k}" for k, v in (("float", summary["speedup_vs_float"]),
+                                                   ("onnxruntime fp32", summary["speedup_vs_ort_fp32"])) if v]
+            speed = f"; {summary['latency_ms']:.2f} ms {summary['execution']}" + (
+                f" ({', '.join(ratios)})" if ratios else "")
         print(f"lowered {source.name} for {target.name}: {summary['lowered']} layers on real kernels, "
-              f"{summary['float']} float; weights {size}; report {report_path}")
+              f"{summary['float']} float; weights {size}{speed}; report {report_path}")
         if ort_summary is not None:
             print(f"onnxruntime route: {ort_summary['file']} ({ort_summary['fused_int8_ops']} fused int8 kernels, "
                   f"{ort_summary['unfused_qdq_ops']} Q/DQ left unfused)")
@@ -165,6 +181,12 @@ def _onnxruntime_route(args: argparse.Namespace, q: object, source: object, tmp:
     info = ort_model.summary()
     info["file"] = str(out / "model.onnx")
     return info
+
+
+def _is_classifier(source) -> bool:
+    """Whether the model's output is class / token logits (the report adds top-1 agreement)."""
+    return source.kind == "image" or source.name in ("smollm2", "digits-cnn") or \
+        type(source.module).__name__ == "CausalLMLogits"
 
 
 def cmd_targets(args: argparse.Namespace) -> int:
@@ -265,7 +287,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 BENCHES = {"kernel": "biqgemm.py", "kernel-cuda": "biqgemm_cuda.py", "quality-minilm": "quality_minilm.py",
            "quality-llm": "quality_llm.py", "quality-reconstruction": "quality_reconstruction.py",
-           "mobilenetv2": "lowered_mobilenetv2.py", "search": "search_minilm.py"}
+           "mobilenetv2": "lowered_mobilenetv2.py", "search": "search_minilm.py", "e2e": "e2e.py"}
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -310,7 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--act-bits", type=int_range(0, 8, "--act-bits"), dest="act_bits", help="activation bits (0: weight-only)")
     lo.add_argument("--fallback", action="store_true", help="keep nodes the target cannot run in float")
     lo.add_argument("--out", help="output folder (default qgraph-out/<model>-<target>)")
-    lo.add_argument("--no-measure", action="store_true", help="skip measuring per-node latency")
+    lo.add_argument("--no-measure", action="store_true", help="skip all timing (end-to-end, per node, compile choice)")
+    lo.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="run the lowered graph through torch.compile (default: when it is faster on the example "
+                         "inputs; --no-measure makes the default eager); compiled code is never saved")
     lo.add_argument("--strict", action="store_true", help="exit 4 when lowered and simulated outputs diverge")
     lo.add_argument("--runtime", choices=["torch", "onnxruntime"], default="torch",
                     help="also export OUT/model.onnx (QDQ + ai.qgraph::BiQGEMM) and open it in onnxruntime with its "
@@ -375,13 +400,21 @@ def main(argv: list[str] | None = None) -> int:
         args.target = args.target or "x86-avx2"
     if getattr(args, "quiet", False):
         _silence()
-    from qgraph.errors import QGraphError
+    from qgraph.errors import PassError, QGraphError
 
     try:
         return args.func(args)
     except _UsageError as e:
         print(f"qgraph: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except PassError as e:  # a bug in a pass, not bad input: internal error, with the pass named
+        print(f"qgraph: internal error: {str(e).splitlines()[0]} (set QGRAPH_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        if os.environ.get("QGRAPH_DEBUG"):
+            import traceback as tb
+
+            tb.print_exception(e)
+        return EXIT_INTERNAL
     except QGraphError as e:
         first = str(e).strip("\n").splitlines() or [type(e).__name__]
         print(f"qgraph: error: {first[0].strip()}", file=sys.stderr)

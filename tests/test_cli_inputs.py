@@ -103,3 +103,17 @@ def test_quiet_prints_nothing_on_success(spec, tmp_path, capsys):
     code = main(["lower", f"{spec}:make_model", "--out", str(tmp_path / "o"), "--quiet", "--no-measure"])
     out = capsys.readouterr()
     assert code == 0 and out.err == ""
+
+
+def test_a_bug_inside_a_pass_is_an_internal_error_naming_the_pass(spec, tmp_path, capsys):
+    import qgraph
+
+    @qgraph.register_pass("corpus-crash", replace=True)
+    def crash(graph, ctx):
+        """A pass with a bug."""
+        raise ZeroDivisionError("oops")
+
+    code, err = _run(["lower", f"{spec}:make_model", "--pipeline", "fold-bn,corpus-crash", "--out",
+                      str(tmp_path / "o"), "--quiet", "--no-measure"], capsys)
+    assert code == 1 and "internal error: pass 'corpus-crash' (after fold-bn): ZeroDivisionError: oops" in err
+    assert err.count("\n") == 1

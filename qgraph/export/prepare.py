@@ -20,11 +20,9 @@ from torch import fx
 
 from qgraph.errors import ExportError
 from qgraph.export import markers
+from qgraph.ir.meta import FQ_KEY, QWEIGHT_KEY
 from qgraph.quant.bcq_weight import BCQWeight
 from qgraph.quant.qtensor import UniformWeight
-
-QWEIGHT_KEY = "qgraph.qweight"
-FQ_KEY = "qgraph.fake_quant"
 
 
 @dataclass

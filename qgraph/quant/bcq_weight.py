@@ -172,9 +172,9 @@ class BCQWeight:
     def load(cls, path: str | Path) -> BCQWeight:
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as f:  # noqa: SIM118 (safe_open is not iterable)
+        with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             if "qgraph" not in meta:
                 raise SpecError(f"{path}: no qgraph manifest in the safetensors metadata")
-            tensors = {k: f.get_tensor(k) for k in f}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
         return cls.from_parts(json.loads(meta["qgraph"]), tensors)

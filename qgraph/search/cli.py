@@ -159,7 +159,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """``python -m qgraph.search.cli MODEL ...``: the ``search`` subcommand on its own."""
     from qgraph.cli import _Parser, _UsageError
-    from qgraph.errors import QGraphError
+    from qgraph.errors import PassError, QGraphError
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = _Parser(prog="qgraph", description="Post-training quantization compiler.")
@@ -173,6 +173,14 @@ def main(argv: list[str] | None = None) -> int:
     except _UsageError as e:
         print(f"qgraph: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except PassError as e:  # a bug in a pass, not bad input: internal error, with the pass named
+        print(f"qgraph: internal error: {str(e).splitlines()[0]} (set QGRAPH_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        if os.environ.get("QGRAPH_DEBUG"):
+            import traceback as tb
+
+            tb.print_exception(e)
+        return EXIT_INTERNAL
     except QGraphError as e:
         lines = str(e).strip().splitlines() or [type(e).__name__]
         print(f"qgraph: error: {lines[0]}", file=sys.stderr)

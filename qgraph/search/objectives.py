@@ -361,8 +361,8 @@ class Workbench:
 
     def _calibrate(self, spec: Any) -> None:
         from qgraph.context import PassContext
+        from qgraph.ir.meta import QPARAMS_KEY
         from qgraph.pass_manager import PassManager
-        from qgraph.passes.calibrate import QPARAMS_KEY
         from qgraph.quant.qspec import Annotation
 
         if not self.data.calib_batches:
@@ -387,9 +387,8 @@ class Workbench:
         """A fake-quant copy of the graph under ``strategy`` (quantized weights and qparams prefilled from
         the memos, so quantize-weights and calibration work are done once per (node, spec))."""
         from qgraph.context import PassContext
+        from qgraph.ir.meta import QPARAMS_KEY, QWEIGHT_KEY
         from qgraph.pass_manager import PassManager
-        from qgraph.passes.calibrate import QPARAMS_KEY
-        from qgraph.passes.quantize_weights import QWEIGHT_KEY
 
         g = fresh_copy(self.graph)
         anns = strategy.annotations
