@@ -23,6 +23,8 @@ def lowering_pipeline(annotate_options: str = "", *, fallback: bool = False, ver
     from qgraph.registry import registered_passes
 
     lowerings = [p for p in LOWERING_PASSES if p in registered_passes()]
+    if verify_tol is not None:  # lower-bcq picks its kernel mode from the tolerance verify will hold it to
+        lowerings = [f"lower-bcq{{tol={verify_tol!r}}}" if p == "lower-bcq" else p for p in lowerings]
     annotate = f"annotate{{{annotate_options}}}" if annotate_options else "annotate"
     check = "check-target{fallback=true}" if fallback else "check-target"
     verify = f"verify{{tol={verify_tol!r}}}" if verify_tol is not None else "verify"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import tomllib
 
-from qgraph.cli_types import group_size, int_range
+from qgraph.cli_types import finite_float, group_size, int_range
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INPUT, EXIT_VERIFY = 0, 1, 2, 3, 4
 
@@ -79,7 +79,7 @@ def _pipeline_text(args: argparse.Namespace, onnx_model: bool = False) -> str:
         check = "check-target{fallback=true}" if args.fallback else "check-target"
         return f"{CANONICALIZE},annotate{{{opts}}},{check},calibrate,quantize-weights,insert-fq".replace(
             "annotate{}", "annotate")
-    return lowering_pipeline(_annotate_options(args), fallback=args.fallback)
+    return lowering_pipeline(_annotate_options(args), fallback=args.fallback, verify_tol=args.verify_tol)
 
 
 class _UsageError(Exception):
@@ -337,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="run the lowered graph through torch.compile (default: when it is faster on the example "
                          "inputs; --no-measure makes the default eager); compiled code is never saved")
     lo.add_argument("--strict", action="store_true", help="exit 4 when lowered and simulated outputs diverge")
+    lo.add_argument("--verify-tol", type=finite_float(0, inclusive=True, what="--verify-tol"), dest="verify_tol",
+                    help="relative error the lowered model may have against the simulation (default 1e-4); from "
+                         "1e-2 on, BCQ layers use the fast int8 kernel mode")
     lo.add_argument("--runtime", choices=["torch", "onnxruntime"], default="torch",
                     help="also export OUT/model.onnx (QDQ + ai.qgraph::BiQGEMM) and open it in onnxruntime with its "
                          "graph optimizations on, reporting which int8 kernels it fused")
