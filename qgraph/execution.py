@@ -48,6 +48,12 @@ def normalize_mode(mode: bool | str | None) -> str:
 
 
 def first_line(e: BaseException, limit: int = 200) -> str:
+    """``Type: first line of the message``; a compiler error wrapping another (Dynamo's BackendCompilerFailed)
+    names the inner one, whose message says what went wrong."""
+    inner = getattr(e, "inner_exception", None) or (e.__cause__ if type(e).__name__ == "BackendCompilerFailed"
+                                                    else None)
+    if isinstance(inner, BaseException):
+        return f"{type(e).__name__}: {first_line(inner, limit)}"
     text = (str(e).strip().splitlines() or [""])[0].strip()
     return f"{type(e).__name__}: {text[:limit]}" if text else type(e).__name__
 
@@ -82,23 +88,29 @@ def _raise_recompile_limits() -> None:
     cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 1024)
 
 
+def _kinds(args: tuple) -> tuple:
+    return tuple((a.dtype, a.device.type, a.dim()) if isinstance(a, torch.Tensor) else type(a) for a in args)
+
+
 class CompiledCall:
     """A compiled lowered module, called under ``torch.no_grad()`` (one set of guards for inference).
 
-    A failure at a later call (a recompile for a new shape that the compiler cannot handle) drops the
-    compiled code and runs eager from then on, with one `CompileFallbackWarning`; an error the eager module
-    raises as well (bad input) propagates unchanged.
+    Inputs of another dtype, device or rank than the example inputs run eagerly (the eager kernels check
+    them and raise typed errors; recompiling for them would not pay). A failure at a later call (a
+    recompile for a new shape that the compiler cannot handle) drops the compiled code and runs eager from
+    then on, with one `CompileFallbackWarning`; an error the eager module raises as well propagates.
     """
 
-    def __init__(self, module: torch.nn.Module, compiled: Callable, backend: str):
+    def __init__(self, module: torch.nn.Module, compiled: Callable, backend: str, example_inputs: tuple):
         self.module, self.compiled, self.backend = module, compiled, backend
+        self.kinds = _kinds(tuple(example_inputs))
         self.failed: str | None = None
 
     def __call__(self, *args: Any) -> Any:
-        if self.compiled is None:
+        if self.compiled is None or _kinds(args) != self.kinds:
             return self.module(*args)
         try:
-            with torch.no_grad(), _quiet_compile_logs():
+            with torch.no_grad():
                 return self.compiled(*args)
         except Exception as e:  # noqa: BLE001 - decide by running eager: a bad input fails there too
             out = self.module(*args)
@@ -127,7 +139,7 @@ def compile_module(module: torch.nn.Module, example_inputs: tuple, *, backend: s
                       CompileFallbackWarning, stacklevel=2)
         return None, seconds, err
     name = backend if isinstance(backend, str) else getattr(backend, "__name__", "custom")
-    return CompiledCall(module, compiled, name), time.perf_counter() - start, None
+    return CompiledCall(module, compiled, name, example_inputs), time.perf_counter() - start, None
 
 
 def interleaved_seconds(fns: dict[str, Callable], inputs: tuple, *, rounds: int = 10, warmup: int = 1,
@@ -162,7 +174,8 @@ def compile_lowered(module: torch.nn.Module, example_inputs: tuple | None, mode:
                     rounds: int = 10) -> tuple[CompiledCall | None, dict[str, Any]]:
     """Compile ``module`` as ``mode`` asks: (the compiled call to use or None for eager, the report entry).
 
-    ``"auto"`` needs ``measure`` (and example inputs): without them it stays eager and says why.
+    ``"auto"`` times eager against compiled on the example inputs, so it needs ``measure`` (and example
+    inputs): without them it stays eager, compiles nothing and says why. ``"on"`` compiles without timing.
     """
     mode = normalize_mode(mode)
     info: dict[str, Any] = {"requested": mode, "used": "eager", "backend": backend if isinstance(backend, str)
@@ -182,14 +195,14 @@ def compile_lowered(module: torch.nn.Module, example_inputs: tuple | None, mode:
     if call is None:
         info["note"] = "compile failed: running eager"
         return None, info
-    if measure:
+    if mode == "auto":
         med = medians_ms(interleaved_seconds({"eager": module, "compiled": call}, tuple(example_inputs),
                                              rounds=rounds, budget_s=20.0))
         info["eager_ms"], info["compiled_ms"] = med["eager"], med["compiled"]
         if call.failed is not None:  # failed while being timed: eager from here on
             info["error"], info["note"] = call.failed, "compile failed: running eager"
             return None, info
-        if mode == "auto" and med["compiled"] >= med["eager"]:
+        if med["compiled"] >= med["eager"]:
             info["note"] = "compiled was not faster on the example inputs: running eager"
             return None, info
     info["used"] = "compiled"
