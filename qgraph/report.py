@@ -1,8 +1,12 @@
 """The user-facing report of a quantization run: Markdown + HTML with matplotlib PNGs.
 
-Sections: summary (bytes, pipeline, target), per-layer weight error (plot), size breakdown by op
-(plot), predicted vs measured latency per node (plot + Spearman rank correlation), lowering
-report, verify summary, and the Pareto front when a search produced one.
+It leads with the answer a user came for (`end_to_end`): end-to-end latency at the user's batch (the
+example inputs), stored bytes and output quality, each against the float model and against onnxruntime
+fp32 on this host (the float model exported with the dynamo exporter; that column is skipped with a note
+when onnxruntime is missing or the export fails). Then: summary (pipeline, target), per-layer weight error
+(plot), size breakdown by op (plot), predicted vs measured latency per node (plot + Spearman rank
+correlation), lowering report, verify summary, and the Pareto front when a search produced one.
+``measure=False`` skips every timing (and the onnxruntime export, which only the comparison needs).
 """
 from __future__ import annotations
 
@@ -81,14 +85,304 @@ def latency_rows(qmodel: Any, inputs: tuple | None = None) -> list[tuple[str, fl
             if k in measured and predicted[k].latency_us > 0 and measured[k] > 0]
 
 
+# --- the answer first: end-to-end latency, bytes and quality against float and onnxruntime fp32 ----------
+def stored_bytes(module: Any) -> int:
+    """Bytes of every tensor ``module`` holds (parameters and buffers; a tensor shared by several counts once)."""
+    seen, total = set(), 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)) if t.device.type != "meta" else id(t)
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _first_tensor(out: Any) -> Any:
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        for o in out:
+            t = _first_tensor(o)
+            if t is not None:
+                return t
+    return None
+
+
+def compare_outputs(ref: Any, out: Any, *, logits: bool = False) -> dict[str, float]:
+    """Quality of ``out`` against ``ref`` (first tensor of each): mean cosine over rows (the last dimension),
+    max relative error, and, for ``logits``, top-1 agreement over the last dimension."""
+    import torch
+
+    r, o = _first_tensor(ref), _first_tensor(out)
+    if r is None or o is None or r.shape != o.shape:
+        return {}
+    r, o = r.detach().double(), o.detach().double()
+    rows_r = r.reshape(-1, r.shape[-1]) if r.dim() >= 1 else r.reshape(1, 1)
+    rows_o = o.reshape(-1, o.shape[-1]) if o.dim() >= 1 else o.reshape(1, 1)
+    res = {"cosine": float(torch.nn.functional.cosine_similarity(rows_o, rows_r, dim=-1).mean()),
+           "rel_err": float((o - r).abs().max() / r.abs().max().clamp_min(1e-30))}
+    if logits and r.dim() >= 2 and r.shape[-1] > 1:
+        res["agreement"] = float((rows_o.argmax(-1) == rows_r.argmax(-1)).double().mean())
+    return res
+
+
+class OrtFp32:
+    """The float model exported with the dynamo exporter at the example inputs' shapes, in an onnxruntime
+    session (graph optimizations on, as many intra-op threads as torch uses)."""
+
+    def __init__(self, path: Path, n_inputs: int):
+        import onnxruntime as ort
+        import torch
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = torch.get_num_threads()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.names = [i.name for i in self.session.get_inputs()]
+        if len(self.names) != n_inputs:
+            raise ValueError(f"the exported model takes {len(self.names)} inputs, the model {n_inputs}")
+        self.bytes = sum(f.stat().st_size for f in path.parent.iterdir() if f.is_file())
+
+    def __call__(self, *args: Any) -> Any:
+        import torch
+
+        feed = {n: a.detach().cpu().numpy() for n, a in zip(self.names, args, strict=True)}
+        return torch.from_numpy(self.session.run(None, feed)[0])
+
+
+def export_ort_fp32(model: Any, inputs: tuple, folder: Path) -> OrtFp32:
+    """`OrtFp32` of ``model`` (exported quietly into ``folder``); raises whatever export or loading raises."""
+    import contextlib
+    import io
+    import logging
+    import warnings
+
+    import torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "float.onnx"
+    sink = io.StringIO()
+    level = logging.getLogger("torch").level
+    logging.getLogger("torch").setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink), \
+                torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, tuple(inputs), str(path), dynamo=True, external_data=False, verbose=False)
+    finally:
+        logging.getLogger("torch").setLevel(level)
+    return OrtFp32(path, len(inputs))
+
+
+def _load() -> str:
+    import os
+
+    try:
+        return f"{os.getloadavg()[0]:.1f}"
+    except OSError:
+        return "n/a"
+
+
+def end_to_end(qmodel: Any, float_model: Any, inputs: tuple | None, *, measure: bool = True, logits: bool = False,
+               scratch: Path | None = None, budget_s: float = 20.0, rounds: int = 20) -> dict[str, Any]:
+    """The headline numbers: latency at the batch of ``inputs`` (default: the graph's example inputs), stored
+    bytes and quality of ``qmodel`` against ``float_model`` (torch eager) and onnxruntime fp32. Latencies
+    are medians of interleaved rounds; quality is measured on ``inputs`` too."""
+    import os
+    import tempfile
+
+    import torch
+
+    from qgraph.execution import first_line, interleaved_seconds, medians_ms
+
+    inputs = tuple(inputs if inputs is not None else getattr(qmodel.graph, "example_inputs", ()) or ())
+    res: dict[str, Any] = {"batch": None, "inputs": [list(t.shape) for t in inputs if hasattr(t, "shape")],
+                           "threads": torch.get_num_threads(), "notes": [], "rows": {}}
+    if inputs and hasattr(inputs[0], "shape") and len(inputs[0].shape):
+        res["batch"] = int(inputs[0].shape[0])
+    rows = res["rows"]
+    gm = getattr(qmodel, "gm", None)
+    rows["qgraph"] = {"bytes": stored_bytes(gm) if gm is not None else None}
+    if float_model is not None:
+        rows["float"] = {"bytes": stored_bytes(float_model)}
+    if not inputs:
+        res["notes"].append("no example inputs: nothing measured")
+        return res
+    with torch.no_grad():
+        ref = float_model(*inputs) if float_model is not None else None
+        got = qmodel(*inputs)
+    if ref is not None:
+        rows["qgraph"]["quality"] = compare_outputs(ref, got, logits=logits)
+    ort_call = None
+    if not measure:
+        res["notes"].append("latency not measured and onnxruntime fp32 not run (timing is off)")
+    elif float_model is None:
+        res["notes"].append("no float torch model: the float and onnxruntime fp32 columns are skipped")
+    else:
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            res["notes"].append("onnxruntime is not installed: its column is skipped")
+        else:
+            tmp = Path(tempfile.mkdtemp(prefix="qgraph-ort-", dir=scratch))
+            try:
+                ort_call = export_ort_fp32(float_model, inputs, tmp)
+                rows["onnxruntime fp32"] = {"bytes": ort_call.bytes}
+                ort_out = ort_call(*inputs)
+                rows["onnxruntime fp32"]["quality"] = compare_outputs(ref, ort_out, logits=logits)
+                rows["qgraph"]["quality_vs_ort"] = compare_outputs(ort_out, got, logits=logits)
+            except Exception as e:  # noqa: BLE001 - any export / session failure: skip the column, say why
+                ort_call = None
+                rows.pop("onnxruntime fp32", None)
+                res["notes"].append(f"onnxruntime fp32 skipped: exporting the float model failed ({first_line(e)})")
+            finally:
+                import shutil
+
+                shutil.rmtree(tmp, ignore_errors=True)
+    if measure:
+        fns: dict[str, Any] = {}
+        if float_model is not None:
+            fns["float"] = float_model
+        if ort_call is not None:
+            fns["onnxruntime fp32"] = ort_call
+        if qmodel.compiled:
+            fns["qgraph eager"] = qmodel.eager
+            rows["qgraph eager"] = {"bytes": rows["qgraph"]["bytes"]}
+        fns["qgraph"] = qmodel
+        med = medians_ms(interleaved_seconds(fns, inputs, rounds=rounds, warmup=2, budget_s=budget_s))
+        for k, v in med.items():
+            rows[k]["ms"] = v
+        res["rounds"] = rounds
+        res["load_average"] = _load()
+        res["cpus"] = os.cpu_count()
+        q_ms = med["qgraph"]
+        res["speedup_vs_float"] = med["float"] / q_ms if "float" in med else None
+        res["speedup_vs_ort_fp32"] = med["onnxruntime fp32"] / q_ms if "onnxruntime fp32" in med else None
+    res["execution"] = "compiled" if qmodel.compiled else "eager"
+    return res
+
+
+def fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "—"
+    return f"{n / 1e6:.2f} MB" if n >= 100_000 else f"{n / 1e3:.1f} kB"
+
+
+def _fmt_x(v: float | None) -> str:
+    return "—" if v is None else f"{v:.2f}×"
+
+
+def _fmt_quality(qd: dict | None) -> str:
+    if not qd:
+        return "—"
+    parts = [f"cosine {qd['cosine']:.4f}"]
+    if "agreement" in qd:
+        parts.append(f"top-1 {qd['agreement']:.3f}")
+    parts.append(f"rel. err {qd['rel_err']:.2g}")
+    return ", ".join(parts)
+
+
+def headline_markdown(e2e: dict[str, Any]) -> list[str]:
+    """The report's first section: one sentence with the answer, then the table behind it."""
+    rows, b = e2e["rows"], e2e.get("batch")
+    q = rows["qgraph"]
+    where = f"batch {b} (the example inputs)" if b is not None else "the example inputs"
+    f_bytes = rows.get("float", {}).get("bytes")
+    parts = []
+    if "ms" in q:
+        lat = f"{q['ms']:.2f} ms per call at {where}, {e2e['execution']}"
+        if e2e.get("speedup_vs_float") is not None:
+            lat += f": {_speed_words(e2e['speedup_vs_float'])} the float model"
+        if e2e.get("speedup_vs_ort_fp32") is not None:
+            lat += f", {_speed_words(e2e['speedup_vs_ort_fp32'])} onnxruntime fp32"
+        parts.append(lat)
+    if q.get("bytes") is not None:
+        size = f"{fmt_bytes(q['bytes'])} stored"
+        if f_bytes:
+            size += f" ({100 * q['bytes'] / f_bytes:.1f}% of float's {fmt_bytes(f_bytes)})"
+        parts.append(size)
+    if q.get("quality"):
+        qd = q["quality"]
+        parts.append(f"mean cosine to float {qd['cosine']:.4f}" + (f", top-1 agreement {qd['agreement']:.3f}"
+                                                                     if "agreement" in qd else ""))
+    md = ["## The answer", "", "**" + "; ".join(parts) + ".**" if parts else "Nothing measured.", ""]
+    md += [f"| model | latency ms (batch {b}) | speed vs float | speed vs onnxruntime fp32 | stored | "
+           "bytes vs float | quality vs float |", "|---|---:|---:|---:|---:|---:|---|"]
+    ort_ms = rows.get("onnxruntime fp32", {}).get("ms")
+    float_ms = rows.get("float", {}).get("ms")
+    names = {"float": "float (torch eager)", "onnxruntime fp32": "onnxruntime fp32",
+             "qgraph eager": "qgraph, eager", "qgraph": f"**qgraph, {e2e['execution']}**"}
+    for key in ("float", "onnxruntime fp32", "qgraph eager", "qgraph"):
+        if key not in rows:
+            continue
+        r = rows[key]
+        ms = r.get("ms")
+        by = r.get("bytes")
+        md.append(f"| {names[key]} | {'—' if ms is None else f'{ms:.2f}'} | "
+                  f"{_fmt_x(float_ms / ms if ms and float_ms else None)} | {_fmt_x(ort_ms / ms if ms and ort_ms else None)} | "
+                  f"{fmt_bytes(by)} | "
+                  f"{'—' if not (by and f_bytes) else f'{100 * by / f_bytes:.1f}%'} | "
+                  f"{'reference' if key == 'float' else _fmt_quality(r.get('quality'))} |")
+    md.append("")
+    if q.get("quality_vs_ort"):
+        md.append(f"- quality against onnxruntime fp32's output: {_fmt_quality(q['quality_vs_ort'])}")
+    comp = e2e.get("compile")
+    if comp:
+        md.append(f"- execution: {_compile_words(comp)}")
+    if "ms" in q:
+        md.append(f"- latency: median of up to {e2e['rounds']} interleaved rounds on this host, {e2e['threads']} "
+                  f"threads ({e2e['cpus']} CPUs, 1-min load average {e2e['load_average']}); speed columns are "
+                  f"ratios of latencies (> 1× is faster)")
+    md += [f"- {n}" for n in e2e.get("notes", [])]
+    md.append("- stored: every tensor the runnable model holds (codes, scales, biases, float layers); "
+              "onnxruntime: its file")
+    return md + [""]
+
+
+def _speed_words(x: float) -> str:
+    return f"{x:.2f}× faster than" if x >= 1 else f"{1 / x:.2f}× slower than"
+
+
+def _compile_words(c: dict) -> str:
+    req, used = c.get("requested"), c.get("used")
+    if req == "off":
+        return "eager (compile off)"
+    s = f"compile {req}: running {used}"
+    if c.get("seconds") is not None:
+        s += f"; torch.compile ({c.get('backend', 'inductor')}) took {c['seconds']:.1f} s"
+    if c.get("eager_ms") is not None and c.get("compiled_ms") is not None:
+        s += f"; on the example inputs eager {c['eager_ms']:.2f} ms, compiled {c['compiled_ms']:.2f} ms"
+    if c.get("error"):
+        s += f"; error: {c['error']}"
+    if c.get("note"):
+        s += f" ({c['note']})"
+    return s
+
+
 def write_report(qmodel: Any, out_dir: str | Path, *, title: str = "qgraph report", measure: bool = True,
-                 pareto_png: str | None = None) -> Path:
-    """Write ``report.md``, ``report.html``, ``report.json`` and PNGs into ``out_dir``; return the .md path."""
+                 pareto_png: str | None = None, float_model: Any = None, inputs: tuple | None = None,
+                 logits: bool = False) -> Path:
+    """Write ``report.md``, ``report.html``, ``report.json`` and PNGs into ``out_dir``; return the .md path.
+
+    With ``float_model`` (the model that was quantized) the report opens with `end_to_end` at the batch of
+    ``inputs`` (default: the example inputs); ``logits``: the output is class logits (adds top-1 agreement).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rep = qmodel.report
     layers = rep.get("layers", [])
-    md = [f"# {title}", "", f"- target: `{qmodel.target.name}`", f"- pipeline: `{qmodel.pipeline}`"]
+    md = [f"# {title}", ""]
+    if float_model is not None or inputs is not None:
+        e2e = end_to_end(qmodel, float_model, inputs, measure=measure, logits=logits)
+        e2e["compile"] = rep.get("compile")
+        rep["end_to_end"] = {k: v for k, v in e2e.items() if k != "compile"}
+        md += headline_markdown(e2e)
+    md += [f"- target: `{qmodel.target.name}`", f"- pipeline: `{qmodel.pipeline}`"]
     fp32 = sum(r["fp32_bytes"] for r in layers)
     qb = sum(r["bytes"] for r in layers)
     if fp32:
