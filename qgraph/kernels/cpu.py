@@ -1,5 +1,6 @@
 """The BiQGEMM CPU kernel: ctypes binding of ``_biqgemm_cpu`` (plain C ABI, see ``csrc/biqgemm.h``) and the
-offline ``"cpu-lut4"`` packing.
+offline ``"cpu-lut4"`` packing. ``torch.ops.qgraph.biqgemm`` reaches the same kernel through the native dispatcher
+shim (`qgraph.kernels.native`) once it is built, without the Python checks and ctypes of `biqgemm_cpu`.
 
 Layout ``cpu-lut4`` (``Mt = ceil(M/32)`` row tiles; each α-group of K is padded to ``gp = roundup(group_size, 32)``
 columns, ``NB = G·gp/32`` blocks of 32 columns, so no block straddles two groups):
@@ -8,22 +9,37 @@ columns, ``NB = G·gp/32`` blocks of 32 columns, so no block straddles two group
   that of ``8p+4..8p+7`` (LSB = first column, 1 ↔ +1). Padding rows and columns are 0.
 - ``alpha``: float32 ``[Mt, G, q, 32]``; ``offset``: float32 ``[Mt, G, 32]`` or None (0 in padding rows).
 
+Paths (``path="auto"`` picks by the number of input rows n: LUT while ``n <= lut_max_rows(mode)``, GEMM above;
+the threshold is per process, from ``QGRAPH_BIQGEMM_LUT_MAX_ROWS``, `set_lut_max_rows` / `apply_cost_figures`, else
+the x86-avx2 target's measured ``cost.biqgemm_lut_max_rows``):
+- LUT (few rows, decode): per input row and block of 32 activations, eight μ=4 tables of 16 signed sums, indexed
+  by the packed keys. Work grows with rows × q, so it wins only at a handful of rows.
+- GEMM (many rows): each work item decodes one 32-row tile of the code, a chunk of K at a time, into a per-thread
+  buffer (≤ 256 KiB; `gemm_buffers`) and runs a register-blocked micro-kernel over every input row; the weight is
+  never dequantized as a whole. Exact mode decodes to fp32 and runs fp32 FMAs (AVX-512 12×32, AVX2 6×16 tiles).
+  Fast mode on AVX-512 VNNI decodes to int8 (one scale per row and group) and quantizes x to int8 (one scale per
+  row and segment of ≤ 256 columns inside a group), summing with ``vpdpbusd`` as llama.cpp's Q8 dot does;
+  without VNNI fast mode's GEMM path is the exact fp32 one.
+
 Modes:
-- ``"exact"``: fp32 tables; matches `biqgemm_reference` to fp32 rounding (tests: ≤ 1e-5 relative, where
-  relative error is ``max|y − y_ref| / max|y_ref|`` over the whole output).
-- ``"fast"``: each block's eight 16-entry tables are quantized to int8 with one scale
+- ``"exact"``: fp32 tables / fp32 decode; matches `biqgemm_reference` to fp32 rounding (tests: ≤ 1e-5 relative,
+  where relative error is ``max|y − y_ref| / max|y_ref|`` over the whole output).
+- ``"fast"``, LUT path: each block's eight 16-entry tables are quantized to int8 with one scale
   ``s_b = max_chunk Σ|x_c| / 127`` (a scale per 32 activations) and looked up 32 rows per ``vpshufb``.
   Every entry is off by at most ``s_b/2``, so per output element (see `fast_error_bound`)
   ``|y − y_exact| ≤ Σ_b 4·s_b·Σ_i |α_{i,g(b)}|`` (8 lookups per block and plane; z·Σx and bias are exact),
-  which is also ``≤ (4/127)·‖x‖₁·max_g Σ_i |α_{i,g}|``. Rounding errors are independent, so on real data the
-  error is far below this worst case: measured max relative error 4e-3 to 9e-3 for Gaussian x, random codes,
-  K = 64..4096 (the bench reports it per case; tests assert the elementwise bound on every case and ≤ 1e-2 on
-  Gaussian data).
+  which is also ``≤ (4/127)·‖x‖₁·max_g Σ_i |α_{i,g}|``.
+- ``"fast"``, GEMM path (int8): ``|y − y_exact| ≤ Σ_seg e_w·Σ|x_k| + (s_x/2)·Σ|ŵ_k| + e_w·(s_x/2)·|seg|`` with
+  ``e_w = s_w·(1/2 + (q+2)/512)`` (16-bit fixed-point decode, then rounding to int8), ``s_w = (|z| + Σ|α_i|)/127``,
+  ``s_x = max_seg|x|/127`` (`fast_error_bound(..., path="gemm")`).
+  Rounding errors are independent, so on real data the error is far below these worst cases: measured max relative
+  error 3e-3 to 9e-3 (LUT) and 5e-3 to 1e-2 (GEMM) for Gaussian x, random codes, K = 64..4096 (the bench reports
+  it per case; tests assert the elementwise bounds on every case and ≤ 1e-2 on Gaussian data).
 
 ISA paths (chosen per call with ``__builtin_cpu_supports``; ``QGRAPH_BIQGEMM_ISA=scalar|avx2|avx512vbmi``
-forces one, read on every call): ``avx2`` (AVX2 + FMA), ``avx512vbmi`` (AVX-512 F/BW/VBMI: ``vpermb`` over four
-tables, 16-lane ``vpermps``; compiled, dispatched only on CPUs that have it, NOT run on the development machine
-— untested) and the portable ``scalar`` path.
+forces one, read on every call): ``avx2`` (AVX2 + FMA), ``avx512vbmi`` (AVX-512 F/BW/VL/VBMI: ``vpermb`` over four
+tables, 16-lane ``vpermps``; the GEMM path's int8 kernel also needs VNNI; tested on Zen 4) and the portable
+``scalar`` path.
 
 x may be fp32/bf16/fp16 with any strides (it is made a contiguous fp32 copy when it is not one already); the
 packed tensors must be contiguous CPU tensors of the layout above. Because the layout pads rows to tiles of 32
@@ -126,14 +142,9 @@ def supported_isas() -> tuple[str, ...]:
     return tuple(n for n in ISAS if _lib().qg_biqgemm_isa_supported(n.encode()))
 
 
-_threads_set = [0]
-
-
 def _sync_threads() -> None:
-    n = torch.get_num_threads()
-    if n != _threads_set[0]:
-        _lib().qg_biqgemm_set_num_threads(n)
-        _threads_set[0] = n
+    # Every call (not only on change): the native op sets the same kernel's thread count too.
+    _lib().qg_biqgemm_set_num_threads(torch.get_num_threads())
 
 
 # ------------------------------------------------------------------------------------------ geometry
@@ -459,8 +470,8 @@ def gemm_buffers(n: int, w: CpuPackedWeight, mode: str = "fast") -> dict[str, in
     at most 256 rows of x, shared) and the accumulators per thread; and the threads it uses."""
     out = (ctypes.c_int64 * 4)()
     m, k = w.shape
-    rc = _lib().qg_biqgemm_gemm_buffers(n, m, k, w.bits, w.group_size, check_mode(mode),
-                                        out)
+    _sync_threads()
+    rc = _lib().qg_biqgemm_gemm_buffers(n, m, k, w.bits, w.group_size, check_mode(mode), out)
     if rc != 0:
         raise KernelError(f"gemm_buffers: invalid arguments (n={n}, {m}x{k})")
     return {"weight_tile_bytes_per_thread": out[0], "activation_bytes": out[1], "accumulator_bytes_per_thread": out[2],

@@ -9,7 +9,10 @@ Layouts are pluggable: each registers an implementation (and optionally a packer
 `register_layout`. Built in:
 - ``"planes"``: packed/alpha/offset are exactly ``BCQWeight.planes/alpha/offset``; runs `biqgemm_reference`
   on any device (slow; it defines the semantics; ``mode`` is accepted and ignored: always exact).
-- ``"cpu-lut4"``: tensors from `qgraph.kernels.cpu.pack` (the compiled CPU kernel).
+- ``"cpu-lut4"``: tensors from `qgraph.kernels.cpu.pack` (the compiled CPU kernel: the LUT path for a few input
+  rows, decode + GEMM above a measured row threshold). On the first CPU call the native shim
+  (`qgraph.kernels.native`) is built or loaded; from then on CPU calls dispatch to its C++ kernels (a few µs per
+  call instead of ~15 µs of Python validation + ctypes), which validate the same way and raise `KernelError`.
 - ``"cuda-lut8"`` / ``"cuda-lut8-h"`` (fp32 / fp16 scales): registered by ``qgraph.kernels.triton_biqgemm``,
   imported on first use of either name.
 The fake (meta) kernel gives ``x.shape[:-1] + (out_features,)`` in x's dtype, so graphs that call the op

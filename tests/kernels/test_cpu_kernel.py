@@ -53,6 +53,15 @@ cases = st.tuples(
 )
 
 
+def fp32_slack(x, w, bias, ref):
+    """Elementwise room for fp32 summation order: 1e-5 of max|ref| (the relative-error tolerance) plus 1e-6 of
+    Σ|x_k·ŵ_k| (+ |bias|), for outputs that cancel to far below their terms (one output row, K ≤ 300)."""
+    cond = x.abs().reshape(-1, x.shape[-1]) @ w.dequantize().abs().t()
+    if bias is not None:
+        cond = cond + bias.abs()
+    return EXACT_TOL * ref.abs().max() + 1e-6 * cond.reshape(ref.shape)
+
+
 def _case(case, seed):
     m, k, q, gs, off, has_bias, n, isa, path = case
     w = random_bcq(m, k, q, min(gs or k, k), off, seed)
@@ -68,7 +77,8 @@ def test_exact_matches_reference(case, seed):
     p = cpu.pack(w)
     with forced_isa(isa):
         y = cpu.biqgemm(x, p, bias, "exact", path)
-    assert rel_err(y, biqgemm_reference(x, w, bias)) <= EXACT_TOL
+    ref = biqgemm_reference(x, w, bias)
+    assert ((y - ref).abs() <= fp32_slack(x, w, bias, ref)).all()
 
 
 @settings(max_examples=80, deadline=None)
@@ -81,8 +91,7 @@ def test_fast_within_documented_bound(case, seed):
         y = cpu.biqgemm(x, p, bias, "fast", path)
         bound = cpu.fast_error_bound(x, w, path)
     ref = biqgemm_reference(x, w, bias)
-    slack = EXACT_TOL * ref.abs().max()  # fp32 summation order, as in exact mode
-    assert ((y - ref).abs() <= bound * (1 + 1e-5) + slack).all()
+    assert ((y - ref).abs() <= bound * (1 + 1e-5) + fp32_slack(x, w, bias, ref)).all()
 
 
 @pytest.mark.parametrize("path", PATHS)

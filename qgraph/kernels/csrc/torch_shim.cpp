@@ -32,7 +32,6 @@ using OptTensor = std::optional<Tensor>;
 
 constexpr const char* kLayout = "cpu-lut4";
 std::atomic<bool> g_native_layout{true};  // false once Python replaces the cpu-lut4 implementation
-std::atomic<int> g_threads_set{0};
 
 [[noreturn]] void kernel_error(const std::string& msg) {
   if (Py_IsInitialized()) {
@@ -182,11 +181,7 @@ Tensor biqgemm_cpu(const Tensor& x, const Tensor& packed, const Tensor& alpha, c
     if (b.scalar_type() != at::kFloat || !b.is_contiguous()) b = b.to(at::kFloat).contiguous();
   }
   check_isa_env();
-  const int nt = at::get_num_threads();
-  if (nt != g_threads_set.load(std::memory_order_relaxed)) {
-    qg_biqgemm_set_num_threads(nt);
-    g_threads_set.store(nt, std::memory_order_relaxed);
-  }
+  qg_biqgemm_set_num_threads(at::get_num_threads());  // every call: the ctypes path sets it too
   Tensor x2 = x.reshape({-1, k});
   if (x2.scalar_type() != at::kFloat || !x2.is_contiguous()) x2 = x2.to(at::kFloat).contiguous();
   const int64_t n = x2.size(0);
