@@ -70,7 +70,7 @@ def test_small_cpu_run_records(tmp_path):
                           "--groups", "row", "--baselines", "fp32", "--skip", "lut-torch", "--min-time", "0.01",
                           "--json", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert run.returncode == 0, run.stderr
-    assert "faster mode ÷ fp32 F.linear" in run.stdout
+    assert "fp32 F.linear ÷ faster BiQGEMM mode" in run.stdout
     recs = json.loads(out.read_text())
     paths = {r["case"]: r["path"] for r in recs if r["metric"] == "median_us" and "path" in r}
     assert paths["64x128 b1 q3 biqgemm-fast"] == "lut" and paths["64x128 b9 q3 biqgemm-fast"] == "gemm"
