@@ -243,7 +243,8 @@ def parity(fp32, art: Path, tok, records: Records, case: str) -> list[list]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true",
-                    help="fp32 and qgraph BCQ-3 (gptq) only, 32 new tokens, 2 rounds, 1 window, no compile")
+                    help="fp32 and qgraph BCQ-3 (gptq) only, 32 new tokens, 2 rounds, 1 window; no compile, RSS, "
+                         "parity or profile (about 90 s once the BCQ-3 artifact is cached)")
     ap.add_argument("--json", metavar="PATH")
     ap.add_argument("--rows", nargs="*", help=f"subset of {list(BASELINES) + list(QGRAPH_ROWS)}")
     ap.add_argument("--optimizers", nargs="*", default=["gptq", "aespa"], choices=["gptq", "aespa", "rtn"])
@@ -267,7 +268,7 @@ def main(argv=None) -> int:
         args.rows = args.rows or ["hf-fp32", "qgraph-bcq3"]
         args.optimizers = ["gptq"] if args.optimizers == ["gptq", "aespa"] else args.optimizers
         args.new_tokens, args.rounds, args.eval_windows = 32, 2, 1
-        args.no_compile = args.no_rss = True
+        args.no_compile = args.no_rss = args.no_parity = args.no_profile = True
     rows = args.rows or list(BASELINES) + list(QGRAPH_ROWS)
     unknown = [r for r in rows if r not in BASELINES and r not in QGRAPH_ROWS]
     if unknown:
