@@ -140,8 +140,9 @@ class Generator:
                                     do_sample=False, **self._kwargs(prompt_tokens + max_new_tokens))
             self.compile_seconds = time.perf_counter() - start
         except Exception as e:  # any compiler failure: run eager
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            self.compile_error = f"{type(e).__name__}: {first}"
+            root = getattr(e, "inner_exception", None) or e.__cause__ or e  # dynamo wraps the compiler's error
+            first = (str(root).strip().splitlines() or [""])[0][:200]
+            self.compile_error = f"{type(root).__name__}: {first}"
             print(f"qgraph: torch.compile of the decode step failed ({self.compile_error}); running eager",
                   file=sys.stderr)
             self.compile = False
