@@ -132,7 +132,9 @@ def compare_outputs(ref: Any, out: Any, *, logits: bool = False) -> dict[str, fl
 
 class OrtFp32:
     """The float model exported with the dynamo exporter at the example inputs' shapes, in an onnxruntime
-    session (graph optimizations on, as many intra-op threads as torch uses)."""
+    session (graph optimizations on, as many intra-op threads as torch uses, no spin-waiting: its spinning
+    workers, timed in turns with torch in one process, slowed the torch call after them up to 10x on a loaded
+    2-core host, and onnxruntime itself ran faster without them there)."""
 
     def __init__(self, path: Path, n_inputs: int):
         import onnxruntime as ort
@@ -142,6 +144,7 @@ class OrtFp32:
         opts.intra_op_num_threads = torch.get_num_threads()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         self.names = [i.name for i in self.session.get_inputs()]
         if len(self.names) != n_inputs:
@@ -260,6 +263,7 @@ def end_to_end(qmodel: Any, float_model: Any, inputs: tuple | None, *, measure: 
         res["rounds"] = rounds
         res["load_average"] = _load()
         res["cpus"] = os.cpu_count()
+        res["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY", "default")
         q_ms = med["qgraph"]
         res["speedup_vs_float"] = med["float"] / q_ms if "float" in med else None
         res["speedup_vs_ort_fp32"] = med["onnxruntime fp32"] / q_ms if "onnxruntime fp32" in med else None
@@ -336,8 +340,10 @@ def headline_markdown(e2e: dict[str, Any]) -> list[str]:
         md.append(f"- execution: {_compile_words(comp)}")
     if "ms" in q:
         md.append(f"- latency: median of up to {e2e['rounds']} interleaved rounds on this host, {e2e['threads']} "
-                  f"threads ({e2e['cpus']} CPUs, 1-min load average {e2e['load_average']}); speed columns are "
-                  f"ratios of latencies (> 1× is faster)")
+                  f"threads ({e2e['cpus']} CPUs, 1-min load average {e2e['load_average']}, OMP_WAIT_POLICY="
+                  f"{e2e['omp_wait_policy']}, onnxruntime without spin-waiting); speed columns are ratios of "
+                  f"latencies (> 1× is faster). On a loaded machine, OMP_WAIT_POLICY=PASSIVE often speeds torch up "
+                  f"several times (bench/e2e.py)")
     md += [f"- {n}" for n in e2e.get("notes", [])]
     md.append("- stored: every tensor the runnable model holds (codes, scales, biases, float layers); "
               "onnxruntime: its file")
