@@ -52,7 +52,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 SPIN = "--spin" in sys.argv
 TORCH_LOADED_FIRST = "torch" in sys.modules  # then libgomp already read its wait policy
-if not SPIN:
+if not SPIN and __name__ == "__main__":
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
