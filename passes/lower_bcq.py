@@ -65,4 +65,4 @@ class LowerBCQ(Pass):
             lowered += 1
         if lowered:
             graph.recompile()
-        return PassResult(graph, modified=lowered > 0, stats={"lowered": lowered, "mode": mode})
+        return PassResult(graph, modified=lowered > 0, stats={"lowered": lowered})
