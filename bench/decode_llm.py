@@ -126,8 +126,8 @@ def int8_bytes(model) -> int:
     """Stored bytes of a dynamic-int8 model: int8 weights + per-tensor scale/zero point, fp32 rest."""
     total, seen = 0, set()
     for mod in model.modules():
-        if hasattr(mod, "_packed_params"):
-            w, b = mod._packed_params._weight_bias()
+        if hasattr(mod, "_packed_params") and callable(getattr(mod, "weight", None)):
+            w, b = mod.weight(), mod.bias()
             total += w.numel() + 8 + (0 if b is None else b.numel() * 4)
     for t in list(model.parameters()) + list(model.buffers()):
         if t.data_ptr() not in seen:
@@ -175,8 +175,10 @@ def rss_child(row: str, art: str | None, new_tokens: int) -> None:
     import resource
 
     torch.set_num_threads(THREADS)
-    if row == "baseline":
-        import transformers  # noqa: F401
+    if row == "baseline":  # the runtime every row pays: torch, transformers' Llama classes, the tokenizer
+        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: F401
+
+        import qgraph.llm.artifact  # noqa: F401
     else:
         if art:
             model, tok, _ = load_lm(art, mode="fast" if row.endswith("fast") else "exact")
@@ -186,7 +188,10 @@ def rss_child(row: str, art: str | None, new_tokens: int) -> None:
             del fp32
         ids = tok("The quick brown fox", return_tensors="pt").input_ids
         Generator(model, tok).generate(ids, new_tokens, stop_at_eos=False)
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork + exec, so it would report the bench's own peak
+    status = Path("/proc/self/status").read_text()
+    hwm = next((int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmHWM:")), None)
+    print(hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 
 def perplexity_of(model, windows) -> float:
@@ -383,8 +388,9 @@ def main(argv=None) -> int:
                           f"ppl ({args.eval_windows}x512)", "stored MB", "bits/linear weight", "peak RSS MiB",
                           "compile s"], table))
     if rss.get("baseline", -1) > 0:
-        print(f"\npeak RSS of python + torch + transformers alone: {rss['baseline'] / 2**20:.0f} MiB; the int8 row's "
-              f"process loads fp32 first, so its peak includes the fp32 model")
+        print(f"\npeak RSS of the runtime alone (python, torch, transformers' Llama, qgraph): "
+              f"{rss['baseline'] / 2**20:.0f} MiB; the int8 row's process loads fp32 first, so its peak includes "
+              f"the fp32 model")
     print(f"\n{llama_note}")
 
     if not args.no_parity and "qgraph-bcq3" in models:

@@ -80,6 +80,24 @@ def _uniform_tensors(q: UniformWeight, prefix: str) -> dict[str, torch.Tensor]:
     return out
 
 
+def _uniform_as_bcq(entry: dict, tensors: dict, prefix: str) -> BCQWeight:
+    """The exact BCQ form of a stored uniform weight, straight from its stored bit-planes (they are BCQ planes:
+    bit i of ``c − qmin``, 1 ↔ +1); see `qgraph.llm.modules.uniform_to_bcq`. No codes are unpacked."""
+    spec = QSpec.from_dict(entry["spec"])
+    m, k = entry["shape"]
+    scale = tensors[prefix + "scale"].to(torch.float32)
+    zp = tensors.get(prefix + "zero_point")
+    if spec.granularity == "group":
+        gs, scale = spec.group_size, scale.reshape(m, -1)
+    else:
+        gs, scale = k, scale.reshape(-1, 1).expand(m, 1)
+    zp = torch.zeros_like(scale) if zp is None else zp.to(torch.float32).reshape(scale.shape)
+    b = spec.bits
+    alpha = torch.stack([scale * float(2 ** (i - 1)) for i in range(b)])
+    offset = scale * ((2 ** b - 1) / 2 + spec.qmin - zp)
+    return BCQWeight(tensors[prefix + "codes"], alpha.contiguous(), offset.contiguous(), (m, k), gs)
+
+
 def _uniform_from(entry: dict, tensors: dict, prefix: str) -> UniformWeight:
     spec = QSpec.from_dict(entry["spec"])
     m, k = entry["shape"]
@@ -263,8 +281,9 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
         raise ExportError(f"artifact tensor {name} is not a parameter or buffer of the model")
 
 
-def lm_weights_from(manifest: dict, tensors: dict[str, torch.Tensor]) -> LMWeights:
-    """The `LMWeights` an artifact holds."""
+def lm_weights_from(manifest: dict, tensors: dict[str, torch.Tensor], *, kernel_form: bool = False) -> LMWeights:
+    """The `LMWeights` an artifact holds (``kernel_form``: uniform weights as their exact BCQ form, read
+    straight from the stored bit-planes, which is all the BiQGEMM modules need)."""
     weights: dict[str, Any] = {}
     for name, entry in manifest["modules"].items():
         if not isinstance(entry, dict):
@@ -273,7 +292,7 @@ def lm_weights_from(manifest: dict, tensors: dict[str, torch.Tensor]) -> LMWeigh
             if entry.get("kind") == "bcq":
                 q = BCQWeight.from_parts(entry, tensors, prefix=name + ".")
             elif entry.get("kind") == "uniform":
-                q = _uniform_from(entry, tensors, name + ".")
+                q = (_uniform_as_bcq if kernel_form else _uniform_from)(entry, tensors, name + ".")
             else:
                 raise ExportError(f"manifest module {name!r} has unknown kind {entry.get('kind')!r}")
         except (SpecError, KeyError, TypeError, ValueError) as e:
@@ -300,7 +319,7 @@ def load_lm(folder: str | Path, *, mode: str = "exact", head_mode: str | None = 
     if fingerprint(config) != manifest["fingerprint"]:
         raise ExportError(f"{folder}/{CONFIG} does not match the manifest's fingerprint")
     cls, cfg = builtin_causal_lm(config)
-    lw = lm_weights_from(manifest, tensors)
+    lw = lm_weights_from(manifest, tensors, kernel_form=True)
     with torch.device("meta"):
         model = cls(cfg)
     for name in lw.weights:

@@ -108,7 +108,9 @@ class Generator:
         # fused kernel stalls whenever the other core is busy (measured: 17-28 ms of generated code per step
         # with 2 threads, 4-5 ms with 1, under load); BiQGEMM and attention keep torch's threads
         opts = {"cpp.threads": 1} if self.backend == "inductor" else None
-        cc = CompileConfig(fullgraph=False, dynamic=False, mode="default", backend=self.backend, options=opts)
+        # (torch.compile takes a mode or options, not both; no mode is Inductor's default mode)
+        cc = CompileConfig(fullgraph=False, dynamic=False, mode=None if opts else "default", backend=self.backend,
+                           options=opts)
         cc._compile_all_devices = True
         max_len = -(-total // self.bucket) * self.bucket
         return {"cache_implementation": "static", "compile_config": cc, "max_cache_len": max_len}

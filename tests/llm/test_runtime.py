@@ -59,3 +59,11 @@ def test_decode_profile_splits_a_step(qmodel, tiny, one_thread):
     assert p["step"] == pytest.approx(sum(p[k] for k in parts))
     float_p = profile_decode(Generator(tiny, None), ids, steps=6)  # float Linears count as kernel too
     assert float_p["kernel"] > 0
+
+
+def test_inductor_compile_config_is_one_torch_compile_accepts(qmodel):
+    kw = Generator(qmodel, None, compile=True)._kwargs(300)
+    cc = kw["compile_config"]
+    assert kw["cache_implementation"] == "static" and kw["max_cache_len"] == 512  # bucketed
+    assert cc.options == {"cpp.threads": 1} and cc.mode is None and cc._compile_all_devices
+    torch.compile(lambda x: x + 1, **cc.to_dict())  # raises when mode and options are both given
