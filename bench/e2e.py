@@ -528,6 +528,49 @@ def plot(tables: list[tuple[str, list]], path: Path) -> None:
     plt.close(fig)
 
 
+def summary_tables(items: list[dict]) -> str:
+    """One compact table per model from the records: a row per route, quality and stored MB, then per case
+    'median ms (speedup vs ORT fp32)'."""
+    import re
+
+    pat = re.compile(r"^(?P<model>\S+)(?P<shape>( s\d+| prefill\d+)? b\d+) (?P<route>.+)$")
+    val: dict[tuple[str, str, str], float] = {}
+    cases: dict[str, list[str]] = {}
+    routes: dict[str, list[str]] = {}
+    metric_of: dict[str, str] = {}
+    for r in items:
+        m = pat.match(r["case"])
+        if not m or r["metric"] not in ("median_us", "speedup_vs_ort_fp32", "bytes", "cosine", "agreement"):
+            continue
+        model, case, route = m["model"], m["shape"].strip(), m["route"]
+        cases.setdefault(model, [])
+        routes.setdefault(model, [])
+        if case not in cases[model]:
+            cases[model].append(case)
+        if route not in routes[model]:
+            routes[model].append(route)
+        if r["metric"] in ("cosine", "agreement"):
+            metric_of[model] = r["metric"]
+        val[(model, f"{case} {route}", r["metric"])] = r["value"]
+    out = []
+    for model, cs in cases.items():
+        metric = metric_of.get(model, "quality")
+        header = ["route", metric, "stored MB", *[f"{c}: ms (x ORT fp32)" for c in cs]]
+        rows = []
+        for route in routes[model]:
+            first = f"{cs[0]} {route}"
+            q = val.get((model, first, metric))
+            b = val.get((model, first, "bytes"))
+            row = [route, "—" if q is None else f"{q:.4f}", _mb(None if b is None else int(b))]
+            for c in cs:
+                us = val.get((model, f"{c} {route}", "median_us"))
+                sp = val.get((model, f"{c} {route}", "speedup_vs_ort_fp32"))
+                row.append("—" if us is None else f"{us / 1e3:.1f} ({sp:.2f}x)")
+            rows.append(row)
+        out += [f"#### {model}", "", markdown_table(header, rows), ""]
+    return "\n".join(out)
+
+
 HEADER = ["route", "median ms", "vs ORT fp32", "stored MB", "quality", "first call s", "rel. err vs eager", "note"]
 
 
@@ -540,7 +583,19 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, help="interleaved rounds per case (default 10; quick 7)")
     ap.add_argument("--profile", action="store_true", help="torch.profiler by op of each compiled qgraph route")
     ap.add_argument("--spin", action="store_true", help="keep libgomp's and onnxruntime's spin-waiting threads")
+    ap.add_argument("--summarize", metavar="JSON", help="print the compact tables of a saved --json run and exit")
     args = ap.parse_args(argv)
+    if args.summarize:
+        import json
+
+        items = json.loads(Path(args.summarize).read_text())
+        print(summary_tables(items))
+        goals = Records()
+        goals.items = items
+        rows = goal_rows(goals)
+        if rows:
+            print(markdown_table(["goal", "measured", "met"], rows))
+        return 0
     if TORCH_LOADED_FIRST and not args.spin and os.environ.get("QGRAPH_E2E_CHILD") != "1":
         import subprocess  # libgomp read OMP_WAIT_POLICY when torch loaded: run in a fresh interpreter
 
@@ -588,6 +643,7 @@ def main(argv=None) -> int:
     out += ["- stored MB: every tensor the runnable model holds (onnxruntime: its files; torch dynamic int8: its "
             "state_dict); first call s: a compiled route's first call at that shape (compilation); rel. err vs "
             "eager: max |compiled - eager| / max |eager| on the timed inputs", ""]
+    out += ["### Summary", "", summary_tables(rec.items)]
     for label, rows in tables:
         out += [f"### {label}", "", markdown_table(HEADER, rows), ""]
     if profiles:

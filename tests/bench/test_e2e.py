@@ -93,3 +93,21 @@ def test_goal_rows():
     rows = bench.goal_rows(rec)
     assert [r[2] for r in rows] == ["yes", "no", "no", "yes"]
     assert rows[0][1] == "qgraph W8A8 compiled: 1.50x"
+
+
+def test_summary_tables_from_records():
+    bench = _bench()
+    items = [{"case": "minilm s64 b1 onnxruntime fp32", "metric": "median_us", "value": 16000.0},
+             {"case": "minilm s64 b1 onnxruntime fp32", "metric": "speedup_vs_ort_fp32", "value": 1.0},
+             {"case": "minilm s64 b1 qgraph W8A8 compiled", "metric": "median_us", "value": 8000.0},
+             {"case": "minilm s64 b1 qgraph W8A8 compiled", "metric": "speedup_vs_ort_fp32", "value": 2.0},
+             {"case": "minilm s64 b1 qgraph W8A8 compiled", "metric": "cosine", "value": 0.9974},
+             {"case": "minilm s64 b1 qgraph W8A8 compiled", "metric": "bytes", "value": 23.3e6},
+             {"case": "smollm2 prefill128 b8 eager fp32", "metric": "median_us", "value": 2e6},
+             {"case": "smollm2 prefill128 b8 eager fp32", "metric": "speedup_vs_ort_fp32", "value": 0.8},
+             {"case": "e2e total", "metric": "seconds", "value": 300.0}]
+    text = bench.summary_tables(items)
+    assert "#### minilm" in text and "#### smollm2" in text and "e2e total" not in text
+    assert "| qgraph W8A8 compiled | 0.9974 | 23.3 | 8.0 (2.00x) |" in text
+    assert "| onnxruntime fp32 | — | — | 16.0 (1.00x) |" in text
+    assert "| eager fp32 | — | — | 2000.0 (0.80x) |" in text
