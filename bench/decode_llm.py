@@ -5,7 +5,9 @@ models (BCQ-3, BCQ-4, uniform W4, each at its better optimizer of gptq / aespa),
 Setup: 2 threads, greedy, a 128-token prompt (the start of the evaluation play), 128 new tokens (EOS ignored).
 Per row and per execution (eager ``generate()``, or a static KV cache + ``torch.compile``d decode step):
 prompt tok/s (prompt tokens / time to the first new token) and decode tok/s (the other new tokens / their
-time), medians over interleaved rounds; the model's stored bytes (qgraph: the artifact's tensors, a tied table
+time), medians over rounds. Eager rows are interleaved in this process; each compiled row runs in a process
+of its own (a process that compiles several models pays every model's guard checks on each step), interleaved
+there with the same model eager, whose ratio is printed too; the model's stored bytes (qgraph: the artifact's tensors, a tied table
 once; bits per decoder-Linear weight beside it); perplexity on bench/quality_llm.py's held-out windows (4 x 512
 tokens of the evaluation play; fp32 36.68), computed by the row's own model; peak RSS of a fresh process that
 loads the row as it is deployed and generates (qgraph rows load their artifact); and the physical limit: bytes
@@ -36,6 +38,7 @@ import argparse  # noqa: E402
 import copy  # noqa: E402
 import dataclasses  # noqa: E402
 import importlib.util  # noqa: E402
+import json  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -171,6 +174,56 @@ def peak_rss(row: str, art: str | None, new_tokens: int) -> int:
         return -1
 
 
+def child_model(row: str, art: str | None):
+    """(model, tokenizer) of a row, loaded the way it is deployed (qgraph rows: from the artifact alone)."""
+    if art:
+        model, tok, _ = load_lm(art, mode="fast" if row.endswith("fast") else "exact")
+        return model, tok
+    fp32, tok = smollm2.load_smollm2(cache=False)
+    return (int8_dynamic(fp32) if row == "torch-int8-dynamic" else fp32), tok
+
+
+def prompt_ids(tok, n: int):
+    from qgraph.data.text import evaluation_plays, load_play
+
+    return tok(load_play(evaluation_plays()[0]), return_tensors="pt").input_ids[:, :n]
+
+
+def compiled_child(row: str, art: str | None, args) -> None:
+    """One row in its own process: eager and compiled decode of the same model, interleaved, and a profile of
+    the compiled step; prints one JSON line. (One compiled model per process: dynamo's caches and guard checks
+    grow with every model a process compiles.)"""
+    torch.set_num_threads(THREADS)
+    model, tok = child_model(row, art)
+    ids = prompt_ids(tok, args.prompt_tokens)
+    eager = Generator(model, tok)
+    comp = Generator(model, tok, compile=True, skip_module_guards=True)
+    t = time.perf_counter()
+    comp.warmup(prompt_tokens=ids.shape[1], max_new_tokens=3)
+    out = {"compile_s": time.perf_counter() - t, "compiled_ok": comp.compile, "error": comp.compile_error,
+           "eager": [], "compiled": []}
+    for _ in range(args.rounds):
+        for key, g in (("eager", eager), ("compiled", comp)):
+            res = g.generate(ids, args.new_tokens, stop_at_eos=False)
+            out[key].append([res.prompt_tokens_per_s, res.decode_tokens_per_s])
+    if comp.compile and not args.no_profile:
+        out["profile"] = profile_decode(comp, ids, steps=16)
+    print(json.dumps(out))
+
+
+def run_compiled_child(row: str, art: str | None, args) -> dict | None:
+    cmd = [sys.executable, __file__, "--compiled-child", row, "--rounds", str(args.rounds), "--new-tokens",
+           str(args.new_tokens), "--prompt-tokens", str(args.prompt_tokens)] + (["--artifact", art] if art else []) \
+        + (["--no-profile"] if args.no_profile else [])
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    except (subprocess.SubprocessError, ValueError, IndexError):
+        print(f"  compiled run of {row} failed: {out.stderr.strip().splitlines()[-1:] if out else ''}",
+              file=sys.stderr)
+        return None
+
+
 def rss_child(row: str, art: str | None, new_tokens: int) -> None:
     import resource
 
@@ -180,12 +233,7 @@ def rss_child(row: str, art: str | None, new_tokens: int) -> None:
 
         import qgraph.llm.artifact  # noqa: F401
     else:
-        if art:
-            model, tok, _ = load_lm(art, mode="fast" if row.endswith("fast") else "exact")
-        else:
-            fp32, tok = smollm2.load_smollm2(cache=False)
-            model = int8_dynamic(fp32) if row == "torch-int8-dynamic" else fp32
-            del fp32
+        model, tok = child_model(row, art)
         ids = tok("The quick brown fox", return_tensors="pt").input_ids
         Generator(model, tok).generate(ids, new_tokens, stop_at_eos=False)
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork + exec, so it would report the bench's own peak
@@ -263,11 +311,15 @@ def main(argv=None) -> int:
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--requantize", action="store_true", help="remake the cached qgraph artifacts")
     ap.add_argument("--rss-child", help=argparse.SUPPRESS)
+    ap.add_argument("--compiled-child", help=argparse.SUPPRESS)
     ap.add_argument("--artifact", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     torch.set_num_threads(THREADS)
     if args.rss_child:
         rss_child(args.rss_child, args.artifact, args.new_tokens)
+        return 0
+    if args.compiled_child:
+        compiled_child(args.compiled_child, args.artifact, args)
         return 0
     if args.quick:
         args.rows = args.rows or ["hf-fp32", "qgraph-bcq3"]
@@ -285,7 +337,7 @@ def main(argv=None) -> int:
 
     play = load_play(evaluation_plays()[0])
     windows = smollm2.token_windows(tok, play, smollm2.WINDOW, args.eval_windows)
-    ids = tok(play, return_tensors="pt").input_ids[:, : args.prompt_tokens]
+    ids = prompt_ids(tok, args.prompt_tokens)
     kv_ctx = args.prompt_tokens + args.new_tokens / 2
     read_bw, copy_bw = bandwidth()
     print(f"bandwidth: read {read_bw:.1f} GB/s, copy {copy_bw:.1f} GB/s ({THREADS} threads); "
@@ -326,19 +378,27 @@ def main(argv=None) -> int:
           + ", ".join(f"{k} {v:.2f}" for k, v in ppl.items()), file=sys.stderr, flush=True)
 
     # --- speed: eager and compiled, interleaved rounds --------------------------------------------
-    gens: dict[str, Generator] = {}
-    compile_s: dict[str, float | None] = {}
-    for row, (model, *_rest) in models.items():
-        gens[row + " eager"] = Generator(model, tok)
-        if not args.no_compile:
-            g = Generator(model, tok, compile=True)
-            t = time.perf_counter()
-            g.warmup(prompt_tokens=ids.shape[1], max_new_tokens=3)
-            compile_s[row] = time.perf_counter() - t if g.compile else None
-            print(f"  compiled {row} in {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
-            if g.compile:
-                gens[row + " compiled"] = g
+    gens = {row + " eager": Generator(model, tok) for row, (model, *_rest) in models.items()}
     speed = timed_rounds(gens, ids, args.new_tokens, args.rounds)
+    compile_s: dict[str, float | None] = {}
+    in_process: dict[str, tuple[float, float]] = {}  # row -> (eager, compiled) decode tok/s in its own process
+    compiled_profiles: dict[str, dict] = {}
+    if not args.no_compile:
+        for row, (_m, _b, _bpw, _label, art) in models.items():
+            got = run_compiled_child(row, art, args)
+            if got is None:
+                continue
+            if not got["compiled_ok"]:
+                print(f"  {row}: compile failed ({got['error']})", file=sys.stderr)
+                continue
+            compile_s[row] = got["compile_s"]
+            speed[row + " compiled"] = got["compiled"]
+            in_process[row] = (statistics.median(v[1] for v in got["eager"]),
+                               statistics.median(v[1] for v in got["compiled"]))
+            if "profile" in got:
+                compiled_profiles[row + " compiled"] = got["profile"]
+            print(f"  {row}: compiled in {got['compile_s']:.0f} s; decode eager {in_process[row][0]:.1f} -> "
+                  f"compiled {in_process[row][1]:.1f} tok/s (own process)", file=sys.stderr, flush=True)
 
     llama_note = ("llama.cpp rows skipped: llama-cpp-python is not installed (optional; it builds from source "
                   "in ~15 min on 2 cores: pip install llama-cpp-python)")
@@ -370,7 +430,12 @@ def main(argv=None) -> int:
             table.append([label, kind, f"{pt:.0f}", f"{dt:.1f}", f"{limit:.0f}", f"{dt / limit:.0%}",
                           f"{ppl[row]:.2f}", f"{stored / 1e6:.1f}", f"{bpw:.2f}",
                           f"{rss[row] / 2**20:.0f}" if rss.get(row, -1) > 0 else "-",
-                          f"{compile_s[row]:.0f}" if kind == "compiled" and compile_s.get(row) else "-"])
+                          f"{compile_s[row]:.0f}" if kind == "compiled" and compile_s.get(row) else "-",
+                          f"{in_process[row][1] / in_process[row][0]:.2f}x" if kind == "compiled" and row in in_process
+                          else "-"])
+            if kind == "compiled" and row in in_process:
+                records.add(f"{case} own process: eager decode", "tokens_per_s", in_process[row][0])
+                records.add(f"{case} own process: compiled decode", "tokens_per_s", in_process[row][1])
         records.add(f"smollm2 {label}", "perplexity", ppl[row])
         records.add(f"smollm2 {label}", "bytes", stored)
         records.add(f"smollm2 {label} read per token", "bytes", per_tok)
@@ -386,7 +451,7 @@ def main(argv=None) -> int:
           f"(copy {copy_bw:.1f}); 1-min load {os.getloadavg()[0]:.1f}; total {time.perf_counter() - t0:.0f} s\n")
     print(markdown_table(["model", "decode step", "prompt tok/s", "decode tok/s", "limit tok/s", "of limit",
                           f"ppl ({args.eval_windows}x512)", "stored MB", "bits/linear weight", "peak RSS MiB",
-                          "compile s"], table))
+                          "compile s", "compiled / eager (own process)"], table))
     if rss.get("baseline", -1) > 0:
         print(f"\npeak RSS of the runtime alone (python, torch, transformers' Llama, qgraph): "
               f"{rss['baseline'] / 2**20:.0f} MiB; the int8 row's process loads fp32 first, so its peak includes "
@@ -401,15 +466,15 @@ def main(argv=None) -> int:
                               "fast: logits rel err"], prow))
     if not args.no_profile:
         prof_rows = []
-        for key, g in gens.items():
-            if key.startswith(("hf-fp32", "qgraph-bcq3 ", "qgraph-bcq3-fast")):
-                p = profile_decode(g, ids, steps=16)
-                prof_rows.append([key] + [f"{p[k]:.2f}" for k in ("kernel", "attention", "other ops",
-                                                                   "compiled code", "python", "sampling + loop",
-                                                                   "step")])
-                for k in ("kernel", "attention", "other ops", "compiled code", "python", "sampling + loop"):
-                    records.add(f"smollm2 {key} decode step {k}", "seconds", p[k] / 1e3)
-        print("\nOne decode step, ms (torch.profiler over 16 steps):\n")
+        todo = {key: None for key in gens if key.startswith(("hf-fp32", "qgraph-bcq3 ", "qgraph-bcq3-fast"))}
+        todo.update({k: v for k, v in compiled_profiles.items() if k.startswith(("hf-fp32", "qgraph-bcq3"))})
+        for key, got in todo.items():
+            p = got or profile_decode(gens[key], ids, steps=16)
+            parts = ("kernel", "attention", "other ops", "compiled code", "python", "sampling + loop")
+            prof_rows.append([key] + [f"{p[k]:.2f}" for k in (*parts, "step")])
+            for k in parts:
+                records.add(f"smollm2 {key} decode step {k}", "seconds", p[k] / 1e3)
+        print("\nOne decode step, ms (torch.profiler over 16 steps; compiled rows profiled in their own process):\n")
         print(markdown_table(["model", "kernel", "attention", "other ops", "compiled code", "python",
                               "sampling + loop", "step"], prof_rows))
     records.write(args.json)
