@@ -123,6 +123,26 @@ class Generator:
         max_len = -(-total // self.bucket) * self.bucket
         return {"cache_implementation": "static", "compile_config": cc, "max_cache_len": max_len}
 
+    def _run(self, ids, pad, kw: dict, max_new_tokens: int):
+        import torch
+
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return self.model.generate(ids, attention_mask=torch.ones_like(ids), pad_token_id=pad,
+                                       **kw, **self._kwargs(ids.shape[1] + max_new_tokens))
+
+    def _give_up(self, e: Exception) -> None:
+        """Run eager from now on, with one warning line naming the compiler's own error."""
+        import torch
+
+        root = getattr(e, "inner_exception", None) or e.__cause__ or e  # dynamo wraps the compiler's error
+        first = (str(root).strip().splitlines() or [""])[0][:200]
+        self.compile_error = f"{type(root).__name__}: {first}"
+        print(f"qgraph: torch.compile of the decode step failed ({self.compile_error}); running eager",
+              file=sys.stderr)
+        self.compile = False
+        torch._dynamo.reset()
+
     def encode(self, prompt) -> Any:
         import torch
 
@@ -150,17 +170,10 @@ class Generator:
                                     do_sample=False, **self._kwargs(prompt_tokens + max_new_tokens))
             self.compile_seconds = time.perf_counter() - start
         except Exception as e:  # any compiler failure: run eager
-            root = getattr(e, "inner_exception", None) or e.__cause__ or e  # dynamo wraps the compiler's error
-            first = (str(root).strip().splitlines() or [""])[0][:200]
-            self.compile_error = f"{type(root).__name__}: {first}"
-            print(f"qgraph: torch.compile of the decode step failed ({self.compile_error}); running eager",
-                  file=sys.stderr)
-            self.compile = False
-            torch._dynamo.reset()
+            self._give_up(e)
 
     def generate(self, prompt, max_new_tokens: int, *, on_text: Callable[[str], None] | None = None,
                  stop_at_eos: bool = True) -> GenerationResult:
-        import torch
 
         ids = self.encode(prompt)
         self.warmup()
@@ -173,10 +186,15 @@ class Generator:
             pad = getattr(self.model.generation_config, "eos_token_id", None)
         if isinstance(pad, list):
             pad = pad[0]
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), pad_token_id=pad,
-                                      **kw, **self._kwargs(ids.shape[1] + max_new_tokens))
+        try:
+            out = self._run(ids, pad, kw, max_new_tokens)
+        except Exception as e:  # compiled code that fails when it runs (an Inductor bug): the same, eager
+            if not self.compile:
+                raise
+            self._give_up(e)
+            streamer = _Streamer(self.tokenizer, on_text)
+            kw["streamer"] = streamer
+            out = self._run(ids, pad, kw, max_new_tokens)
         new = out[0, ids.shape[1]:]
         t = streamer.times
         text = self.tokenizer.decode(new, skip_special_tokens=True) if self.tokenizer is not None else ""

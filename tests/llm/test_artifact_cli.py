@@ -60,13 +60,14 @@ def test_tampered_or_foreign_artifacts_are_refused(tmp_path, tiny):
 
 def test_saving_replaces_an_existing_artifact_whole(tmp_path, tiny):
     art = tmp_path / "a"
-    save_lm(art, tiny, quantize_lm(tiny, LMRecipe(bits=4, group_size=32, optimizer="rtn")), source="tiny")
+    lw = quantize_lm(tiny, LMRecipe(bits=2, group_size=32, optimizer="rtn"))
+    save_lm(art, tiny, lw, source="first")
     (art / "stale.txt").write_text("left over")
-    save_lm(art, tiny, quantize_lm(tiny, LMRecipe(bits=2, group_size=32, optimizer="rtn")), source="tiny")
+    save_lm(art, tiny, lw, source="second")
     assert not (art / "stale.txt").exists()
     _, _, manifest = load_lm(art, tokenizer=False)
-    assert manifest["recipe"]["bits"] == 2
-    assert [p.name for p in tmp_path.iterdir()] == ["a"]
+    assert manifest["source"] == "second" and manifest["recipe"]["bits"] == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["a"]  # no temporary or old folder left beside it
 
 
 @pytest.fixture(scope="module")

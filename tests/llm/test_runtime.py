@@ -67,3 +67,23 @@ def test_inductor_compile_config_is_one_torch_compile_accepts(qmodel):
     assert kw["cache_implementation"] == "static" and kw["max_cache_len"] == 512  # bucketed
     assert cc.options == {"cpp.threads": 1} and cc.mode is None and cc._compile_all_devices
     torch.compile(lambda x: x + 1, **cc.to_dict())  # raises when mode and options are both given
+
+
+def test_compiled_step_failing_at_run_time_falls_back_to_eager(qmodel, capsys):
+    calls = [0]
+
+    def flaky(gm, inputs):  # compiles, then breaks on the third decode step (after warm-up's two)
+        def run(*args):
+            calls[0] += 1
+            if calls[0] > 2:
+                raise RuntimeError("index out of bounds")
+            return gm(*args)
+
+        return run
+
+    ids = torch.tensor([[5, 9, 33, 7]])
+    g = Generator(qmodel, None, compile=True, backend=flaky)
+    res = g.generate(ids, 6, stop_at_eos=False)
+    assert not g.compile and "index out of bounds" in g.compile_error
+    assert "running eager" in capsys.readouterr().err
+    assert torch.equal(res.ids, Generator(qmodel, None).generate(ids, 6, stop_at_eos=False).ids)
