@@ -21,9 +21,9 @@ decode-step logits against the simulation (max over the vocabulary of |Δ| / max
 step split into kernel / attention / other ops / compiled code / python / sampling + loop
 (`qgraph.llm.profile`).
 
-``OMP_WAIT_POLICY=PASSIVE`` is set before torch loads (unless already set): with libgomp's workers spinning,
-BiQGEMM's own pool and the attention's OpenMP team fight over 2 cores (see `qgraph.llm.runtime`). Every row runs
-under the same setting.
+``OMP_WAIT_POLICY=PASSIVE`` is set before torch loads (unless already set), for every row alike: with
+libgomp's default active waiting, decode on this shared 2-core VM is 5-10x slower for every row, Hugging Face
+fp32 included (2.9 vs 15 tok/s; see `qgraph.llm.runtime`).
 
     python bench/decode_llm.py [--quick] [--json out.json] [--rows ...] [--no-compile] [--requantize]
 """

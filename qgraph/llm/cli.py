@@ -8,7 +8,8 @@ mismatch raise `QGraphError` (one line, exit 3); an empty prompt or ``--max-new-
 ``generate`` streams the text to stdout, then prints prompt and decode tokens/s (stderr; with ``--json`` the
 last stdout line is ``{"text", "new_tokens", "prompt_tokens_per_s", "decode_tokens_per_s"}``). Launched as a
 program with ``OMP_WAIT_POLICY`` unset, it re-executes itself once with ``OMP_WAIT_POLICY=PASSIVE`` (libgomp
-reads it only at load; see `qgraph.llm.runtime`); set the variable, or ``QGRAPH_NO_REEXEC=1``, to avoid that.
+reads it only when torch loads, and active waiting made decode 5-10x slower on a shared 2-core machine; see
+`qgraph.llm.runtime`); set the variable yourself, or ``QGRAPH_NO_REEXEC=1``, to avoid the re-execution.
 """
 from __future__ import annotations
 

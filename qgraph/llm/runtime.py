@@ -6,17 +6,18 @@ new token (prefill forward + first sampling step); the decode rate counts the to
 time from the first to the last. ``compile=True`` uses ``generate``'s own path: a `StaticCache` sized to a
 bucket of `CACHE_BUCKET` tokens (so other prompt lengths reuse the compiled step) and ``torch.compile`` of the
 model's forward for the one-token decode steps (the prefill stays eager). A compile failure falls back to eager
-with one warning line. ``skip_module_guards`` drops dynamo's guards on nn.Module state (checked on every step:
-~1.2 ms of a ~20 ms step measured on SmolLM2); only for a process that compiles this one model and never
+with one warning line. ``skip_module_guards`` drops dynamo's guards on nn.Module state, checked on every step (python time per
+compiled SmolLM2 step 2.5 -> 1.2 ms); only for a process that compiles this one model and never
 changes it.
 
-Threads: BiQGEMM's worker pool and libgomp's spinning workers fight over the cores when both are active (2
-cores: a decode step's attention took ~3.6 ms instead of ~20-50 µs). `passive_omp()` sets ``OMP_WAIT_POLICY=
-PASSIVE``, which libgomp only reads when it loads, so entry points call it before importing torch.
+Threads: on this 2-core VM, shared with other processes, libgomp's default active waiting (workers spin
+after every parallel region) costs 5-10x at decode: Hugging Face fp32 alone (qgraph not imported) decodes
+2.9 tok/s with the default policy and 15 tok/s with ``OMP_WAIT_POLICY=PASSIVE``; qgraph BCQ-3 3.4-4.3 vs 30-35.
+libgomp reads the variable only when it loads (with torch), so entry points set it before importing torch:
+bench/decode_llm.py, examples/smollm2_generate.py, and ``qgraph generate`` (which re-executes itself once).
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 import warnings
@@ -25,14 +26,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 CACHE_BUCKET = 256
-
-
-def passive_omp() -> bool:
-    """Set ``OMP_WAIT_POLICY=PASSIVE`` unless the user set it; True when it takes effect (torch not loaded yet)."""
-    if "OMP_WAIT_POLICY" in os.environ:
-        return False
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-    return "torch" not in sys.modules
 
 
 @dataclass
