@@ -6,9 +6,9 @@ new token (prefill forward + first sampling step); the decode rate counts the to
 time from the first to the last. ``compile=True`` uses ``generate``'s own path: a `StaticCache` sized to a
 bucket of `CACHE_BUCKET` tokens (so other prompt lengths reuse the compiled step) and ``torch.compile`` of the
 model's forward for the one-token decode steps (the prefill stays eager). A compile failure falls back to eager
-with one warning line. ``skip_module_guards`` drops dynamo's guards on nn.Module state, checked on every step (python time per
-compiled SmolLM2 step 2.5 -> 1.2 ms); only for a process that compiles this one model and never
-changes it.
+with one warning line. ``skip_module_guards`` drops dynamo's guards on nn.Module state, checked on every
+step (python time per compiled SmolLM2 step 2.5 -> 1.2 ms); only for a process that compiles this one model
+and never changes it.
 
 Threads: on this 2-core VM, shared with other processes, libgomp's default active waiting (workers spin
 after every parallel region) costs 5-10x at decode: Hugging Face fp32 alone (qgraph not imported) decodes
