@@ -206,6 +206,7 @@ def compiled_child(row: str, art: str | None, args) -> None:
         for key, g in (("eager", eager), ("compiled", comp)):
             res = g.generate(ids, args.new_tokens, stop_at_eos=False)
             out[key].append([res.prompt_tokens_per_s, res.decode_tokens_per_s])
+    out["compiled_ok"], out["error"] = comp.compile, comp.compile_error  # a run-time failure also falls back
     if comp.compile and not args.no_profile:
         out["profile"] = profile_decode(comp, ids, steps=16)
     print(json.dumps(out))
