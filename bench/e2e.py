@@ -234,7 +234,8 @@ def time_case(routes: list[Route], inputs: tuple, rounds: int, budget_s: float, 
     return times
 
 
-PROFILE_GROUPS = (("qgraph kernels", ("qgraph::",)), ("attention", ("scaled_dot_product", "attention")),
+PROFILE_GROUPS = (("oneDNN int8 kernels", ("onednn::",)), ("qgraph ops (BiQGEMM; int8 wrappers)", ("qgraph::",)),
+                  ("attention", ("scaled_dot_product", "attention")),
                   ("Inductor-generated kernels", ("cpp_fused", "graph_")), ("float GEMM / conv", (
                       "aten::addmm", "aten::mm", "aten::bmm", "aten::linear", "aten::matmul", "mkldnn", "conv",
                       "aten::_weight_int8pack_mm")))
@@ -242,7 +243,8 @@ PROFILE_GROUPS = (("qgraph kernels", ("qgraph::",)), ("attention", ("scaled_dot_
 
 def profile_route(route: Route, inputs: tuple, calls: int = 5, top: int = 10) -> tuple[dict[str, float], str]:
     """torch.profiler by op of ``calls`` calls of ``route``: (ms per call by group, the top ops by self time).
-    Groups: qgraph's kernels, attention, Inductor's generated kernels (named when --profile set
+    Groups (self time): oneDNN's int8 GEMM/conv, qgraph's ops (the BiQGEMM kernel runs inside its op; the int8
+    ops are wrappers around oneDNN), attention, Inductor's generated kernels (named when --profile set
     ``torch._inductor.config.cpp.enable_kernel_profile`` before compiling), float GEMM/conv, and the rest:
     other ATen ops and the Python / wrapper time between kernels."""
     from torch.profiler import ProfilerActivity, profile
