@@ -151,7 +151,8 @@ def model_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -209,7 +210,8 @@ def save_artifact(qmodel: Any, path: str | Path, *, source: str | None = None, p
             "target": qmodel.target.name, "target_source": qmodel.target.source, "pipeline": qmodel.pipeline,
             "frontend": sim.frontend, "nodes": nodes, "program": program_entry, "program_note": note,
             "versions": {"qgraph": _version(), "torch": torch.__version__},
-            "files": {name: {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size} for name in written},
+            "files": {name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
+                      for name in written},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return Path(path)
@@ -255,7 +257,7 @@ def read_artifact(path: str | Path) -> tuple[Manifest, dict[str, torch.Tensor]]:
         f = folder / name
         if not f.is_file():
             raise ArtifactError(f"{f}: listed in the manifest but missing")
-        if f.stat().st_size != entry.bytes or _sha256(f) != entry.sha256:
+        if f.stat().st_size != entry.bytes or sha256_file(f) != entry.sha256:
             raise ArtifactError(f"{f}: contents do not match the manifest's sha256 (corrupt or modified)")
     try:
         with safe_open(str(folder / WEIGHTS), framework="pt") as f:

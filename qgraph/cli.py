@@ -403,6 +403,11 @@ def main(argv: list[str] | None = None) -> int:
         args.target = args.target or "x86-avx2"
     if getattr(args, "quiet", False):
         _silence()
+    return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run a parsed command; every failure becomes one line on stderr and an exit code (see the module doc)."""
     from qgraph.errors import PassError, QGraphError
 
     try:
@@ -414,9 +419,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qgraph: internal error: {str(e).splitlines()[0]} (set QGRAPH_DEBUG=1 for the traceback)",
               file=sys.stderr)
         if os.environ.get("QGRAPH_DEBUG"):
-            import traceback as tb
-
-            tb.print_exception(e)
+            traceback.print_exception(e)
         return EXIT_INTERNAL
     except QGraphError as e:
         first = str(e).strip("\n").splitlines() or [type(e).__name__]

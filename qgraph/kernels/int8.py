@@ -145,7 +145,7 @@ def _check_codes(codes: torch.Tensor, what: str) -> None:
                           f"signed symmetric spec (e.g. int8/channel/sym)")
 
 
-class Int8Linear(_PackedCache):
+class Int8Linear(nn.Module):
     """``y = x @ W^T + b`` with x quantized per tensor and W int8 per output channel (symmetric).
 
     ``impl="int_mm"``: exact int32 accumulation with ``torch._int_mm``; ``impl="onednn"``: oneDNN
@@ -171,9 +171,6 @@ class Int8Linear(_PackedCache):
         self.register_buffer("row_sums", codes.detach().to(torch.int32).sum(dim=1))
         # s_x * s_w in float32, as the simulation's product of dequantized operands rounds it.
         self.register_buffer("out_scale", self.weight_scale * torch.tensor(act.scale, dtype=torch.float32))
-
-    def _pack(self):
-        return torch.ops.onednn.qlinear_prepack(self.codes, None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
@@ -215,7 +212,7 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 _POST_OPS = ("none", "relu", "hardtanh")
 
 
-class Int8Conv2d(_PackedCache):
+class Int8Conv2d(nn.Module):
     """A 2-D convolution on oneDNN's int8 kernel with an optional fused ReLU / clamp.
 
     Inputs: float (quantized here with the calibrated qparams) or, when ``input_quantized``, uint8
@@ -246,11 +243,6 @@ class Int8Conv2d(_PackedCache):
         self.register_buffer("codes", codes.detach().contiguous())
         self.register_buffer("weight_scale", _channel_scales(weight_scale, codes.shape[0]))
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32).clone())
-        self.register_buffer("_w_zero", torch.zeros(codes.shape[0], dtype=torch.int64), persistent=False)
-
-    def _pack(self):
-        return torch.ops.onednn.qconv_prepack(self.codes, self.weight_scale, self.act.scale, self.act.u8_zero_point,
-                                              self.stride, self.padding, self.dilation, self.groups, None)
 
     def emit_codes(self, out: ActQuant) -> None:
         """Output uint8 codes in ``out``'s qparams (for a consumer that takes them) instead of float."""

@@ -33,12 +33,17 @@ def _cached(codes: torch.Tensor, key: tuple, make) -> Any:
     return packed
 
 
+def _zeros(codes: torch.Tensor) -> torch.Tensor:
+    """The weight zero points oneDNN takes (symmetric codes): built once per pack, not per call."""
+    return torch.zeros(codes.shape[0], dtype=torch.int64)
+
+
 def _conv_impl(q, x_scale, x_zp, codes, w_scale, bias, stride, padding, dilation, groups, out_scale, out_zp,
                out_u8, attr, lo, hi):
-    packed = _cached(codes, ("conv", x_scale, x_zp, tuple(stride), tuple(padding), tuple(dilation), groups),
-                     lambda: torch.ops.onednn.qconv_prepack(codes, w_scale, x_scale, x_zp, list(stride), list(padding),
-                                                            list(dilation), groups, None))
-    w_zero = torch.zeros(codes.shape[0], dtype=torch.int64)
+    packed, w_zero = _cached(
+        codes, ("conv", x_scale, x_zp, tuple(stride), tuple(padding), tuple(dilation), groups),
+        lambda: (torch.ops.onednn.qconv_prepack(codes, w_scale, x_scale, x_zp, list(stride), list(padding),
+                                                list(dilation), groups, None), _zeros(codes)))
     scalars = [lo, hi] if attr == "hardtanh" else []
     out_dtype = torch.uint8 if out_u8 else torch.float32
     return torch.ops.onednn.qconv2d_pointwise(
@@ -57,8 +62,7 @@ def _conv_fake(q, x_scale, x_zp, codes, w_scale, bias, stride, padding, dilation
 
 
 def _linear_impl(q, x_scale, x_zp, codes, w_scale, bias):
-    packed = _cached(codes, ("linear",), lambda: torch.ops.onednn.qlinear_prepack(codes, None))
-    zeros = torch.zeros(codes.shape[0], dtype=torch.int64)
+    packed, zeros = _cached(codes, ("linear",), lambda: (torch.ops.onednn.qlinear_prepack(codes, None), _zeros(codes)))
     return torch.ops.onednn.qlinear_pointwise(q, x_scale, x_zp, packed, w_scale, zeros, bias, 1.0, 0, torch.float32,
                                               "none", [], "")
 

@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from qgraph.artifact import sha256_file
+from qgraph.atomic import atomic_folder
 from qgraph.errors import ExportError, SpecError
 from qgraph.llm.quantize import LMWeights, module_names
 from qgraph.llm.recipe import LMRecipe
@@ -60,14 +60,6 @@ def fingerprint(config: Any) -> str:
     d = config_dict(config)
     keep = {k: v for k, v in sorted(d.items()) if k not in _VOLATILE}
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _uniform_tensors(q: UniformWeight, prefix: str) -> dict[str, torch.Tensor]:
@@ -162,25 +154,14 @@ def save_lm(folder: str | Path, model: nn.Module, lw: LMWeights, tokenizer: Any 
                                                                   if not k.startswith(FLOAT)),
                   "decoder_linears": linear, "decoder_linear_weights": linear_weights},
     }
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_folder(folder) as tmp:
         save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp / WEIGHTS), {"format": "pt"})
         (tmp / CONFIG).write_text(json.dumps(cfg, indent=1, sort_keys=True))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp / TOKENIZER))
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
-        manifest["files"] = {str(p.relative_to(tmp)): _sha256(p) for p in files}
+        manifest["files"] = {str(p.relative_to(tmp)): sha256_file(p) for p in files}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-        if folder.exists():
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 
@@ -212,7 +193,7 @@ def read_lm_artifact(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]
             raise ExportError(f"{folder}/{MANIFEST}: file {rel!r} lies outside the artifact folder")
         if not path.is_file():
             raise ExportError(f"{folder}: {rel} is missing")
-        if _sha256(path) != digest:
+        if sha256_file(path) != digest:
             raise ExportError(f"{folder}: {rel} does not match its SHA-256 in {MANIFEST} (changed or corrupt)")
     for key, kind in (("modules", dict), ("tied", dict), ("float_tensors", list), ("fingerprint", str)):
         if not isinstance(manifest.get(key), kind):

@@ -158,8 +158,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m qgraph.search.cli MODEL ...``: the ``search`` subcommand on its own."""
-    from qgraph.cli import _Parser, _UsageError
-    from qgraph.errors import PassError, QGraphError
+    from qgraph.cli import _Parser, run
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = _Parser(prog="qgraph", description="Post-training quantization compiler.")
@@ -168,36 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(["search", *(sys.argv[1:] if argv is None else argv)])
     if args.quiet:
         os.environ["QGRAPH_QUIET"] = "1"
-    try:
-        return args.func(args)
-    except _UsageError as e:
-        print(f"qgraph: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except PassError as e:  # a bug in a pass, not bad input: internal error, with the pass named
-        print(f"qgraph: internal error: {str(e).splitlines()[0]} (set QGRAPH_DEBUG=1 for the traceback)",
-              file=sys.stderr)
-        if os.environ.get("QGRAPH_DEBUG"):
-            import traceback as tb
-
-            tb.print_exception(e)
-        return EXIT_INTERNAL
-    except QGraphError as e:
-        lines = str(e).strip().splitlines() or [type(e).__name__]
-        print(f"qgraph: error: {lines[0]}", file=sys.stderr)
-        for line in lines[1:]:
-            print(f"  {line.strip()}", file=sys.stderr)
-        return EXIT_INPUT
-    except KeyboardInterrupt:
-        print("qgraph: interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:  # noqa: BLE001 - one line instead of a traceback
-        print(f"qgraph: internal error: {type(e).__name__}: {e} (set QGRAPH_DEBUG=1 for the traceback)",
-              file=sys.stderr)
-        if os.environ.get("QGRAPH_DEBUG"):
-            import traceback
-
-            traceback.print_exc()
-        return EXIT_INTERNAL
+    return run(args)
 
 
 if __name__ == "__main__":
