@@ -6,9 +6,12 @@ patterns it executes as one kernel, the default quantization it prefers, and cos
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.resources
 import math
-from dataclasses import dataclass, field
+import types
+import typing
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,50 +29,60 @@ SCHEMES = ("uniform", "bcq")
 GRANULARITIES = ("tensor", "channel", "group")
 KNOWN_OPS = frozenset(MODULE_OPS.values()) | frozenset(FUNCTION_OPS.values()) | frozenset(
     METHOD_OPS.values()) | frozenset(ATEN_OPS.values())
-
-_TOP_KEYS = {"name", "description", "inherits", "accumulator_bits", "float_ops", "fusions", "defaults",
-             "uniform", "bcq", "kernels", "cost"}
-_UNIFORM_KEYS = {"weight_granularities", "activation_granularities", "weight_symmetric", "activation_symmetric",
-                 "pow2_scales", "group_sizes"}
-_BCQ_KEYS = {"granularities", "group_sizes", "offset"}
-_KERNEL_KEYS = {"ops", "scheme", "weight_bits", "activation_bits", "kernel"}
-_DEFAULT_KEYS = {"weight", "activation", "embedding"}
-_COST_KEYS = {"memory_bandwidth_gbps", "macs_per_second", "lut_lookups_per_second", "call_overhead_us",
-              "cache_bytes", "biqgemm_lut_max_rows", "sources"}
 # Input rows up to which the CPU BiQGEMM runs its LUT path (above: decode + GEMM), per mode, when a target does not
 # say (measure a machine's with `python bench/biqgemm.py --calibrate`).
 DEFAULT_BIQGEMM_LUT_MAX_ROWS = {"exact": 4, "fast": 4}
 
 
-@dataclass(frozen=True)
+def rule(default: Any = MISSING, *, choices: Any = None, lo: float | None = None, hi: float | None = None,
+         above: float | None = None, keys: tuple[str, ...] | None = None, required_keys: tuple[str, ...] = (),
+         doc: str = "", toml: bool = True) -> Any:
+    """A dataclass field with the constraints its TOML key is checked against (see ``_convert``).
+
+    ``choices``: allowed values (of the scalar, or of each element of a tuple/dict); ``lo``/``hi``: inclusive
+    bounds, ``above``: exclusive lower bound (numbers are also required to be finite); ``keys``: the keys a dict
+    may have (given entries override the default's); ``required_keys``: keys a dict must have; ``toml=False``:
+    not read from the file.
+    """
+    meta = {"choices": choices, "lo": lo, "hi": hi, "above": above, "keys": keys, "required_keys": required_keys,
+            "doc": doc, "toml": toml}
+    if callable(default):
+        return field(default_factory=default, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+GROUP_SIZES = {"lo": 1, "hi": MAX_GROUP_SIZE}
+
+
+@dataclass(frozen=True, kw_only=True)
 class UniformCaps:
     """What uniform kernels accept: granularities, symmetry choices, scale form, group sizes."""
 
-    weight_granularities: tuple[str, ...] = ("tensor", "channel", "group")
-    activation_granularities: tuple[str, ...] = ("tensor",)
-    weight_symmetric: tuple[bool, ...] = (True, False)
-    activation_symmetric: tuple[bool, ...] = (True, False)
-    pow2_scales: str = "optional"  # "optional" | "required" | "unsupported"
-    group_sizes: tuple[int, ...] = (32, 64, 128)
+    weight_granularities: tuple[str, ...] = rule(("tensor", "channel", "group"), choices=GRANULARITIES)
+    activation_granularities: tuple[str, ...] = rule(("tensor",), choices=GRANULARITIES)
+    weight_symmetric: tuple[bool, ...] = rule((True, False))
+    activation_symmetric: tuple[bool, ...] = rule((True, False))
+    pow2_scales: str = rule("optional", choices=("optional", "required", "unsupported"))
+    group_sizes: tuple[int, ...] = rule((32, 64, 128), **GROUP_SIZES)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class BCQCaps:
-    granularities: tuple[str, ...] = ("channel", "group")
-    group_sizes: tuple[int, ...] = (32, 64, 128)
-    offset: bool = True
+    granularities: tuple[str, ...] = rule(("channel", "group"), choices=("channel", "group"))
+    group_sizes: tuple[int, ...] = rule((32, 64, 128), **GROUP_SIZES)
+    offset: bool = rule(True)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class KernelRule:
     """Ops in ``ops`` with weights quantized by ``scheme`` at ``weight_bits`` (and activations at
     ``activation_bits``; empty = activations stay float) run on ``kernel``."""
 
-    ops: tuple[str, ...]
-    scheme: str
-    weight_bits: tuple[int, ...]
-    activation_bits: tuple[int, ...]
-    kernel: str
+    ops: tuple[str, ...] = rule(choices=KNOWN_OPS)
+    scheme: str = rule(choices=SCHEMES)
+    weight_bits: tuple[int, ...] = rule(lo=1, hi=8)
+    activation_bits: tuple[int, ...] = rule((), lo=1, hi=8)
+    kernel: str = rule(choices=KERNELS)
 
     def matches(self, op: str, scheme: str, weight_bits: int | None, activation_bits: int | None) -> bool:
         if op not in self.ops or scheme != self.scheme:
@@ -81,40 +94,47 @@ class KernelRule:
         return activation_bits in self.activation_bits
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CostFigures:
     """Roofline figures; ``sources`` says where each number comes from."""
 
-    memory_bandwidth_gbps: float
-    macs_per_second: dict[str, float]
-    lut_lookups_per_second: float
-    call_overhead_us: float
-    cache_bytes: int = 32 * 1024 * 1024
-    sources: dict[str, str] = field(default_factory=dict)
+    memory_bandwidth_gbps: float = rule(above=0)
+    macs_per_second: dict[str, float] = rule(above=0, required_keys=("fp32",))
+    lut_lookups_per_second: float = rule(above=0)
+    call_overhead_us: float = rule(lo=0)
+    cache_bytes: int = rule(32 * 1024 * 1024, lo=0)
+    sources: dict[str, str] = rule(dict)
     # CPU BiQGEMM: input rows up to which the LUT path wins, per mode ("exact", "fast"); measured crossover.
-    biqgemm_lut_max_rows: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_BIQGEMM_LUT_MAX_ROWS))
+    biqgemm_lut_max_rows: dict[str, int] = rule(lambda: dict(DEFAULT_BIQGEMM_LUT_MAX_ROWS), lo=0,
+                                                keys=tuple(DEFAULT_BIQGEMM_LUT_MAX_ROWS))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Defaults:
-    weight: QSpec
-    activation: QSpec | None
-    embedding: QSpec | None
+    weight: QSpec = rule()
+    activation: QSpec | None = rule(None)
+    embedding: QSpec | None = rule(None)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Target:
-    name: str
-    description: str
-    accumulator_bits: int
-    float_ops: tuple[str, ...]
-    fusions: tuple[str, ...]
-    uniform: UniformCaps
-    bcq: BCQCaps | None
-    kernels: tuple[KernelRule, ...]
-    defaults: Defaults
-    cost: CostFigures
-    source: str = ""
+    """A device: what it runs (``kernels``, capabilities), what it prefers (``defaults``), what it costs.
+
+    Its fields are the TOML's keys: ``load_target`` checks a file against them (``_convert``), so a new field with
+    a ``rule(...)`` is a new, validated key.
+    """
+
+    name: str = rule()
+    description: str = rule("")
+    accumulator_bits: int = rule(32, choices=(16, 32))
+    float_ops: tuple[str, ...] = rule((), choices=KNOWN_OPS)
+    fusions: tuple[str, ...] = rule(())
+    uniform: UniformCaps = rule(UniformCaps)
+    bcq: BCQCaps | None = rule(None)
+    kernels: tuple[KernelRule, ...] = rule()
+    defaults: Defaults = rule()
+    cost: CostFigures = rule()
+    source: str = rule("", toml=False)
 
     @property
     def supports_bcq(self) -> bool:
@@ -241,167 +261,130 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-class _Reader:
-    """Typed access to one table of the TOML, with errors naming file, key and allowed values."""
+def _convert(value: Any, tp: Any, meta: dict, key: str, where: str) -> Any:
+    """``value`` from the TOML as a ``tp`` (a field's type) obeying ``meta`` (its ``rule``); else a TargetError
+    naming ``where`` (the file), ``key`` (table.key) and what is allowed."""
 
-    def __init__(self, where: str, table: Any, prefix: str, allowed: set[str]):
-        self.where, self.prefix = where, prefix
-        if not isinstance(table, dict):
-            raise TargetError(f"{where}: '{prefix}' must be a table")
-        unknown = sorted(set(table) - allowed)
-        if unknown:
-            raise TargetError(f"{where}: unknown key '{self.key(unknown[0])}'; allowed keys: {', '.join(sorted(allowed))}")
-        self.table = table
+    def fail(msg: str) -> TargetError:
+        return TargetError(f"{where}: key '{key}' {msg}")
 
-    def key(self, k: str) -> str:
-        return f"{self.prefix}.{k}" if self.prefix else k
-
-    def fail(self, k: str, msg: str) -> TargetError:
-        return TargetError(f"{self.where}: key '{self.key(k)}' {msg}")
-
-    def get(self, k: str, typ: type | tuple, default: Any = ..., *, choices: tuple | None = None) -> Any:
-        if k not in self.table:
-            if default is ...:
-                raise self.fail(k, "is missing")
-            return default
-        v = self.table[k]
-        if isinstance(v, bool) and typ in (int, float) or not isinstance(v, typ):
-            if typ is float and isinstance(v, int) and not isinstance(v, bool):
-                v = float(v)
-            else:
-                names = typ.__name__ if isinstance(typ, type) else " or ".join(t.__name__ for t in typ)
-                raise self.fail(k, f"must be {names}, got {v!r}")
-        if choices is not None and v not in choices:
-            raise self.fail(k, f"must be one of {', '.join(map(str, choices))}; got {v!r}")
-        return v
-
-    def get_list(self, k: str, item: type, default: Any = ..., *, choices: tuple | frozenset | None = None) -> tuple:
-        v = self.get(k, list, default)
-        if not isinstance(v, (list, tuple)):
-            return v
-        for x in v:
-            if isinstance(x, bool) and item is int or not isinstance(x, item):
-                raise self.fail(k, f"must be a list of {item.__name__}, got element {x!r}")
-            if choices is not None and x not in choices:
-                shown = ", ".join(sorted(map(str, choices))) if len(choices) < 12 else "the canonical ONNX op names"
-                raise self.fail(k, f"has unknown value {x!r}; allowed: {shown}")
-        return tuple(v)
-
-    def get_spec(self, k: str, default: Any = ...) -> QSpec | None:
-        v = self.get(k, str, default)
-        if v is None or v == "float":
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):  # "X | None": an absent table, `false`, or "float" is None
+        inner = next(a for a in args if a is not type(None))
+        if value is False or (inner is QSpec and value == "float"):
             return None
+        return _convert(value, inner, meta, key, where)
+    if tp is QSpec:
+        if not isinstance(value, str):
+            raise fail(f"must be a QSpec string such as 'int8/channel/sym', got {value!r}")
+        if value == "float":
+            raise fail("must name a quantization (e.g. 'int8/channel/sym'), not float")
         try:
-            return QSpec.parse(v)
+            return QSpec.parse(value)
         except SpecError as e:
-            raise self.fail(k, f"is not a valid QSpec string: {e}") from None
+            raise fail(f"is not a valid QSpec string: {e}") from None
+    if is_dataclass(tp):
+        return _from_table(tp, value, key, where)
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise fail(f"must be a list of {_type_name(args[0])}, got {value!r}")
+        return tuple(_convert(x, args[0], meta, f"{key}[{i}]", where) if is_dataclass(args[0])
+                     else _scalar(x, args[0], meta, fail, element=True) for i, x in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise fail(f"must be a table of {_type_name(args[1])} values, got {value!r}")
+        keys = meta.get("keys")
+        out = {}
+        for k, v in value.items():
+            if keys is not None and k not in keys:
+                raise TargetError(f"{where}: key '{key}.{k}' is not allowed; allowed keys: {', '.join(keys)}")
+            out[k] = _scalar(v, args[1], meta, lambda msg, k=k: TargetError(f"{where}: key '{key}.{k}' {msg}"))
+        for k in meta.get("required_keys", ()):
+            if k not in out:
+                raise fail(f"needs at least a {k!r} entry")
+        return out
+    return _scalar(value, tp, meta, fail)
+
+
+def _scalar(value: Any, tp: type, meta: dict, fail: Any, element: bool = False) -> Any:
+    what = "an element" if element else "a value"
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(value, bool) and tp is not bool or not isinstance(value, tp):
+        return _raise(fail(f"must be {'a list of ' if element else ''}{_type_name(tp)}, got {what} {value!r} "
+                           f"({_type_name(type(value))})"))
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        shown = ", ".join(sorted(map(str, choices))) if len(choices) < 12 else "the canonical ONNX op names"
+        return _raise(fail(f"has {what} {value!r} that is not allowed; allowed: {shown}"))
+    if tp in (int, float):
+        lo, hi, above = meta.get("lo"), meta.get("hi"), meta.get("above")
+        bad = not math.isfinite(value) or (lo is not None and value < lo) or (hi is not None and value > hi) \
+            or (above is not None and value <= above)
+        if bad:
+            bounds = [f"> {above}" if above is not None else "", f">= {lo}" if lo is not None else "",
+                      f"<= {hi}" if hi is not None else ""]
+            return _raise(fail(f"has {what} {value!r} out of range; allowed: {'finite ' if tp is float else ''}"
+                               f"{_type_name(tp)} {' and '.join(b for b in bounds if b)}"))
+    return value
+
+
+def _raise(e: Exception) -> Any:
+    raise e
+
+
+def _type_name(tp: Any) -> str:
+    if is_dataclass(tp):
+        return "tables"
+    return {str: "str", int: "int", float: "float", bool: "bool", list: "list", dict: "table"}.get(
+        tp, getattr(tp, "__name__", str(tp)))
+
+
+def toml_keys(cls: type) -> dict[str, dataclasses.Field]:
+    """The TOML keys of a target table: the dataclass's fields (less those marked ``toml=False``)."""
+    return {f.name: f for f in fields(cls) if f.metadata.get("toml", True)}
+
+
+def _from_table(cls: type, table: Any, prefix: str, where: str) -> Any:
+    """Build dataclass ``cls`` from a TOML table: unknown keys, missing required keys, wrong types and values out
+    of range are TargetErrors naming the file, the key and what is allowed."""
+    name = f"key '{prefix}'" if prefix else "the top level"
+    if not isinstance(table, dict):
+        raise TargetError(f"{where}: {name} must be a table, got {table!r}")
+    allowed = toml_keys(cls)
+    unknown = sorted(set(table) - set(allowed))
+    if unknown:
+        k = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise TargetError(f"{where}: unknown key '{k}'; allowed keys{' in [' + prefix + ']' if prefix else ''}: "
+                          f"{', '.join(allowed)}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for k, f in allowed.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if k not in table:
+            if f.default is MISSING and f.default_factory is MISSING:
+                raise TargetError(f"{where}: key '{key}' is missing")
+            continue
+        value = _convert(table[k], hints[k], dict(f.metadata), key, where)
+        if f.metadata.get("keys") is not None and f.default_factory is not MISSING:
+            value = {**f.default_factory(), **value}  # entries given override the defaults, the rest stay
+        kwargs[k] = value
+    return cls(**kwargs)
 
 
 def _build(raw: dict, where: str) -> Target:
-    top = _Reader(where, raw, "", _TOP_KEYS)
-    name = top.get("name", str)
-    uni = _Reader(where, top.get("uniform", dict, {}), "uniform", _UNIFORM_KEYS)
-    uniform = UniformCaps(
-        weight_granularities=uni.get_list("weight_granularities", str, ("tensor", "channel", "group"),
-                                          choices=GRANULARITIES),
-        activation_granularities=uni.get_list("activation_granularities", str, ("tensor",), choices=GRANULARITIES),
-        weight_symmetric=uni.get_list("weight_symmetric", bool, (True, False)),
-        activation_symmetric=uni.get_list("activation_symmetric", bool, (True, False)),
-        pow2_scales=uni.get("pow2_scales", str, "optional", choices=("optional", "required", "unsupported")),
-        group_sizes=_group_sizes(uni, "group_sizes"),
-    )
-    bcq = None
-    if "bcq" in raw and raw["bcq"] is not False:
-        b = _Reader(where, top.get("bcq", dict), "bcq", _BCQ_KEYS)
-        bcq = BCQCaps(
-            granularities=b.get_list("granularities", str, ("channel", "group"), choices=("channel", "group")),
-            group_sizes=_group_sizes(b, "group_sizes"),
-            offset=b.get("offset", bool, True),
-        )
-    kernels = []
-    rules = top.get("kernels", list)
-    for i, rule in enumerate(rules):
-        r = _Reader(where, rule, f"kernels[{i}]", _KERNEL_KEYS)
-        kr = KernelRule(
-            ops=r.get_list("ops", str, choices=KNOWN_OPS),
-            scheme=r.get("scheme", str, choices=SCHEMES),
-            weight_bits=r.get_list("weight_bits", int),
-            activation_bits=r.get_list("activation_bits", int, ()),
-            kernel=r.get("kernel", str, choices=KERNELS),
-        )
-        if kr.scheme == "bcq" and bcq is None:
-            raise r.fail("scheme", "is 'bcq' but the target has no [bcq] table")
-        bad = [b for b in kr.weight_bits if not (1 <= b <= 8)]
-        if bad:
-            raise r.fail("weight_bits", f"has {bad[0]}; bit widths are 1..8")
-        kernels.append(kr)
-    d = _Reader(where, top.get("defaults", dict), "defaults", _DEFAULT_KEYS)
-    defaults = Defaults(weight=d.get_spec("weight"), activation=d.get_spec("activation", None),
-                        embedding=d.get_spec("embedding", None))
-    if defaults.weight is None:
-        raise d.fail("weight", "must name a quantization (e.g. 'int8/channel/sym'), not float")
-    c = _Reader(where, top.get("cost", dict), "cost", _COST_KEYS)
-    macs = c.get("macs_per_second", dict)
-    for k, v in macs.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-            raise c.fail(f"macs_per_second.{k}", f"must be a finite number > 0, got {v!r}")
-    cost = CostFigures(
-        memory_bandwidth_gbps=_positive(c, "memory_bandwidth_gbps"),
-        macs_per_second={k: float(v) for k, v in macs.items()},
-        lut_lookups_per_second=_positive(c, "lut_lookups_per_second"),
-        call_overhead_us=_non_negative(c, "call_overhead_us", float, ...),
-        cache_bytes=_non_negative(c, "cache_bytes", int, 32 * 1024 * 1024),
-        sources={str(k): str(v) for k, v in c.get("sources", dict, {}).items()},
-        biqgemm_lut_max_rows=_lut_rows(c),
-    )
-    if "fp32" not in cost.macs_per_second:
-        raise c.fail("macs_per_second", "needs at least an 'fp32' entry")
-    target = Target(
-        name=name,
-        description=top.get("description", str, ""),
-        accumulator_bits=top.get("accumulator_bits", int, 32, choices=(16, 32)),
-        float_ops=top.get_list("float_ops", str, (), choices=KNOWN_OPS),
-        fusions=top.get_list("fusions", str, ()),
-        uniform=uniform, bcq=bcq, kernels=tuple(kernels), defaults=defaults, cost=cost, source=where,
-    )
-    for label, spec in (("weight", defaults.weight), ("activation", defaults.activation)):
+    target = _from_table(Target, raw, "", where)
+    target = dataclasses.replace(target, source=where)
+    for i, kr in enumerate(target.kernels):  # checks across tables
+        if kr.scheme == "bcq" and target.bcq is None:
+            raise TargetError(f"{where}: key 'kernels[{i}].scheme' is 'bcq' but the target has no [bcq] table")
+    d = target.defaults
+    for label, spec in (("weight", d.weight), ("activation", d.activation)):
         if spec is None:
             continue
         problems = target.check("Gemm", spec if label == "weight" else None, spec if label == "activation" else None)
         problems = [p for p in problems if not p.startswith("no kernel")]
         if problems:
-            raise d.fail(label, f"names a quantization the target itself rejects: {problems[0]}")
+            raise TargetError(f"{where}: key 'defaults.{label}' names a quantization the target itself rejects: "
+                              f"{problems[0]}")
     return target
-
-
-def _lut_rows(r: _Reader) -> dict[str, int]:
-    rows = dict(DEFAULT_BIQGEMM_LUT_MAX_ROWS)
-    for mode, v in r.get("biqgemm_lut_max_rows", dict, {}).items():
-        if mode not in rows:
-            raise r.fail(f"biqgemm_lut_max_rows.{mode}", f"is not a BiQGEMM mode; use {sorted(rows)}")
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise r.fail(f"biqgemm_lut_max_rows.{mode}", f"must be an int >= 0, got {v!r}")
-        rows[mode] = v
-    return rows
-
-
-def _positive(r: _Reader, k: str) -> float:
-    v = r.get(k, float)
-    if not math.isfinite(v) or v <= 0:
-        raise r.fail(k, f"must be a finite number > 0, got {v}")
-    return v
-
-
-def _non_negative(r: _Reader, k: str, typ: type, default: Any) -> Any:
-    v = r.get(k, typ, default)
-    if not math.isfinite(v) or v < 0:
-        raise r.fail(k, f"must be a finite number ≥ 0, got {v}")
-    return v
-
-
-def _group_sizes(r: _Reader, k: str) -> tuple[int, ...]:
-    sizes = r.get_list(k, int, (32, 64, 128))
-    bad = [g for g in sizes if not 1 <= g <= MAX_GROUP_SIZE]
-    if bad:
-        raise r.fail(k, f"has {bad[0]}; group sizes are 1..{MAX_GROUP_SIZE}")
-    return sizes
