@@ -30,7 +30,6 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 
@@ -39,10 +38,16 @@ from qgraph.ir.inputs import batches
 from qgraph.ir.meta import ANNOTATION_KEY, QWEIGHT_KEY
 from qgraph.pass_base import NON_NEGATIVE, POSITIVE, POSITIVE_INT, Pass, PassResult, optional, validate
 from qgraph.passes._reconstruction import round_rest
-from qgraph.passes.gptq import GPTQ_RULES, GPTQPass, _by_input, _layer_row, _stack, quantize_in_sequence
 from qgraph.progress import progress
 from qgraph.quant.aespa import RefineConfig, ValueHessian, aespa_qkv, attention_probs, query_rows
-from qgraph.quant.gptq import GPTQResult, HessianAccumulator, gptq
+from qgraph.quant.gptq import GPTQOptions, GPTQResult, HessianAccumulator, gptq
+from qgraph.quant.gptq_graph import (
+    group_by_input,
+    layer_row,
+    quantize_in_sequence,
+    select_layers,
+    stack_batches,
+)
 from qgraph.registry import register_pass
 
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -184,7 +189,9 @@ class AespaPass(Pass):
     frontend_reason = "it finds attention blocks in torch.fx graphs and learns their rounding through torch"
 
     @dataclass(frozen=True)
-    class Options:
+    class Options(GPTQOptions):
+        """aespa's own knobs; GPTQ's (``block``, ``damp``, ...) are those of `GPTQOptions`, validated there."""
+
         iters: int = 50
         lr: float = 0.05
         lam: float = 3.0
@@ -193,30 +200,11 @@ class AespaPass(Pass):
         refine_v: bool = True
         value_rows: int = 128
         stat_batches: int | None = 4
-        block: int = 128
-        damp: float = 0.01
-        act_order: bool = False
-        sequential: bool = True
-        clip_search: bool = False
-        p: float = 2.4
-        bcq_importance: Literal["spec", "hessian"] = "spec"
-        max_batches: int | None = None
 
         def __post_init__(self):
-            validate(self, **GPTQ_RULES, iters=NON_NEGATIVE, lr=POSITIVE, lam=NON_NEGATIVE,
-                     descent_rounds=NON_NEGATIVE, value_rows=POSITIVE_INT, stat_batches=optional(POSITIVE_INT))
-
-    def _gptq_pass(self) -> GPTQPass:
-        o = self.options
-        return GPTQPass(GPTQPass.Options(block=o.block, damp=o.damp, act_order=o.act_order, sequential=o.sequential,
-                                         clip_search=o.clip_search, p=o.p, bcq_importance=o.bcq_importance,
-                                         max_batches=o.max_batches))
-
-    def _gptq_kw(self, spec) -> dict:
-        o = self.options
-        return {"block": o.block, "damp": o.damp, "act_order": o.act_order,
-                "clip_search": o.clip_search and spec.scheme == "uniform", "p": o.p,
-                "bcq_importance": o.bcq_importance}
+            super().__post_init__()
+            validate(self, iters=NON_NEGATIVE, lr=POSITIVE, lam=NON_NEGATIVE, descent_rounds=NON_NEGATIVE,
+                     value_rows=POSITIVE_INT, stat_batches=optional(POSITIVE_INT))
 
     def run(self, graph, ctx) -> PassResult:
         atts = find_attentions(graph)
@@ -224,8 +212,7 @@ class AespaPass(Pass):
             raise PipelineError("aespa found no attention in the graph (no scaled_dot_product_attention and no "
                                 "matmul -> softmax -> matmul with a Linear behind its query, key and value); "
                                 "use the gptq pass for this model")
-        gp = self._gptq_pass()
-        todo, rest, notes = gp._select(graph)
+        todo, rest, notes = select_layers(graph)
         layers = ctx.report.setdefault("layers", [])
         n_aespa = 0
         if todo:
@@ -236,8 +223,8 @@ class AespaPass(Pass):
             if not data:
                 raise CalibrationError("calibration data is empty: give at least one batch")
             specs = dict(todo)
-            groups = _by_input(graph, todo)
-            stacked = _stack(data, graph) if self.options.sequential else None
+            groups = group_by_input(graph, todo)
+            stacked = stack_batches(data, graph) if self.options.sequential else None
             plan = self._plan(graph, atts, specs, groups, notes)
             mode = "sequential" if stacked is not None else "float-inputs"
             stats = self._float_stats(graph, plan, groups if stacked is None else None, data, ctx)
@@ -246,7 +233,7 @@ class AespaPass(Pass):
             for node, res in run(graph, groups, specs, plan, stats, stacked, bar):
                 w = graph.param(node, "weight")
                 if isinstance(res, GPTQResult):
-                    layers.append(_layer_row(graph, node, res, w))
+                    layers.append(layer_row(graph, node, res, w))
                 else:
                     n_aespa += 1
                     layers.append(_aespa_row(graph, node, res, w))
@@ -392,7 +379,7 @@ class AespaPass(Pass):
             n_heads, n_kv = stats[gi]["heads"]
             lins = (att.q, att.k, att.v)
             o = self.options
-            kw = self._gptq_kw(specs[att.q])
+            kw = o.gptq_kwargs(specs[att.q])
             res = aespa_qkv(*(weight(n) for n in lins), h, stats[gi]["h_v"], tuple(specs[n] for n in lins),
                             n_heads, n_kv, self._cfg(), refine=(o.refine_qk, o.refine_qk, o.refine_v), **kw)
             for n, key in zip(lins, "qkv"):
@@ -400,7 +387,7 @@ class AespaPass(Pass):
                 yield n, res[key]
         for node, spec in nodes:
             if id(node) not in handled:
-                yield node, gptq(weight(node), h, spec, **self._gptq_kw(spec))
+                yield node, gptq(weight(node), h, spec, **self.options.gptq_kwargs(spec))
 
     def _sequential(self, graph, groups, specs, plan, stats, stacked, bar):
         def quantize_group(i, h, weight):

@@ -29,6 +29,7 @@ from typing import Literal
 import torch
 
 from qgraph.errors import CalibrationError, SpecError
+from qgraph.pass_base import NON_NEGATIVE, POSITIVE, POSITIVE_INT, optional, validate
 from qgraph.quant import uniform
 from qgraph.quant.bcq import quantize_bcq, quantize_bcq_spec
 from qgraph.quant.bcq_weight import BCQWeight
@@ -36,6 +37,32 @@ from qgraph.quant.qspec import QSpec
 from qgraph.quant.qtensor import UniformWeight
 
 BCQImportance = Literal["spec", "hessian"]
+
+
+@dataclass(frozen=True)
+class GPTQOptions:
+    """GPTQ's knobs, validated once: the options of the ``gptq`` pass, and the GPTQ part of ``aespa``'s
+    (which subclasses it). ``block`` / ``damp`` / ``act_order`` / ``clip_search`` / ``p`` / ``bcq_importance``: see
+    `gptq`; ``sequential``: Hessians from inputs produced by the already-quantized layers (else from the float
+    model); ``max_batches``: calibration batches used (None: all)."""
+
+    block: int = 128
+    damp: float = 0.01
+    act_order: bool = False
+    sequential: bool = True
+    clip_search: bool = False
+    p: float = 2.4
+    bcq_importance: BCQImportance = "spec"
+    max_batches: int | None = None
+
+    def __post_init__(self):
+        validate(self, block=POSITIVE_INT, damp=NON_NEGATIVE, p=POSITIVE, max_batches=optional(POSITIVE_INT))
+
+    def gptq_kwargs(self, spec: QSpec) -> dict:
+        """The keyword arguments of `gptq` for a weight quantized with ``spec``."""
+        return {"block": self.block, "damp": self.damp, "act_order": self.act_order,
+                "clip_search": self.clip_search and spec.scheme == "uniform", "p": self.p,
+                "bcq_importance": self.bcq_importance}
 
 
 class HessianAccumulator:

@@ -57,3 +57,14 @@ def test_metadata_keys_have_one_home_and_the_old_names_still_work():
     defined = [(p.name, line) for p in passes_dir.glob("*.py") for line in p.read_text().splitlines()
                if line.split("=")[0].strip().endswith("_KEY") and '= "qgraph.' in line]
     assert defined == []  # a new key goes into qgraph.ir.meta
+
+
+def test_no_pass_imports_private_names_of_another_pass():
+    """Shared pieces are public (in qgraph/quant, or a pass's public names); aespa once took gptq's privates."""
+    passes_dir = Path(qgraph.passes.__file__).parent
+    bad = []
+    for path in sorted(passes_dir.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("qgraph.passes."):
+                bad += [f"{path.name}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
+    assert bad == []
