@@ -177,7 +177,9 @@ class EvalConfig:
     are scored on) or ``holdout`` (data no search step reads; bundled text models only);
     ``measure_latency``: also lower the strategy to real kernels and time it on this host;
     ``qweight_dir``: a folder where quantized weights are shared between processes and runs (not part of
-    the fingerprint: it changes where results are kept, not what they are)."""
+    the fingerprint: it changes where results are kept, not what they are); ``n_opt_calib``: calibration
+    batches the weight optimizers (GPTQ, aespa) read; ``keep_float``: node-key patterns that stay float in
+    the optimizers' runs (the space's ``keep_float``)."""
 
     model: str
     target: str
@@ -190,6 +192,8 @@ class EvalConfig:
     threads: int = 1
     split: str = "search"
     qweight_dir: str | None = None
+    n_opt_calib: int = 8
+    keep_float: tuple[str, ...] = ()
 
     def resolved_metric(self) -> Metric:
         name = self.metric
@@ -253,8 +257,9 @@ class Workbench:
             self.sens_reference = [_first_tensor(self.graph.gm(*b)).detach() for b in self.data.sens_batches]
         self.base_metric = self.score_graph(self.graph) if self.metric.name == "perplexity" else \
             self._score(self.reference)
-        self._qweights: dict[tuple[str, str], Any] = {}
+        self._qweights: dict[tuple[str, str, str], Any] = {}
         self._qparams: dict[tuple[str, str], tuple] = {}
+        self._optimized: Any = None
 
     def holdout(self, n_eval: int | None = None, eval_seed: int | None = None) -> Workbench:
         """A workbench on the same model and graph that scores on held-out data (``split="holdout"``: text
@@ -262,7 +267,7 @@ class Workbench:
         cfg = replace(self.config, split="holdout", n_eval=n_eval or self.config.n_eval,
                       eval_seed=self.config.eval_seed if eval_seed is None else eval_seed)
         other = Workbench(cfg, source=self.source, graph=self.graph)
-        other._qweights, other._qparams = self._qweights, self._qparams
+        other._qweights, other._qparams, other._optimized = self._qweights, self._qparams, self._optimized
         return other
 
     # --- data ----------------------------------------------------------------------------------
@@ -326,12 +331,16 @@ class Workbench:
         return (1 - F.cosine_similarity(out.reshape(-1, d), ref.reshape(-1, d), dim=-1, eps=1e-12)).mean()
 
     # --- memoized quantization -------------------------------------------------------------------
-    def qweight(self, node_name: str, spec: Any) -> Any:
-        """The quantized weight of a node under a spec, computed once per process."""
+    def qweight(self, node_name: str, spec: Any, optimizer: str = "rtn") -> Any:
+        """The quantized weight of a node under a spec, computed once per process; ``optimizer`` ``gptq`` /
+        ``aespa``: that optimizer's result (see `qgraph.search.optimized`)."""
         from qgraph.passes.quantize_weights import quantize_tensor
 
-        key = (node_name, str(spec))
+        key = (node_name, str(spec), optimizer)
         if key not in self._qweights:
+            if optimizer != "rtn":
+                self._qweights[key] = self.optimized.weight(node_name, spec, optimizer)
+                return self._qweights[key]
             w = self.graph.param(self.graph.find(node_name), "weight").detach()
             path = self._qweight_path(node_name, spec, w)
             q = _load_qweight(path) if path is not None else None
@@ -342,14 +351,68 @@ class Workbench:
             self._qweights[key] = q
         return self._qweights[key]
 
-    def _qweight_path(self, node_name: str, spec: Any, w: torch.Tensor) -> Path | None:
+    @property
+    def optimized(self) -> Any:
+        """The shared `OptimizedWeights` of this model (built on first use)."""
+        from qgraph.search.optimized import OptimizedWeights
+
+        if self._optimized is None:
+            calib = list(self.source.calibration or [tuple(self.source.example_inputs)])[: self.config.n_opt_calib]
+            if not calib:
+                raise CalibrationError(f"GPTQ / aespa choices need calibration data, and model {self.config.model} "
+                                       "has none")
+
+            def load(node: str, spec: Any, extra: str) -> Any:
+                return _load_qweight(self._qweight_path(node, spec, self._weight_of(node), extra, optimized_dir()))
+
+            def save(node: str, spec: Any, extra: str, q: Any) -> None:
+                _save_qweight(self._qweight_path(node, spec, self._weight_of(node), extra, optimized_dir()), q)
+
+            self._optimized = OptimizedWeights(self.graph, self.target, calib, self.optimized_nodes, load, save,
+                                               progress=self.progress)
+        return self._optimized
+
+    progress: Callable[[str], None] | None = None
+
+    def _weight_of(self, node: str) -> torch.Tensor:
+        return self.graph.param(self.graph.find(node), "weight").detach()
+
+    def optimized_nodes(self, optimizer: str, spec: Any) -> dict[str, Any]:
+        """Node name → spec of an optimizer's uniform run: every Linear with a float weight the spec fits (per
+        row where its groups do not), except the ``keep_float`` ones."""
+        import fnmatch
+
+        from qgraph.errors import SpecError
+
+        out = {}
+        for n in self.graph.nodes():
+            w = self.graph.param(n, "weight")
+            if self.graph.op_type(n) not in ("Gemm", "MatMul") or w is None or not w.is_floating_point() \
+                    or w.dim() != 2:
+                continue
+            if any(fnmatch.fnmatchcase(k, p) for k in (self.graph.qualname(n), self.graph.name(n))
+                   for p in self.config.keep_float):
+                continue
+            s = spec
+            try:
+                s.check_tensor(tuple(w.shape))
+            except SpecError:
+                s = spec.replace(granularity="channel", group_size=None)
+            if str(s) == str(spec):
+                out[self.graph.name(n)] = s
+        return out
+
+    def _qweight_path(self, node_name: str, spec: Any, w: torch.Tensor, extra: str = "",
+                      folder: Path | None = None) -> Path | None:
         """Where ``config.qweight_dir`` keeps a node's quantized weight: keyed by node, spec, the weight's
-        bytes and ``QWEIGHT_VERSION``, so a changed model or quantizer never reads a stale file."""
-        if not self.config.qweight_dir:
+        bytes, ``QWEIGHT_VERSION`` and ``extra`` (an optimizer's key), so a changed model, quantizer or
+        calibration never reads a stale file."""
+        folder = folder or (Path(self.config.qweight_dir) if self.config.qweight_dir else None)
+        if folder is None:
             return None
         h = hashlib.blake2b(w.contiguous().numpy().tobytes(), digest_size=16)
-        h.update(f"|{node_name}|{spec}|{QWEIGHT_VERSION}".encode())
-        return Path(self.config.qweight_dir) / f"{h.hexdigest()}.safetensors"
+        h.update(f"|{node_name}|{spec}|{QWEIGHT_VERSION}|{extra}".encode())
+        return folder / f"{h.hexdigest()}.safetensors"
 
     def qparams(self, node_name: str, spec: Any) -> tuple:
         """Activation qparams of input 0 of a node under a spec (observed on the float graph, which is what
@@ -393,11 +456,12 @@ class Workbench:
         g = fresh_copy(self.graph)
         anns = strategy.annotations
         for n in g.nodes():
-            ann = anns.get(g.qualname(n), anns.get(g.name(n)))
+            key = g.qualname(n) if g.qualname(n) in anns else g.name(n)
+            ann = anns.get(key)
             if ann is None:
                 continue
             if ann.weight is not None:
-                g.meta(n)[QWEIGHT_KEY] = self.qweight(g.name(n), ann.weight)
+                g.meta(n)[QWEIGHT_KEY] = self.qweight(g.name(n), ann.weight, strategy.optimizers.get(key, "rtn"))
             if 0 in ann.inputs:
                 g.meta(n).setdefault(QPARAMS_KEY, {})["input0"] = self.qparams(g.name(n), ann.inputs[0])
         ctx = PassContext(target=self.target, config={"progress": False, "strategy": strategy.config()})
@@ -433,6 +497,12 @@ class Workbench:
                 g.gm(*x)
                 times.append((time.perf_counter() - t) * 1e6)
         return statistics.median(times)
+
+
+def optimized_dir() -> Path:
+    """Where GPTQ / aespa results persist across runs (``QGRAPH_OPTIMIZED_CACHE``, default
+    ``~/.cache/qgraph/search/optimized``): keyed by content, so a stale file is never read."""
+    return Path(os.environ.get("QGRAPH_OPTIMIZED_CACHE", "~/.cache/qgraph/search/optimized")).expanduser()
 
 
 def eval_plays(split: str) -> tuple[str, ...]:

@@ -163,11 +163,11 @@ def _swapped_weight(graph: Any, node_name: str, value: torch.Tensor):
             w.copy_(saved)
 
 
-def _sq_error(bench: Workbench, node_name: str, spec: Any) -> tuple[float, torch.Tensor]:
+def _sq_error(bench: Workbench, node_name: str, spec: Any, optimizer: str = "rtn") -> tuple[float, torch.Tensor]:
     from qgraph.passes.quantize_weights import dequantized
 
     w = bench.graph.param(bench.graph.find(node_name), "weight").detach()
-    deq = dequantized(bench.qweight(node_name, spec), w)
+    deq = dequantized(bench.qweight(node_name, spec, optimizer), w)
     return float(((deq - w).double() ** 2).sum()), deq
 
 
@@ -222,7 +222,7 @@ def hessian_sensitivity(bench: Workbench, space: Space, *, tol: float = 1e-3, ma
             if ch.is_float or i not in idx:
                 row.append(0.0)
                 continue
-            w_term = t * _sq_error(bench, layer.node, ch.weight)[0] if ch.weight is not None else 0.0
+            w_term = t * _sq_error(bench, layer.node, ch.weight, ch.optimizer)[0] if ch.weight is not None else 0.0
             a_term = acts.get((i, str(ch.act)), 0.0) if ch.act is not None else 0.0
             row.append(w_term + a_term)
         omega.append(tuple(row))
@@ -242,7 +242,7 @@ def proxy_sensitivity(bench: Workbench, space: Space, progress: Callable[[str], 
             elif ch.act is not None:
                 row.append(2.0 * _probe_loss(bench, space, layer.key, ch.annotation))
             else:
-                _, deq = _sq_error(bench, layer.node, ch.weight)
+                _, deq = _sq_error(bench, layer.node, ch.weight, ch.optimizer)
                 with _swapped_weight(bench.graph, layer.node, deq), torch.no_grad():
                     row.append(2.0 * float(loss_fn(bench.graph.gm)))
         omega.append(tuple(row))

@@ -23,7 +23,7 @@ import numpy as np
 from qgraph.analyses.cost import weight_bytes
 from qgraph.errors import QGraphError, SpecError
 from qgraph.quant.qspec import Annotation, QSpec
-from qgraph.search.strategy import Strategy, annotation_to_text
+from qgraph.search.strategy import Strategy, entry_text
 
 LAYER_OPS = ("Gemm", "MatMul", "Conv")
 FLOAT_BITS = 32
@@ -41,6 +41,7 @@ class Choice:
 
     weight: QSpec | None = None
     act: QSpec | None = None
+    optimizer: str = "rtn"
 
     @property
     def is_float(self) -> bool:
@@ -59,11 +60,12 @@ class Choice:
 
     @property
     def label(self) -> str:
-        return choice_label(self.weight, self.act)
+        base = choice_label(self.weight, self.act)
+        return base if self.optimizer == "rtn" else f"{self.optimizer}:{base}"
 
     @property
     def text(self) -> str:
-        return annotation_to_text(self.annotation)
+        return entry_text(self.annotation, self.optimizer)
 
 
 def choice_label(weight: QSpec | None, act: QSpec | None) -> str:
@@ -92,6 +94,7 @@ class Layer:
     choices: tuple[Choice, ...]
     input_name: str = ""
     searchable: bool = True
+    follows: int | None = None  # index of the layer whose weight table this one reads (a tied table)
 
     @property
     def numel(self) -> int:
@@ -122,7 +125,12 @@ class Space:
         if not self.layers:
             raise SearchError("the model has no quantizable node (Gemm/MatMul/Conv with a constant weight, or "
                               "Gather); nothing to search")
-        table = [[layer.bytes_of(c) for c in range(len(layer.choices))] for layer in self.layers]
+        for i, layer in enumerate(self.layers):
+            f = layer.follows
+            if f is not None and (not 0 <= f < len(self.layers) or self.layers[f].choices != layer.choices):
+                raise SearchError(f"layer {layer.key} follows layer {f}, which does not offer the same choices")
+        table = [[0 if layer.follows is not None else layer.bytes_of(c) for c in range(len(layer.choices))]
+                 for layer in self.layers]  # a tied table is stored once: by the layer it follows
         object.__setattr__(self, "_bytes", table)
 
     # --- per-layer tables (for drivers) ---------------------------------------------------------
@@ -152,8 +160,10 @@ class Space:
         return a
 
     def strategy(self, a: Sequence[int]) -> Strategy:
-        a = self.check_assignment(a)
-        return Strategy({layer.key: layer.choices[c].annotation for layer, c in zip(self.layers, a)}, self.target)
+        a = self.with_followers(self.check_assignment(a))
+        chosen = [(layer.key, layer.choices[c]) for layer, c in zip(self.layers, a)]
+        return Strategy({k: ch.annotation for k, ch in chosen}, self.target,
+                        {k: ch.optimizer for k, ch in chosen if ch.optimizer != "rtn"})
 
     def assignment(self, strategy: Strategy) -> Assignment:
         """The assignment a strategy stands for; SearchError when it uses a choice outside the space."""
@@ -162,13 +172,17 @@ class Space:
             ann = strategy.annotations.get(layer.key)
             if ann is None:
                 raise SearchError(f"strategy has no entry for {layer.key}")
-            text = annotation_to_text(ann)
+            text = entry_text(ann, strategy.optimizers.get(layer.key, "rtn"))
             idx = [c for c, ch in enumerate(layer.choices) if ch.text == text]
             if not idx:
                 raise SearchError(f"strategy entry {layer.key} = {text!r} is not in the search space "
                                   f"(choices: {', '.join(ch.label for ch in layer.choices)})")
             out.append(idx[0])
         return tuple(out)
+
+    def with_followers(self, a: Sequence[int]) -> Assignment:
+        """``a`` with every tied-table layer at the choice of the layer it follows."""
+        return tuple(a[layer.follows] if layer.follows is not None else c for layer, c in zip(self.layers, a))
 
     def weight_bytes(self, a: Sequence[int]) -> int:
         return int(sum(self._bytes[i][c] for i, c in enumerate(a)))
@@ -305,7 +319,9 @@ class SpaceOptions:
     """What to offer per node. ``act``: also offer int activations where a kernel takes them;
     ``embeddings``: search Gather nodes too (else they are fixed at the target's embedding default, or
     float when the target cannot run it); ``keep_float``: shell patterns (fnmatch) of node keys kept in
-    float and left out of the search and of the average bits (e.g. ``("lm.lm_head",)``)."""
+    float and left out of the search and of the average bits (e.g. ``("lm.lm_head",)``); ``optimizers``:
+    weight optimizers offered besides round-to-nearest on Linear nodes (``gptq``, ``aespa``), each with every
+    weight-only spec (BCQ fitted by the alternating method, which they weigh by the Hessian)."""
 
     uniform_bits: tuple[int, ...] = (8, 4)
     uniform_group_sizes: tuple[int, ...] = (128,)
@@ -316,6 +332,13 @@ class SpaceOptions:
     embeddings: bool = False
     embedding_bits: tuple[int, ...] = (8, 4)
     keep_float: tuple[str, ...] = ()
+    optimizers: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        bad = [o for o in self.optimizers if o not in ("gptq", "aespa")]
+        if bad:
+            raise SearchError(f"SpaceOptions.optimizers: unknown optimizer(s) {bad}; use gptq and/or aespa "
+                              "(round-to-nearest is always offered)")
 
 
 def candidate_weight_specs(target: Any, opts: SpaceOptions) -> list[QSpec]:
@@ -383,6 +406,19 @@ def layer_choices(target: Any, op: str, shape: tuple[int, ...], weights: Iterabl
                                               ch.label)))
 
 
+def with_optimizers(choices: Sequence[Choice], optimizers: Sequence[str], numel: int, rows: int) -> tuple[Choice, ...]:
+    """``choices`` plus, per weight-only quantized choice, the same spec fitted by each optimizer."""
+    out = list(choices)
+    for ch in choices:
+        if ch.weight is None or ch.act is not None:
+            continue
+        w = ch.weight.replace(bcq_method="alternating") if ch.weight.scheme == "bcq" else ch.weight
+        out += [Choice(w, None, o) for o in optimizers]
+    uniq = list(dict.fromkeys(out))
+    return tuple(sorted(uniq, key=lambda ch: (-ch.bits, -weight_bytes(numel, rows, ch.weight), ch.act is not None,
+                                              ch.label)))
+
+
 def build_space(graph: Any, target: Any, options: SpaceOptions | None = None) -> Space:
     """The search space of a (canonicalized) graph on ``target``."""
     opts = options or SpaceOptions()
@@ -398,8 +434,20 @@ def build_space(graph: Any, target: Any, options: SpaceOptions | None = None) ->
             continue
         found.append((node, op, tuple(int(s) for s in w.shape)))
     qualnames = [graph.qualname(n) for n, _, _ in found]
-    layers = []
+    owner: dict[int, int] = {}
+    layers: list[Layer] = []
     for (node, op, shape), qn in zip(found, qualnames):
+        tensor_id = id(graph.param(node, "weight"))
+        if opts.embeddings and tensor_id in owner:  # a tied table (LM head = input embedding): one choice, stored once
+            lead = layers[owner[tensor_id]]
+            if lead.op == "Gather" and lead.searchable:
+                choices = tuple(ch for ch in lead.choices if ch.is_float or not target.check(op, ch.weight, None))
+                if choices == lead.choices:
+                    key = qn if qualnames.count(qn) == 1 else graph.name(node)
+                    layers.append(Layer(key, graph.name(node), op, shape, choices, "", searchable=False,
+                                        follows=owner[tensor_id]))
+                    continue
+        owner.setdefault(tensor_id, len(layers))
         key = qn if qualnames.count(qn) == 1 else graph.name(node)
         producers = graph.inputs(node)
         input_name = graph.name(producers[0]) if producers else ""
@@ -410,6 +458,8 @@ def build_space(graph: Any, target: Any, options: SpaceOptions | None = None) ->
             layers.append(Layer(key, graph.name(node), op, shape, (Choice(),), input_name, searchable=False))
             continue
         choices = layer_choices(target, op, shape, weights, act)
+        if opts.optimizers and op in ("Gemm", "MatMul"):
+            choices = with_optimizers(choices, opts.optimizers, numel=int(math.prod(shape)), rows=int(shape[0]))
         layers.append(Layer(key, graph.name(node), op, shape, choices, input_name, searchable=len(choices) > 1))
     return Space(target.name, tuple(layers), _ties(layers))
 

@@ -38,6 +38,26 @@ def annotation_to_text(ann: Annotation) -> str:
     return " ".join(parts)
 
 
+OPTIMIZER_NAMES = ("rtn", "gptq", "aespa")
+
+
+def entry_text(ann: Annotation, optimizer: str = "rtn") -> str:
+    """An annotation's text plus `` opt=<optimizer>`` when a weight optimizer other than RTN fits it."""
+    text = annotation_to_text(ann)
+    return text if optimizer == "rtn" or text == "float" else f"{text} opt={optimizer}"
+
+
+def entry_from_text(text: str) -> tuple[Annotation, str]:
+    """Inverse of `entry_text`: (annotation, optimizer)."""
+    parts = text.split() if isinstance(text, str) else []
+    opts = [p.partition("=")[2] for p in parts if p.startswith("opt=")]
+    optimizer = opts[-1] if opts else "rtn"
+    if optimizer not in OPTIMIZER_NAMES:
+        raise SpecError(f"strategy entry {text!r}: unknown optimizer {optimizer!r} (use {', '.join(OPTIMIZER_NAMES)})")
+    ann = annotation_from_text(" ".join(p for p in parts if not p.startswith("opt=")) if opts else text)
+    return ann, optimizer
+
+
 def annotation_from_text(text: str) -> Annotation:
     """Inverse of `annotation_to_text`."""
     if not isinstance(text, str) or not text.strip():
@@ -66,22 +86,32 @@ class Strategy:
     """Node key (qualname, or node name where qualnames collide) → Annotation, for one target.
 
     ``target`` names the target the strategy was searched for (informational: the hash covers it, so a
-    strategy searched for another target is another trial).
+    strategy searched for another target is another trial). ``optimizers``: node key → weight optimizer
+    (``gptq`` / ``aespa``) for nodes not rounded to nearest.
     """
 
     annotations: Mapping[str, Annotation] = field(default_factory=dict)
     target: str = ""
+    optimizers: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for k, v in self.annotations.items():
             if not isinstance(k, str) or not isinstance(v, Annotation):
                 raise SpecError(f"Strategy maps node keys (str) to Annotations; got {k!r}: {type(v).__name__}")
         object.__setattr__(self, "annotations", dict(sorted(self.annotations.items())))
+        for k, o in self.optimizers.items():
+            if k not in self.annotations or o not in OPTIMIZER_NAMES:
+                raise SpecError(f"Strategy.optimizers: {k!r}: {o!r} must name an annotated node and one of "
+                                f"{', '.join(OPTIMIZER_NAMES)}")
+        object.__setattr__(self, "optimizers", {k: o for k, o in sorted(self.optimizers.items()) if o != "rtn"})
 
     # --- identity ------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {"version": FORMAT_VERSION, "target": self.target,
-                "nodes": {k: annotation_to_text(a) for k, a in self.annotations.items()}}
+                "nodes": {k: self.text_of(k) for k in self.annotations}}
+
+    def text_of(self, key: str) -> str:
+        return entry_text(self.annotations[key], self.optimizers.get(key, "rtn"))
 
     def canonical_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
@@ -106,7 +136,10 @@ class Strategy:
         version = d.get("version", FORMAT_VERSION)
         if version != FORMAT_VERSION:
             raise SpecError(f"strategy format version {version} is not supported (this qgraph reads {FORMAT_VERSION})")
-        return cls({str(k): annotation_from_text(v) for k, v in d["nodes"].items()}, str(d.get("target", "")))
+        entries = {str(k): entry_from_text(v) if isinstance(v, str) else (annotation_from_text(v), "rtn")
+                   for k, v in d["nodes"].items()}
+        return cls({k: a for k, (a, _) in entries.items()}, str(d.get("target", "")),
+                   {k: o for k, (_, o) in entries.items() if o != "rtn"})
 
     def to_json(self, indent: int | None = 1) -> str:
         return json.dumps({**self.to_dict(), "pipeline": self.pipeline()}, indent=indent, sort_keys=True)
@@ -122,7 +155,7 @@ class Strategy:
         """A TOML strategy file: ``version``, ``target``, ``pipeline`` and a ``[nodes]`` table."""
         lines = [f"version = {FORMAT_VERSION}", f"target = {_toml_str(self.target)}",
                  f"pipeline = {_toml_str(self.pipeline())}", "", "[nodes]"]
-        lines += [f"{_toml_str(k)} = {_toml_str(annotation_to_text(a))}" for k, a in self.annotations.items()]
+        lines += [f"{_toml_str(k)} = {_toml_str(self.text_of(k))}" for k in self.annotations]
         return "\n".join(lines) + "\n"
 
     @classmethod
@@ -162,14 +195,15 @@ class Strategy:
         return dict(self.annotations)
 
     def replace(self, **changes: Annotation) -> Strategy:
-        return Strategy({**self.annotations, **changes}, self.target)
+        return Strategy({**self.annotations, **changes}, self.target,
+                        {k: o for k, o in self.optimizers.items() if k not in changes})
 
     def __len__(self) -> int:
         return len(self.annotations)
 
     def __str__(self) -> str:
         width = max((len(k) for k in self.annotations), default=0)
-        return "\n".join(f"{k:<{width}}  {annotation_to_text(a)}" for k, a in self.annotations.items())
+        return "\n".join(f"{k:<{width}}  {self.text_of(k)}" for k in self.annotations)
 
 
 def _toml_str(s: str) -> str:

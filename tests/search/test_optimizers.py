@@ -1,0 +1,133 @@
+"""The weight optimizer is part of a candidate: GPTQ / aespa choices in the space, in strategies (text and
+hash), scored after that optimizer ran, and its results cached on disk; tied tables count once."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qgraph.errors import SpecError
+from qgraph.search.objectives import EvalConfig, Workbench
+from qgraph.search.optimized import run_optimizer
+from qgraph.search.space import SearchError, SpaceOptions, build_space
+from qgraph.search.strategy import Strategy
+from tests.search import write_toy
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    spec = write_toy(tmp_path_factory.mktemp("toy"))
+    bench = Workbench(EvalConfig(spec, "x86-avx2"))
+    opts = SpaceOptions(uniform_bits=(8, 4), bcq_bits=(3,), act=False, optimizers=("gptq",))
+    yield spec, bench, build_space(bench.graph, bench.target, opts)
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(autouse=True)
+def _opt_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("QGRAPH_OPTIMIZED_CACHE", str(tmp_path / "optimized"))
+
+
+def test_space_offers_each_spec_with_each_optimizer(toy):
+    _, _, space = toy
+    labels = space.labels()
+    assert "gptq:bcq3-g128" in labels and "bcq3-g128" in labels and "gptq:w4-g128" in labels
+    for layer in space.layers:
+        opt = [ch for ch in layer.choices if ch.optimizer == "gptq"]
+        assert all(ch.act is None and ch.weight is not None for ch in opt)
+        assert all(ch.weight.bcq_method == "alternating" for ch in opt if ch.weight.scheme == "bcq")
+        rtn_weights = [ch for ch in layer.choices if ch.optimizer == "rtn" and ch.weight is not None]
+        assert len(opt) == len(rtn_weights)
+
+
+def test_strategy_round_trips_its_optimizers(toy, tmp_path):
+    _, _, space = toy
+    a = space.uniform("gptq:bcq3-g128")
+    s = space.strategy(a)
+    assert set(s.optimizers.values()) == {"gptq"} and len(s.optimizers) == len(space.searchable)
+    for suffix in (".json", ".toml"):
+        back = Strategy.load(s.save(tmp_path / f"s{suffix}"))
+        assert back == s and back.optimizers == s.optimizers
+    assert space.assignment(s) == a
+    plain = space.strategy(space.uniform("bcq3-g128"))
+    assert plain.sha256 != s.sha256 and not plain.optimizers
+    assert "opt=gptq" in s.to_json()
+    with pytest.raises(SpecError, match="unknown optimizer"):
+        Strategy.from_dict({"nodes": {"a": "bcq3/g128/alternating opt=adam"}})
+    with pytest.raises(SearchError, match="unknown optimizer"):
+        SpaceOptions(optimizers=("adam",))
+
+
+def test_uniform_gptq_trial_equals_one_gptq_run_and_is_cached(toy):
+    spec, bench, space = toy
+    s = space.strategy(space.uniform("gptq:bcq3-g128"))
+    res = bench.evaluate(s)
+    spec3 = next(ch.weight for ch in space.layers[0].choices if ch.label == "gptq:bcq3-g128")
+    nodes = bench.optimized_nodes("gptq", spec3)
+    assert set(nodes) == {layer.node for layer in space.layers}
+    direct = run_optimizer(bench.graph, bench.target, nodes, "gptq", bench.optimized.calibration)
+    for name, q in direct.items():
+        assert torch.equal(q.dequantize(), bench.qweight(name, spec3, "gptq").dequantize())
+    rtn = bench.evaluate(space.strategy(space.uniform("bcq3-g128")))
+    assert res["metric"] != rtn["metric"]  # the optimizer's weights were used
+    assert res["metric"] > 0.9
+    # a second process-like workbench reads the results from disk instead of running GPTQ again
+    other = Workbench(EvalConfig(spec, "x86-avx2"))
+    again = other.evaluate(s)
+    assert other.optimized.runs == 0 and again["metric"] == pytest.approx(res["metric"], abs=1e-12)
+
+
+def test_mixed_optimizers_take_each_layer_from_its_own_run(toy):
+    _, bench, space = toy
+    labels = ["gptq:bcq3-g128", "bcq3-g128", "gptq:w4-g128", "fp32", "w8-ch"]
+    a = tuple(next(c for c, ch in enumerate(layer.choices) if ch.label == lb)
+              for layer, lb in zip(space.layers, labels))
+    s = space.strategy(a)
+    assert s.optimizers == {space.layers[0].key: "gptq", space.layers[2].key: "gptq"}
+    g = bench.apply(s)
+    assert g is not None
+    w0 = next(ch.weight for ch in space.layers[0].choices if ch.label == "gptq:bcq3-g128")
+    assert not torch.equal(bench.qweight(space.layers[0].node, w0, "gptq").dequantize(),
+                           bench.qweight(space.layers[0].node, w0.replace(bcq_method="weighted")).dequantize())
+
+
+TIED = '''
+import torch
+import torch.nn as nn
+
+
+class TinyLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(512, 64)
+        self.mid = nn.Linear(64, 64)
+        self.head = nn.Linear(64, 512, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(torch.relu(self.mid(self.emb(ids))))
+
+
+def make():
+    torch.manual_seed(0)
+    return TinyLM().eval(), (torch.randint(0, 512, (4, 16)),)
+'''
+
+
+def test_tied_table_is_one_choice_stored_once(tmp_path):
+    path = tmp_path / "tied.py"
+    path.write_text(TIED)
+    bench = Workbench(EvalConfig(f"{path}:make", "x86-avx2"))
+    space = build_space(bench.graph, bench.target, SpaceOptions(act=False, embeddings=True, bcq_bits=(3,),
+                                                                uniform_bits=(8, 4)))
+    emb = next(i for i, layer in enumerate(space.layers) if layer.op == "Gather")
+    followers = [i for i, layer in enumerate(space.layers) if layer.follows is not None]
+    assert len(followers) == 1
+    head = followers[0]
+    assert space.layers[head].follows == emb and not space.layers[head].searchable
+    a = list(space.high())
+    a[emb] = next(c for c, ch in enumerate(space.layers[emb].choices) if ch.label == "w8-ch")
+    s = space.strategy(a)
+    assert s.annotations[space.layers[head].key] == s.annotations[space.layers[emb].key]
+    assert space.weight_bytes(a) == space.float_bytes() - 512 * 64 * 4 * 2 + space.layers[emb].bytes_of(a[emb])
