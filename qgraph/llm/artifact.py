@@ -29,6 +29,7 @@ from torch import nn
 from qgraph.artifact import sha256_file
 from qgraph.atomic import atomic_folder
 from qgraph.errors import ExportError, SpecError
+from qgraph.llm.modules import fuse_shared_inputs
 from qgraph.llm.quantize import LMWeights, module_names
 from qgraph.llm.recipe import LMRecipe
 from qgraph.quant.bcq_weight import BCQWeight, pack_signs, unpack_signs
@@ -290,8 +291,11 @@ def lm_weights_from(manifest: dict, tensors: dict[str, torch.Tensor], *, kernel_
 
 
 def load_lm(folder: str | Path, *, mode: str = "exact", head_mode: str | None = None,
-            tokenizer: bool = True) -> tuple[nn.Module, Any, dict]:
-    """(generating model on BiQGEMM, tokenizer or None, manifest) from an artifact folder."""
+            tokenizer: bool = True, fuse: bool = True) -> tuple[nn.Module, Any, dict]:
+    """(generating model on BiQGEMM, tokenizer or None, manifest) from an artifact folder.
+
+    ``fuse``: sibling Linears that read one input (q/k/v, gate/up) run as one BiQGEMM call
+    (`qgraph.llm.modules.fuse_shared_inputs`)."""
     from qgraph.llm.quantize import apply_weights
 
     folder = Path(folder)
@@ -326,6 +330,8 @@ def load_lm(folder: str | Path, *, mode: str = "exact", head_mode: str | None = 
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
         raise ExportError(f"the artifact leaves {len(left)} tensor(s) of the model unset, e.g. {left[0]}")
+    if fuse:
+        fuse_shared_inputs(model)
     model.eval()
     tok = None
     if tokenizer and (folder / TOKENIZER).is_dir():

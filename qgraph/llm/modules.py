@@ -122,3 +122,104 @@ class BCQEmbedding(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.dim}, bits={self.bits}, group_size={self.group_size}, "
                 f"offset={self.offset is not None}, layout={self.layout!r}, tied={self.tied}")
+
+
+# ------------------------------------------------------------------------------------------ shared-input fusion
+# Sibling Linears that read the same tensor (attention q/k/v, a gated MLP's gate/up): one BiQGEMM call over
+# their stacked rows builds the activation table once and streams all their weights in one pass.
+FUSE_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"))
+
+
+class _LastCall:
+    """The input a fused group last ran on, its output, and how many members have not read that output yet."""
+
+    def __init__(self) -> None:
+        self.x: torch.Tensor | None = None
+        self.y: torch.Tensor | None = None
+        self.left = 0
+
+
+class FusedBCQLinear(BCQLinear):
+    """Several `BCQLinear` of one input width, group size, bit count and layout, stacked row-wise into one."""
+
+    def __init__(self, parts: list[BCQLinear]) -> None:
+        nn.Module.__init__(self)
+        first = parts[0]
+        why = _unfusable(parts)
+        if why:
+            raise KernelError(f"cannot fuse these BCQLinear modules: {why}")
+        self.out_features = sum(p.out_features for p in parts)
+        self.in_features, self.group_size, self.bits = first.in_features, first.group_size, first.bits
+        self.mode, self.layout, self.has_offset = first.mode, first.layout, first.has_offset
+        self.splits = [p.out_features for p in parts]
+        self.register_buffer("packed", torch.cat([p.packed for p in parts]))
+        self.register_buffer("alpha", torch.cat([p.alpha for p in parts]))
+        self.register_buffer("offset", torch.cat([p.offset for p in parts]) if first.has_offset else None)
+        bias = None
+        if any(p.bias is not None for p in parts):
+            bias = torch.cat([p.bias if p.bias is not None else p.alpha.new_zeros(p.out_features) for p in parts])
+        self.register_buffer("bias", bias)
+
+
+def _unfusable(parts: list[BCQLinear]) -> str:
+    """Why ``parts`` cannot be stacked into one `FusedBCQLinear` ('' when they can)."""
+    if len(parts) < 2 or not all(type(p) is BCQLinear for p in parts):
+        return "need two or more plain BCQLinear modules"
+    first = parts[0]
+    for key in ("in_features", "group_size", "bits", "mode", "layout", "has_offset"):
+        if len({getattr(p, key) for p in parts}) != 1:
+            return f"their {key} differ"
+    if first.layout != cpu.LAYOUT or any(p.out_features % cpu.TILE_ROWS for p in parts):
+        return f"only {cpu.LAYOUT} weights with out_features a multiple of {cpu.TILE_ROWS} stack row-wise"
+    if len({(p.packed.device, p.alpha.device) for p in parts}) != 1:
+        return "their buffers live on different devices"
+    return ""
+
+
+class BCQSlice(nn.Module):
+    """One member of a fused group: ``forward(x)`` is its rows of ``fused(x)``.
+
+    The first member called with an input runs the fused op and keeps the output until every other member has
+    read its rows (members called with another input run the fused op again, so the result never depends on
+    the call order)."""
+
+    def __init__(self, fused: FusedBCQLinear, index: int, last: _LastCall) -> None:
+        super().__init__()
+        self.fused = fused
+        self.start = sum(fused.splits[:index])
+        self.stop = self.start + fused.splits[index]
+        self.out_features, self.in_features = fused.splits[index], fused.in_features
+        self._last = last
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        last = self._last
+        if last.left > 0 and last.x is x:
+            y = last.y
+            last.left -= 1
+            if last.left == 0:
+                last.x = last.y = None
+        else:
+            y = self.fused(x)
+            last.x, last.y, last.left = x, y, len(self.fused.splits) - 1
+        return y[..., self.start:self.stop]
+
+    def extra_repr(self) -> str:
+        return f"rows {self.start}:{self.stop} of a fused BiQGEMM ({self.fused.out_features} rows)"
+
+
+def fuse_shared_inputs(model: nn.Module, groups: tuple[tuple[str, ...], ...] = FUSE_GROUPS) -> int:
+    """Stack sibling `BCQLinear` modules that read the same input (``groups`` names them) into one BiQGEMM
+    call each, in place; returns the number of fused groups. Groups that cannot stack are left alone."""
+    from qgraph.llm.quantize import _set_module
+
+    done = 0
+    for parent_name, parent in list(model.named_modules()):
+        for names in groups:
+            parts = [getattr(parent, n, None) for n in names]
+            if any(not isinstance(p, BCQLinear) for p in parts) or _unfusable(parts):
+                continue
+            fused, last = FusedBCQLinear(parts), _LastCall()
+            for i, n in enumerate(names):
+                _set_module(model, f"{parent_name}.{n}" if parent_name else n, BCQSlice(fused, i, last))
+            done += 1
+    return done
