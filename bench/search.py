@@ -49,9 +49,15 @@ from qgraph.search.space import SpaceOptions, build_space
 PRESETS = {
     "minilm": {"group": 128, "trials": 50, "n_eval": 32, "holdout": 256, "hutchinson": 30, "keep_float": (),
                "bcq_bits": (1, 2, 3, 4), "act": True, "cross": True, "extra_baselines": ("bcq4", "w4", "w8-ch")},
-    "smollm2": {"group": 64, "trials": 16, "n_eval": 8, "holdout": 32, "hutchinson": 8, "keep_float": ("lm.lm_head",),
-                "bcq_bits": (2, 3, 4), "act": False, "cross": False, "extra_baselines": ("w4",)},
+    "smollm2": {"group": 64, "trials": 50, "n_eval": 8, "holdout": 32, "hutchinson": 8, "keep_float": (),
+                "bcq_bits": (2, 3, 4), "act": False, "cross": False, "extra_baselines": ()},
 }
+# SmolLM2: (optimizer, spec) pairs the space offers besides round-to-nearest, and the uniform baselines (case name
+# -> choice label; the tied table stays fp32 in them, as in bench/quality_llm.py, unless the case says emb8)
+LM_OPTIMIZED = ("aespa:bcq3-g64", "gptq:bcq3-g64", "gptq:w3-g64", "gptq:bcq4-g64")
+LM_BASELINES = {"rtn3": "w3-g64", "gptq3": "gptq:w3-g64", "gptq+bcq3": "gptq:bcq3-g64",
+                "aespa+bcq3": "aespa:bcq3-g64"}
+LM_BASELINES_FULL = {"rtn+bcq3": "bcq3-g64", "rtn+bcq4": "bcq4-g64", "gptq+bcq4": "gptq:bcq4-g64"}
 
 
 def log(msg: str) -> None:
@@ -91,6 +97,8 @@ def main(argv=None) -> int:
     tmp = None if args.cache else tempfile.mkdtemp(prefix="qgraph-search-")
     cache = args.cache or str(Path(tmp) / "trials.jsonl")
     try:
+        if args.model == "smollm2":
+            return _run_lm(args, trials, iters, n_eval, n_hold, out, cache)
         return _run(args, p, trials, iters, n_eval, n_hold, cross, out, cache)
     finally:
         if tmp is not None:  # its shared quantized weights take ~0.7 GB for SmolLM2
@@ -199,6 +207,111 @@ def _run(args, p, trials, iters, n_eval, n_hold, cross, out, cache) -> int:
               f"(strategies differ: {'yes' if differ else 'NO'})\n")
         print(markdown_table(["target", metric_name, "avg bits", "MB", "choices", "target accepts", "within limit",
                               "s"], rows))
+    records.write(args.json)
+    return 0
+
+
+def _run_lm(args, trials, iters, n_eval, n_hold, out, cache) -> int:
+    """SmolLM2: the optimizer and the tied table in the space; every baseline run here on the same held-out
+    windows; the byte budget is uniform aespa+BCQ-3's whole stored model (tied table fp32, as its row in
+    bench/quality_llm.py). Then the front is re-scored on the held-out windows."""
+    from scipy.stats import spearmanr
+
+    from qgraph.search.evidence import stored_bytes_rest, write_front_report
+
+    torch.set_num_threads(1)
+    records = Records()
+    baselines = {**LM_BASELINES, **({} if args.quick else LM_BASELINES_FULL)}
+    space_opts = SpaceOptions(uniform_bits=(3,), uniform_group_sizes=(64,), bcq_bits=(3, 4),
+                              bcq_group_sizes=(64,), act=False, embeddings=True, embedding_bits=(8, 4),
+                              optimizers=LM_OPTIMIZED)
+    load_before = load_avg()
+    t0 = time.perf_counter()
+    opts = SearchOptions(model="smollm2", target="x86-avx2", driver=args.driver, trials=trials, seed=0,
+                         cache=cache, workers=0, hutchinson_max_iter=iters, sensitivity=args.sensitivity,
+                         space=space_opts, n_eval=n_eval, baselines=(), optimizer_skip=("lm.lm_head",),
+                         local_anchors=not args.quick)
+    bench = Workbench(opts.eval_config())
+    bench.progress = log
+    space = build_space(bench.graph, bench.target, space_opts)
+    rest = stored_bytes_rest(bench.graph, space)
+    base_assign = {case: space.uniform(label, fallback="float") for case, label in baselines.items()}
+    table = next(i for i, layer in enumerate(space.layers) if layer.op == "Gather")
+    w8 = next(c for c, ch in enumerate(space.layers[table].choices) if ch.label == "w8-ch")
+    for case in ("aespa+bcq3", "gptq3"):
+        a = list(base_assign[case])
+        a[table] = w8
+        base_assign[f"{case} emb8"] = tuple(a)
+    budget = space.weight_bytes(base_assign["aespa+bcq3"])
+    opts = replace(opts, constraints=Constraints(max_bytes=budget))
+    log(f"budget: {(budget + rest) / 1e6:.2f} MB stored (uniform aespa+BCQ-3, table fp32); load {load_before}")
+    result = run_search(opts, bench=bench, progress=log)
+    wall = time.perf_counter() - t0
+    log(f"search done in {wall:.0f}s; load {load_avg()}")
+    records.add(f"smollm2 search x86-avx2 {args.driver} {trials} trials", "seconds", wall,
+                load_avg_before=load_before, load_avg_after=load_avg(), timings=result.summary()["timings"],
+                evaluated=result.evaluated, optimizer_runs=bench.optimized.runs if bench._optimized else 0)
+
+    # proxy (anchored Ω after the optimizer) vs the search windows' perplexity over every trial
+    omega = [result.sens.total(t.assignment) for t in result.trials]
+    rho = spearmanr(omega, [t.metric for t in result.trials]).statistic if len(result.trials) > 2 else float("nan")
+    records.add("smollm2 proxy vs search-window perplexity", "spearman", rho, n=len(result.trials))
+
+    # held-out: the baselines and the front (and the chosen point), all on the same windows
+    t1 = time.perf_counter()
+    hold = bench.holdout(n_eval=n_hold, eval_seed=7)
+    rows, points = [], []
+    records.add("smollm2 fp32 held-out", "perplexity", hold.base_metric, bytes=space.float_bytes() + rest)
+    rows.append(["fp32", "", f"{hold.base_metric:.2f}", f"{(space.float_bytes() + rest) / 1e6:.1f}", ""])
+    held_base = {}
+    for case, a in base_assign.items():
+        st = space.strategy(a)
+        v = hold.evaluate(st)["metric"]
+        nbytes = space.weight_bytes(a) + rest
+        held_base[case] = (v, nbytes)
+        points.append({"name": case, "bytes": nbytes, "metric": v, "kind": "baseline", "strategy": st})
+        records.add(f"smollm2 {case} held-out", "perplexity", v, bytes=nbytes, search_windows=None)
+        rows.append([case, "", f"{v:.2f}", f"{nbytes / 1e6:.1f}", ""])
+        log(f"held-out {case}: {v:.2f} ({nbytes / 1e6:.1f} MB)")
+    front = result.front
+    held_front = []
+    for k, t in enumerate(front):
+        v = hold.evaluate(t.strategy)["metric"]
+        nbytes = t.analytic.bytes + rest
+        held_front.append((t, v, nbytes))
+        name = f"searched front {k}" + (" (chosen)" if t is result.chosen else "")
+        points.append({"name": name, "bytes": nbytes, "metric": v, "kind": "front", "strategy": t.strategy,
+                       "search_metric": t.metric})
+        records.add(f"smollm2 {name} held-out", "perplexity", v, bytes=nbytes, search_metric=t.metric,
+                    feasible=t.feasible, choices=summarize(space, t.assignment))
+        rows.append([name, f"{t.metric:.2f}", f"{v:.2f}", f"{nbytes / 1e6:.1f}",
+                     ", ".join(f"{lb}×{n}" for lb, n in summarize(space, t.assignment).items())])
+        log(f"held-out {name}: {v:.2f} ({nbytes / 1e6:.1f} MB)")
+    if len(held_front) > 2:
+        rho_h = spearmanr([result.sens.total(t.assignment) for t, _, _ in held_front],
+                          [v for _, v, _ in held_front]).statistic
+        records.add("smollm2 proxy vs held-out perplexity (front)", "spearman", rho_h, n=len(held_front))
+    # the must-show comparisons: best held-out front point within each baseline's bytes
+    for case in ("aespa+bcq3", "gptq+bcq3", "gptq3", "aespa+bcq3 emb8"):
+        if case not in held_base:
+            continue
+        v_b, b_b = held_base[case]
+        ok = [(v, nb) for _, v, nb in held_front if nb <= b_b]
+        if ok:
+            v, nb = min(ok)
+            records.add(f"smollm2 searched within {case} bytes held-out", "perplexity", v, bytes=nb,
+                        baseline=v_b, baseline_bytes=b_b, beats=bool(v < v_b))
+            print(f"searched within {case}'s {b_b / 1e6:.1f} MB: {v:.2f} at {nb / 1e6:.1f} MB vs {v_b:.2f} "
+                  f"({'better' if v < v_b else 'NOT better'})")
+    log(f"held-out scoring {time.perf_counter() - t1:.0f}s")
+    report = write_front_report(points, out / "held-out", title=f"SmolLM2-135M held-out perplexity "
+                                f"({n_hold} windows of 128 tokens), x86-avx2", metric="perplexity")
+    write_search_report(result, out / "search")
+    print(f"\n## smollm2: search {trials} trials ({result.evaluated} evaluated), {wall:.0f} s, load "
+          f"{load_before} -> {load_avg()}; proxy Spearman vs search perplexity {rho:.3f}\n")
+    print(markdown_table(["strategy", "perplexity (search windows)", f"perplexity (held-out, {n_hold}x128)", "MB",
+                          "choices"], rows))
+    print(f"\nreport: {report}")
     records.write(args.json)
     return 0
 

@@ -45,7 +45,9 @@ class SearchOptions:
     """Everything a search run needs. ``max_bytes`` may be absolute (float) or a fraction of the float
     weight bytes (``max_bytes_fraction``). ``anchor``: before the driver runs, evaluate every choice label
     as a uniform strategy (outside the trial budget) and scale Ω per label to match (see
-    `anchor_sensitivity`)."""
+    `anchor_sensitivity`). ``optimizer_skip``: node-key patterns GPTQ / aespa leave float in their runs (e.g. a
+    tied LM head the space only offers table choices for); ``local_anchors``: also anchor each label on a quarter
+    of the layers over the best uniform strategy (one more evaluation per label)."""
 
     model: str
     target: str = "x86-avx2"
@@ -66,13 +68,16 @@ class SearchOptions:
     measure_latency: bool = False
     baselines: tuple[str, ...] = DEFAULT_BASELINES
     anchor: bool = True
+    optimizer_skip: tuple[str, ...] = ()
+    local_anchors: bool = True
 
     def eval_config(self) -> EvalConfig:
         """How trials are scored; with a trial cache, quantized weights are shared through a folder beside it
         (``<cache>.qweights``), so workers and resumed runs do not quantize a (layer, spec) again."""
         qdir = None if self.cache is None else str(Path(self.cache).with_name(Path(self.cache).name + ".qweights"))
         return EvalConfig(model=self.model, target=self.target, metric=self.metric, n_eval=self.n_eval,
-                          eval_seed=1, measure_latency=self.measure_latency, threads=1, qweight_dir=qdir)
+                          eval_seed=1, measure_latency=self.measure_latency, threads=1, qweight_dir=qdir,
+                          keep_float=tuple(self.space.keep_float) + tuple(self.optimizer_skip))
 
 
 @dataclass
@@ -215,7 +220,8 @@ def run_search(opts: SearchOptions, *, progress: Callable[[str], None] | None = 
         scales: dict[str, float] = {}
         if opts.anchor:
             t = time.perf_counter()
-            sens, anchors, scales = _anchor(space, sens, runner, bench, costs, constraints, opts.seed, say)
+            sens, anchors, scales = _anchor(space, sens, runner, bench, costs, constraints, opts.seed, say,
+                                            local=opts.local_anchors)
             say("anchored Ω on uniform strategies: " + ", ".join(f"{k} ×{v:.3g}" for k, v in scales.items()))
             timings["anchors"] = time.perf_counter() - t
         problem = Problem(space, costs, sens, constraints, bench.metric, runner.run, max_trials=opts.trials,
@@ -236,8 +242,8 @@ def run_search(opts: SearchOptions, *, progress: Callable[[str], None] | None = 
 
 
 def _anchor(space: Space, sens: Sensitivity, runner: TrialRunner, bench: Workbench, costs: CostTable,
-            constraints: Constraints, seed: int,
-            say: Callable[[str], None]) -> tuple[Sensitivity, dict[str, float], dict[str, float]]:
+            constraints: Constraints, seed: int, say: Callable[[str], None],
+            local: bool = True) -> tuple[Sensitivity, dict[str, float], dict[str, float]]:
     """Anchor Ω on measured strategies (cached like trials; outside the trial budget): each choice label as a
     uniform strategy, then each label on a quarter of the layers on top of the best uniform strategy that
     meets the limits (see the sensitivity module). Returns (anchored Ω, metric per anchor, scale per label)."""
@@ -248,6 +254,8 @@ def _anchor(space: Space, sens: Sensitivity, runner: TrialRunner, bench: Workben
     metrics = {f"uniform {lb}": float(r["metric"]) for lb, r in zip(labels, results)}
     loss = {lb: metric_loss(metric.name, bench.base_metric, metrics[f"uniform {lb}"]) for lb in labels}
     anchored, scales = anchor_sensitivity(sens, space, {lb: (uniform[lb], loss[lb]) for lb in labels})
+    if not local:
+        return anchored, metrics, scales
     # local anchors around the best uniform strategy that meets the limits (or the nearest to meeting them)
     limits = replace(constraints, max_metric_drop=None)
     ref_label = min(labels, key=lambda lb: (analytic(space, costs, limits, uniform[lb]).violation,

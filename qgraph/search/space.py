@@ -320,8 +320,9 @@ class SpaceOptions:
     ``embeddings``: search Gather nodes too (else they are fixed at the target's embedding default, or
     float when the target cannot run it); ``keep_float``: shell patterns (fnmatch) of node keys kept in
     float and left out of the search and of the average bits (e.g. ``("lm.lm_head",)``); ``optimizers``:
-    weight optimizers offered besides round-to-nearest on Linear nodes (``gptq``, ``aespa``), each with every
-    weight-only spec (BCQ fitted by the alternating method, which they weigh by the Hessian)."""
+    weight optimizers offered besides round-to-nearest on Linear nodes: ``gptq`` / ``aespa`` with every
+    weight-only spec (BCQ fitted by the alternating method, which they weigh by the Hessian), or
+    ``gptq:<label>`` with the one spec of that round-to-nearest label (e.g. ``aespa:bcq3-g64``)."""
 
     uniform_bits: tuple[int, ...] = (8, 4)
     uniform_group_sizes: tuple[int, ...] = (128,)
@@ -335,10 +336,10 @@ class SpaceOptions:
     optimizers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        bad = [o for o in self.optimizers if o not in ("gptq", "aespa")]
+        bad = [o for o in self.optimizers if o.partition(":")[0] not in ("gptq", "aespa")]
         if bad:
-            raise SearchError(f"SpaceOptions.optimizers: unknown optimizer(s) {bad}; use gptq and/or aespa "
-                              "(round-to-nearest is always offered)")
+            raise SearchError(f"SpaceOptions.optimizers: unknown optimizer(s) {bad}; use gptq and/or aespa, "
+                              "optionally as 'gptq:<label>' (round-to-nearest is always offered)")
 
 
 def candidate_weight_specs(target: Any, opts: SpaceOptions) -> list[QSpec]:
@@ -407,13 +408,17 @@ def layer_choices(target: Any, op: str, shape: tuple[int, ...], weights: Iterabl
 
 
 def with_optimizers(choices: Sequence[Choice], optimizers: Sequence[str], numel: int, rows: int) -> tuple[Choice, ...]:
-    """``choices`` plus, per weight-only quantized choice, the same spec fitted by each optimizer."""
+    """``choices`` plus, per weight-only quantized choice, the same spec fitted by each optimizer that offers it
+    (see `SpaceOptions.optimizers`)."""
     out = list(choices)
     for ch in choices:
         if ch.weight is None or ch.act is not None:
             continue
         w = ch.weight.replace(bcq_method="alternating") if ch.weight.scheme == "bcq" else ch.weight
-        out += [Choice(w, None, o) for o in optimizers]
+        for entry in optimizers:
+            name, _, only = entry.partition(":")
+            if not only or only == ch.label:
+                out.append(Choice(w, None, name))
     uniq = list(dict.fromkeys(out))
     return tuple(sorted(uniq, key=lambda ch: (-ch.bits, -weight_bytes(numel, rows, ch.weight), ch.act is not None,
                                               ch.label)))

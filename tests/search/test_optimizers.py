@@ -131,3 +131,33 @@ def test_tied_table_is_one_choice_stored_once(tmp_path):
     s = space.strategy(a)
     assert s.annotations[space.layers[head].key] == s.annotations[space.layers[emb].key]
     assert space.weight_bytes(a) == space.float_bytes() - 512 * 64 * 4 * 2 + space.layers[emb].bytes_of(a[emb])
+
+
+def test_optimizers_can_be_limited_to_one_label(toy):
+    _, bench, _ = toy
+    space = build_space(bench.graph, bench.target, SpaceOptions(uniform_bits=(8, 4), bcq_bits=(3,), act=False,
+                                                                optimizers=("aespa:bcq3-g128",)))
+    opt = {ch.label for layer in space.layers for ch in layer.choices if ch.optimizer != "rtn"}
+    assert opt == {"aespa:bcq3-g128"}
+
+
+def test_stored_bytes_and_front_report(toy, tmp_path):
+    from qgraph.search.evidence import stored_bytes_rest, write_front_report
+
+    _, bench, space = toy
+    params = {id(t): t for t in list(bench.graph.gm.parameters()) + list(bench.graph.gm.buffers())}
+    total = sum(t.numel() * t.element_size() for t in params.values())
+    rest = stored_bytes_rest(bench.graph, space)
+    assert rest + space.float_bytes() == total
+    assert rest == sum(m.bias.numel() * 4 for m in (bench.source.module.a, bench.source.module.q,
+                                                   bench.source.module.k, bench.source.module.o,
+                                                   bench.source.module.head))
+    pts = [{"name": "uniform bcq3", "kind": "baseline", "metric": 0.9, "bytes": 1e5,
+            "strategy": space.strategy(space.uniform("bcq3-g128"))},
+           {"name": "front 0", "kind": "front", "metric": 0.95, "bytes": 9e4,
+            "strategy": space.strategy(space.uniform("gptq:bcq3-g128"))}]
+    md = write_front_report(pts, tmp_path / "rep", title="toy", metric="cosine")
+    text = md.read_text()
+    assert "(strategies/01-front-0.json)" in text and (tmp_path / "rep" / "pareto.png").stat().st_size > 1000
+    back = Strategy.load(tmp_path / "rep" / "strategies" / "01-front-0.json")
+    assert back == pts[1]["strategy"]
