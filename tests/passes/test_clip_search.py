@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import qgraph
-from qgraph.errors import CalibrationError, SpecError
+from qgraph.errors import CalibrationError, PipelineError, SpecError
 from qgraph.passes.calibrate import QPARAMS_KEY
 from qgraph.passes.quantize_weights import QWEIGHT_KEY
 from qgraph.quant.qtensor import UniformWeight
@@ -49,9 +49,10 @@ def _run(model, calib, annotate, search):
 
 
 @settings(max_examples=6, deadline=None)
-@given(st.integers(0, 1000), st.sampled_from(["clip-search{evals=25}", "clip-search{evals=25,qrater=true}",
-                                              "clip-search{evals=25,method=powell}",
-                                              "clip-search{evals=15,loss=kl}"]),
+@given(st.integers(0, 1000), st.sampled_from(["clip-search{evals=25,holdout=0}",
+                                              "clip-search{evals=25,qrater=true,holdout=0}",
+                                              "clip-search{evals=25,method=powell,holdout=0}",
+                                              "clip-search{evals=15,loss=kl,holdout=0}"]),
        st.sampled_from(["annotate{bits=3,act_bits=4}", "annotate{bits=4,act_bits=0}",
                         "annotate{bits=2,granularity=tensor,act_bits=6}"]))
 def test_never_worse_than_the_start(seed, search, annotate):
@@ -119,3 +120,29 @@ def test_typed_errors():
     assert q.report["stats"]["clip-search"]["weights"] == 0
     assert q.report["stats"]["clip-search"]["activations"] == 3
     assert q.report["stats"]["quantize-weights"]["quantized"] == 3
+
+
+def test_held_out_batches_undo_a_search_that_overfits():
+    """Regression (issue 22): the search fits the batches it sees. Here they hold small inputs and the last
+    batch large ones; the held-out batch must keep the model no worse than round-to-nearest there, where the
+    search alone (holdout=0) is far worse."""
+    model = _mlp(5)
+    g = torch.Generator().manual_seed(5)
+    calib = [(torch.randn(16, 12, generator=g) * 0.2,) for _ in range(3)] + [(torch.randn(16, 12, generator=g) * 4,)]
+    held = calib[-1:]
+    annotate = "annotate{bits=4,act_bits=4}"
+    rtn = _calib_loss(_run(model, calib, annotate, ""), model, held)
+    alone = _run(model, calib, annotate, "clip-search{evals=60,holdout=0,max_batches=3}")  # same search batches
+    q = _run(model, calib, annotate, "clip-search{evals=60}")
+    cs = q.report["stats"]["clip-search"]
+    assert cs["batches"] == 3 and cs["holdout_batches"] == 1
+    assert cs["kept"] in ("minmax", "start", "result")
+    got = _calib_loss(q, model, held)
+    assert got == pytest.approx(cs[f"holdout_loss_{cs['kept']}"], rel=1e-4)
+    assert got <= rtn * (1 + 1e-6)
+    assert _calib_loss(alone, model, held) > 2 * got  # what the held-out split prevented
+
+
+def test_holdout_is_validated():
+    with pytest.raises(PipelineError, match="holdout"):
+        qgraph.PassManager("clip-search{holdout=1.5}")
