@@ -4,6 +4,9 @@ Per node, in order of precedence: a per-node strategy entry (``ctx.config["strat
 node name → `Annotation`), the skip list (stays float), the options, the target's defaults.
 Weighted ops (Gemm, MatMul with a constant weight, Conv) get a weight spec and, unless the scheme is
 weight-only, an input-activation spec; embeddings (Gather) get a weight-only spec.
+``act_dynamic=token|tensor`` makes that activation spec dynamic (symmetric scales computed per token / per
+tensor at run time, no calibration); ``off`` makes a target's dynamic default static. Conv inputs have no
+tokens: a per-token request gives them per-tensor dynamic scales (noted in the report).
 """
 from __future__ import annotations
 
@@ -58,6 +61,7 @@ class Annotate(Pass):
         offset: bool = False
         act_bits: int | None = None
         act_observer: str | None = None
+        act_dynamic: Literal["off", "token", "tensor"] | None = None
         embeddings: bool = True
         embedding_bits: int | None = None
         skip: tuple[str, ...] = ()
@@ -102,7 +106,14 @@ class Annotate(Pass):
                 ann = Annotation(weight=spec)
             else:
                 spec = _fit_to_weight(weight_spec, tuple(w.shape), key, notes)
-                ann = Annotation(weight=spec, inputs={0: act_spec} if act_spec is not None else {})
+                a_spec = act_spec
+                if op == "Conv" and a_spec is not None and a_spec.granularity == "token":
+                    a_spec = a_spec.replace(granularity="tensor")
+                    notes.append(f"{key}: a conv input has no tokens; per-tensor dynamic activation scales")
+                ann = Annotation(weight=spec, inputs={0: a_spec} if a_spec is not None else {})
+            if op == "Conv" and any(s.granularity == "token" for s in ann.inputs.values()):
+                raise SpecError(f"annotate: conv {key} has a per-token activation spec; conv inputs have no "
+                                f"tokens: use per-tensor (e.g. 'int8/tensor/sym/dynamic')")
             graph.meta(node)[ANNOTATION_KEY] = ann
             annotated += 1
         ctx.report.setdefault("annotate", {})["notes"] = notes
@@ -149,6 +160,11 @@ class Annotate(Pass):
                 spec = spec.replace(observer=o.act_observer)
             except SpecError as e:
                 raise PipelineError(f"pass 'annotate' option 'act_observer': {e}") from None
+        if o.act_dynamic == "off" and spec.dynamic:
+            spec = spec.replace(dynamic=False, granularity="tensor")
+        elif o.act_dynamic in ("token", "tensor"):
+            spec = spec.replace(dynamic=True, granularity=o.act_dynamic, symmetric=True, signed=True,
+                                pow2_scale=False)
         return spec
 
 

@@ -36,6 +36,8 @@ class Calibrate(Pass):
             if ann is None:
                 continue
             for idx, spec in sorted(ann.inputs.items()):
+                if spec.dynamic:  # scales computed at run time
+                    continue
                 requests.append((node, idx))
                 specs.append(spec)
         if not requests:

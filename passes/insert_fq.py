@@ -1,7 +1,8 @@
 """insert-fq: simulate the chosen quantization in float.
 
 Weights are replaced by their dequantized values (BCQ by Σ α·B (+z)); each quantized activation input
-gets a ``fake_quantize_per_tensor_affine`` node with its calibrated qparams.
+gets a ``fake_quantize_per_tensor_affine`` node with its calibrated qparams, or, for a dynamic spec, a
+``qgraph::fake_quant_dynamic`` node that computes its scales from the tensor (per token or per tensor).
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 
 from qgraph.errors import PipelineError, SpecError
 from qgraph.ir.meta import ANNOTATION_KEY, FQ_KEY, QPARAMS_KEY, QWEIGHT_KEY
+from qgraph.kernels.dynamic_int8 import op_args
 from qgraph.pass_base import Pass, PassResult
 from qgraph.passes.quantize_weights import dequantized
 from qgraph.registry import register_pass
@@ -33,6 +35,14 @@ class InsertFakeQuant(Pass):
                 weights += 1
             qparams = graph.meta(node).get(QPARAMS_KEY, {})
             for idx, spec in sorted(ann.inputs.items()):
+                if spec.dynamic:
+                    if graph.ir != "fx":
+                        raise SpecError(f"insert-fq: dynamic activation specs are simulated on fx graphs only; "
+                                        f"{graph.name(node)} input {idx} is {spec} on an {graph.ir} graph (use a "
+                                        f"static activation spec, e.g. annotate{{act_dynamic=off}})")
+                    graph.wrap_input(node, idx, torch.ops.qgraph.fake_quant_dynamic, op_args(spec))
+                    acts += 1
+                    continue
                 if f"input{idx}" not in qparams:
                     raise PipelineError(f"insert-fq: activation input {idx} of {graph.name(node)} has no qparams; "
                                         f"run 'calibrate' before 'insert-fq'")

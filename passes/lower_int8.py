@@ -11,6 +11,11 @@ Every node this pass is responsible for gets an entry in ``ctx.report["lowering"
 ``{"node", "op", "kernel", "status": "lowered" | "float", "reason"}``. A lowered node keeps its
 annotation under ``meta["qgraph.lowered"]`` (not ``qgraph.annotation``, so no later quantization pass
 touches it again).
+
+A dynamic activation spec (``annotate{act_dynamic=token}``) lowers a Gemm / MatMul to
+`qgraph.kernels.dynamic_int8.DynamicInt8Linear`: per-token (or per-tensor) scales and int8 codes computed on
+the fly, int8 x int8 -> int32 GEMM, rescaled by token scale x weight scale. Its codes are the ones the
+simulation's ``qgraph::fake_quant_dynamic`` rounds to.
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ from qgraph.ir.meta import (
     QPARAMS_KEY,
     QWEIGHT_KEY,
 )
+from qgraph.kernels.dynamic_int8 import DynamicInt8Linear, is_fake_quant_dynamic
 from qgraph.kernels.int8 import ActQuant, Int8Conv2d, Int8Linear, saturation_possible
 from qgraph.lowering import record, snapshot_simulation, target_of, weight_layout
 from qgraph.pass_base import Pass, PassResult
@@ -52,8 +58,9 @@ def no_kernel_here(graph, kernel: str) -> str:
 
 
 def is_fake_quant(node: fx.Node) -> bool:
-    return node.op == "call_function" and node.target in (
+    return node.op == "call_function" and (node.target in (
         torch.fake_quantize_per_tensor_affine, torch.ops.aten.fake_quantize_per_tensor_affine.default)
+        or is_fake_quant_dynamic(node.target))
 
 
 def codes_nk(qweight, layout: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | str:
@@ -244,7 +251,7 @@ class LowerInt8(Pass):
             return "float", ("only input 0 may be a quantized activation (activation x activation products "
                              "have no int8 kernel here)")
         qparams = graph.meta(node).get(QPARAMS_KEY, {}).get("input0")
-        if qparams is None:
+        if qparams is None and not a_spec.dynamic:
             raise CalibrationError(f"lower-int8: node {name} is annotated for int8 activations but has no "
                                    f"calibrated qparams; run calibrate before lower-int8 (or annotate with "
                                    f"act_bits=0 for weight-only quantization and use lower-weight-only)")
@@ -268,6 +275,10 @@ class LowerInt8(Pass):
         problems = _spec_problems(w_spec, a_spec)
         if problems:
             return kernel, "; ".join(problems)
+        if a_spec.dynamic:
+            if op == "Conv":
+                return kernel, "dynamic activations have no int8 conv kernel here (a dynamic spec lowers Gemm / MatMul)"
+            return self._plan_dynamic(graph, node, op, qweight, a_spec, graph.param(node, "bias"))
         scale, zp = qparams
         act = ActQuant(float(scale), int(zp), a_spec.qmin, a_spec.qmax)
         bias = graph.param(node, "bias")
@@ -315,6 +326,24 @@ class LowerInt8(Pass):
                   else "onednn qlinear u8 x s8 -> int32") + _bits_note(qweight.spec, act)
         if impl == "onednn" and saturates:
             reason += "; may saturate int16 pair sums on this CPU (AVX2 without VNNI)"
+        return _Plan(node, op, "int8_gemm", module, reason)
+
+    def _plan_dynamic(self, graph, node, op: str, qweight, a_spec, bias) -> _Plan | tuple[str, str]:
+        layout = weight_layout(graph, node, op)
+        if layout is None:
+            return "int8_gemm", "only a constant 2-D weight operand has an int8 GEMM kernel"
+        got = codes_nk(qweight, layout)
+        if isinstance(got, str):
+            return "int8_gemm", got
+        codes, scale, _ = got
+        impl = {"auto": "auto", "int_mm": "int_mm", "onednn": "onednn"}[self.options.gemm]
+        if impl == "onednn" and not a_spec.symmetric:
+            impl = "int_mm"
+        module = DynamicInt8Linear(codes, scale, bias, a_spec, impl=impl)
+        what = "per-token" if a_spec.granularity == "token" else "per-tensor"
+        reason = (f"dynamic {what} int{a_spec.bits} activations, "
+                  + ("onednn qlinear u8 x s8 -> int32" if module.impl == "onednn" else "torch._int_mm int8 x int8 -> int32")
+                  + ", rescaled by token x weight scales")
         return _Plan(node, op, "int8_gemm", module, reason)
 
     # -- rewriting -------------------------------------------------------------------------------
@@ -371,8 +400,10 @@ def _spec_problems(w, a) -> list[str]:
         out.append("asymmetric weights unsupported by the int8 kernels (weight zero point must be 0)")
     if w.granularity == "group":
         out.append("group-wise weight scales have no int8 GEMM/conv kernel (use per-channel)")
-    if a.granularity != "tensor":
-        out.append(f"activations must be quantized per tensor, got {a.granularity}")
+    if a.granularity != "tensor" and not (a.dynamic and a.granularity == "token"):
+        out.append(f"activations must be quantized per tensor (or dynamically per token), got {a.granularity}")
+    if a.dynamic and not a.signed:
+        out.append(f"dynamic activations take signed codes, got {a}")
     if a.bits > 8:
         out.append(f"activations of {a.bits} bits do not fit the int8 kernels")
     return out

@@ -59,7 +59,7 @@ class UniformCaps:
     """What uniform kernels accept: granularities, symmetry choices, scale form, group sizes."""
 
     weight_granularities: tuple[str, ...] = rule(("tensor", "channel", "group"), choices=GRANULARITIES)
-    activation_granularities: tuple[str, ...] = rule(("tensor",), choices=GRANULARITIES)
+    activation_granularities: tuple[str, ...] = rule(("tensor",), choices=(*GRANULARITIES, "token"))
     weight_symmetric: tuple[bool, ...] = rule((True, False))
     activation_symmetric: tuple[bool, ...] = rule((True, False))
     pow2_scales: str = rule("optional", choices=("optional", "required", "unsupported"))

@@ -9,6 +9,9 @@ Conventions shared with `uniform.py`, `bcq.py` and the observers:
   dimensions flattened in order (for a Linear weight ``[out, in]`` with axis 0: groups run along
   ``in_features``); each row is cut into ``K / group_size`` contiguous groups, one scale per group.
 - BCQ specs quantize a weight viewed as ``[shape[0], -1]`` with α per row (``channel``) or per group.
+- ``dynamic=True`` (activations only): the scale is computed from each tensor as it flows (no calibration);
+  ``granularity="token"``: one scale per row of ``x`` viewed as ``[-1, shape[-1]]`` (per token), only
+  meaningful for dynamic specs; ``"tensor"``: one scale per call.
 """
 from __future__ import annotations
 
@@ -19,11 +22,11 @@ from typing import Any, Literal
 from qgraph.errors import SpecError
 
 Scheme = Literal["uniform", "bcq"]
-Granularity = Literal["tensor", "channel", "group"]
+Granularity = Literal["tensor", "channel", "group", "token"]
 BCQMethod = Literal["greedy", "alternating", "weighted"]
 
 SCHEMES: tuple[str, ...] = ("uniform", "bcq")
-GRANULARITIES: tuple[str, ...] = ("tensor", "channel", "group")
+GRANULARITIES: tuple[str, ...] = ("tensor", "channel", "group", "token")
 BCQ_METHODS: tuple[str, ...] = ("greedy", "alternating", "weighted")
 #: Names accepted in ``QSpec.observer``; `qgraph.quant.observers.OBSERVERS` holds one class per name.
 OBSERVER_NAMES: tuple[str, ...] = ("minmax", "moving_average", "percentile", "mse", "entropy")
@@ -45,6 +48,8 @@ class QSpec:
     hits, the paper's "magnitude is importance" in its simplest form), ``importance_clip_quantile``
     (clamp m at this per-group quantile so a few huge weights cannot own the fit), and ``bcq_offset``
     (a per-group offset z: w ≈ z + Σ α_i b_i).
+    ``dynamic`` (uniform activations only): scales from each tensor at run time, per ``token`` or per
+    ``tensor``; the observer is not used.
     """
 
     scheme: Scheme = "uniform"
@@ -61,12 +66,13 @@ class QSpec:
     importance_exp: float = 1.0
     importance_clip_quantile: float | None = None
     bcq_offset: bool = False
+    dynamic: bool = False
 
     def __post_init__(self) -> None:
         _check_type("bits", self.bits, int)
         _check_type("axis", self.axis, int)
         _check_type("bcq_rounds", self.bcq_rounds, int)
-        for name in ("signed", "symmetric", "pow2_scale", "bcq_offset"):
+        for name in ("signed", "symmetric", "pow2_scale", "bcq_offset", "dynamic"):
             if not isinstance(getattr(self, name), bool):
                 raise SpecError(f"QSpec.{name} must be a bool, got {getattr(self, name)!r}")
         if self.scheme not in SCHEMES:
@@ -91,6 +97,21 @@ class QSpec:
             self._check_uniform()
         else:
             self._check_bcq()
+        self._check_dynamic()
+
+    def _check_dynamic(self) -> None:
+        if not self.dynamic:
+            if self.granularity == "token":
+                raise SpecError("granularity='token' (a scale per row) needs dynamic=True: per-token scales are "
+                                "computed at run time; use 'intN/token/sym/dynamic' or a static per-tensor spec")
+            return
+        if self.scheme != "uniform":
+            raise SpecError("dynamic quantization is uniform (scales computed at run time); bcq is weight-only")
+        if self.granularity not in ("tensor", "token"):
+            raise SpecError(f"a dynamic activation spec is per 'token' or per 'tensor', got "
+                            f"granularity={self.granularity!r}")
+        if self.pow2_scale:
+            raise SpecError("dynamic specs compute free float scales at run time: drop pow2_scale")
 
     def _check_uniform(self) -> None:
         if self.bits not in UNIFORM_BITS:
@@ -187,6 +208,8 @@ class QSpec:
             parts = [f"{'int' if self.signed else 'uint'}{self.bits}", gran, "sym" if self.symmetric else "asym"]
             if self.pow2_scale:
                 parts.append("pow2")
+            if self.dynamic:
+                parts.append("dynamic")
         default = QSpec()
         for name, key in _EXTRA_KEYS.items():
             v = getattr(self, name)
@@ -197,7 +220,7 @@ class QSpec:
     @classmethod
     def parse(cls, text: str) -> QSpec:
         """Inverse of ``str()``: ``"int8/channel/sym"``, ``"uint8/tensor/asym/obs=percentile"``,
-        ``"bcq3/g128/weighted/offset/e=2.0"``."""
+        ``"bcq3/g128/weighted/offset/e=2.0"``, ``"int8/token/sym/dynamic"``."""
         parts = [p.strip() for p in text.strip().split("/")]
         if len(parts) < 3:
             raise SpecError(f"cannot parse QSpec {text!r}: expected e.g. 'int8/channel/sym' or 'bcq3/g128/weighted'")
@@ -228,13 +251,15 @@ class QSpec:
                 kw["pow2_scale"] = True
             elif p == "offset":
                 kw["bcq_offset"] = True
+            elif p == "dynamic":
+                kw["dynamic"] = True
             elif "=" in p and p.split("=", 1)[0] in keys:
                 k, v = p.split("=", 1)
                 name = keys[k]
                 kw[name] = _parse_value(name, v, text)
             else:
                 raise SpecError(
-                    f"cannot parse QSpec {text!r}: unknown part {p!r} (allowed: pow2, offset, "
+                    f"cannot parse QSpec {text!r}: unknown part {p!r} (allowed: pow2, offset, dynamic, "
                     + ", ".join(f"{k}=..." for k in keys) + ")"
                 )
         return cls(**kw)
@@ -326,6 +351,9 @@ class Annotation:
             raise SpecError(f"Annotation.{where} must be a QSpec or None, got {type(spec).__name__}")
         if activation and spec.scheme == "bcq":
             raise SpecError(f"Annotation.{where}: bcq is a weight-only scheme; activations use scheme='uniform'")
+        if not activation and spec.dynamic:
+            raise SpecError(f"Annotation.{where}: dynamic quantization is for activations; a weight is quantized "
+                            f"once ahead of time: drop dynamic (e.g. 'int8/channel/sym')")
 
     def get(self, key: AnnotationKey) -> QSpec | None:
         """The spec for an input index, ``"weight"`` or ``"output"`` (None when not quantized)."""

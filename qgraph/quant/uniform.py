@@ -284,3 +284,46 @@ def _clip_search(
         pmap(run, range(0, flat.shape[0], rows))
     best_r = best_r.reshape(lo.shape)
     return lo * best_r, hi * best_r
+
+
+# --- dynamic (run-time) activation quantization ----------------------------------------------------
+def dynamic_qparams(x: torch.Tensor, spec: QSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale (float32) and zero point (int32) of ``x`` under a dynamic spec, computed from ``x`` itself with the
+    formulas of `compute_qparams`: shape ``[..., 1]`` per token (a row of the last dimension), ``[]`` per tensor."""
+    _require_uniform(spec)
+    if not spec.dynamic:
+        raise SpecError(f"dynamic_qparams needs a dynamic spec, got {spec}; static specs take calibrated qparams")
+    xf = x.detach().to(torch.float32)
+    if spec.granularity == "token":
+        if x.dim() == 0:
+            raise SpecError("per-token quantization needs a tensor with a last (feature) dimension, got a scalar")
+        lo, hi = xf.amin(-1, keepdim=True), xf.amax(-1, keepdim=True)
+    else:
+        lo, hi = xf.min(), xf.max()
+    return _qparams_any(lo, hi, spec)
+
+
+def _qparams_any(lo: torch.Tensor, hi: torch.Tensor, spec: QSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """`compute_qparams` without the finiteness check (traced / compiled code cannot branch on data)."""
+    qmin, qmax = spec.qmin, spec.qmax
+    lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
+    if spec.symmetric:
+        scale = (torch.maximum(-lo, hi) / ((qmax - qmin) / 2) if spec.signed else hi / qmax).clamp_min(SCALE_EPS)
+        return scale, torch.zeros_like(scale, dtype=torch.int32)
+    scale = ((hi - lo) / (qmax - qmin)).clamp_min(SCALE_EPS)
+    return scale, (qmin - torch.round(lo / scale)).clamp(qmin, qmax).to(torch.int32)
+
+
+def quantize_dynamic(x: torch.Tensor, spec: QSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(codes, scale, zero_point)`` of ``x`` under a dynamic spec; codes are int8 (signed) or uint8."""
+    scale, zp = dynamic_qparams(x, spec)
+    q = (torch.round(x.to(torch.float32) / scale) + zp).clamp(spec.qmin, spec.qmax)
+    return q.to(torch.int8 if spec.signed else torch.uint8), scale, zp
+
+
+def fake_quantize_dynamic(x: torch.Tensor, spec: QSpec) -> torch.Tensor:
+    """Quantize-dequantize ``x`` with scales computed from ``x`` (the simulation of a dynamic spec)."""
+    scale, zp = dynamic_qparams(x, spec)
+    zf = zp.to(torch.float32)
+    q = (torch.round(x.to(torch.float32) / scale) + zf).clamp(spec.qmin, spec.qmax)
+    return ((q - zf) * scale).to(x.dtype)
