@@ -26,8 +26,7 @@ from qgraph.pass_manager import PassManager
 from qgraph.pipeline import format_pipeline, parse_pipeline
 from qgraph.registry import register_analysis, register_pass, registered_passes
 from qgraph.target import Target, list_targets, load_target
-
-__version__ = "0.1.0"
+from qgraph.version import __version__ as __version__
 
 __all__ = [
     "ArtifactError",

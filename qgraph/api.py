@@ -130,7 +130,7 @@ def quantize(
                       calibration=calib, instruments=list(instruments))
     result = pm.run(graph, ctx)
     if isinstance(model, nn.Module):
-        from qgraph.artifact import model_fingerprint
+        from qgraph.fingerprint import model_fingerprint
 
         ctx.artifacts["model_fingerprint"] = model_fingerprint(model)
     ctx.report["pipeline"] = str(pm)

@@ -27,7 +27,9 @@ import torch
 from torch import nn
 
 from qgraph.errors import ArtifactError, QGraphError
+from qgraph.fingerprint import model_fingerprint
 from qgraph.ir.graph_view import ANNOTATION_KEY
+from qgraph.version import __version__
 
 FORMAT = "qgraph.artifact/2"
 MANIFEST, WEIGHTS = "manifest.json", "weights.safetensors"
@@ -141,16 +143,6 @@ def _program_inputs(v: Any, where: str) -> None:
 
 
 # --- fingerprints and hashing -------------------------------------------------------------------------
-def model_fingerprint(model: nn.Module) -> str:
-    """SHA-256 over a float model's parameters and buffers (names, dtypes, shapes, bytes)."""
-    h = hashlib.sha256()
-    for name, t in sorted({**dict(model.named_parameters()), **dict(model.named_buffers())}.items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
 def sha256_file(path: Path) -> str:
     """SHA-256 of a file's bytes, read in 1 MiB blocks."""
     h = hashlib.sha256()
@@ -218,9 +210,7 @@ def save_artifact(qmodel: Any, path: str | Path, *, source: str | None = None, p
 
 
 def _version() -> str:
-    import qgraph
-
-    return str(getattr(qgraph, "__version__", "0"))
+    return __version__
 
 
 # --- reading ------------------------------------------------------------------------------------------

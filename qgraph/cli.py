@@ -10,20 +10,16 @@ import json
 import os
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import tomllib
 
+from qgraph.cli_base import EXIT_INPUT, EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, EXIT_VERIFY, run
+from qgraph.cli_base import Parser as _Parser
+from qgraph.cli_base import UsageError as _UsageError
 from qgraph.cli_types import finite_float, group_size, int_range
 
-EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INPUT, EXIT_VERIFY = 0, 1, 2, 3, 4
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2
-        self.exit(EXIT_USAGE, f"qgraph: error: {message} (see qgraph {self.prog.split()[-1]} --help)\n"
-                  if " " in self.prog else f"qgraph: error: {message} (see qgraph --help)\n")
+__all__ = ["EXIT_INPUT", "EXIT_INTERNAL", "EXIT_OK", "EXIT_USAGE", "EXIT_VERIFY", "build_parser", "main", "run"]
 
 
 def _say(args: argparse.Namespace, msg: str) -> None:
@@ -82,11 +78,11 @@ def _pipeline_text(args: argparse.Namespace, onnx_model: bool = False) -> str:
     return lowering_pipeline(_annotate_options(args), fallback=args.fallback, verify_tol=args.verify_tol)
 
 
-class _UsageError(Exception):
-    pass
-
-
 def cmd_lower(args: argparse.Namespace) -> int:
+    from qgraph.llm.cli import cmd_lower_lm, lowers_to_lm
+
+    if lowers_to_lm(args):  # a causal LM: an artifact `qgraph generate` runs
+        return cmd_lower_lm(args)
     import qgraph
     from qgraph.atomic import atomic_folder, check_writable_folder
     from qgraph.model_source import load_calibration, load_model_source
@@ -404,38 +400,6 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "quiet", False):
         _silence()
     return run(args)
-
-
-def run(args: argparse.Namespace) -> int:
-    """Run a parsed command; every failure becomes one line on stderr and an exit code (see the module doc)."""
-    from qgraph.errors import PassError, QGraphError
-
-    try:
-        return args.func(args)
-    except _UsageError as e:
-        print(f"qgraph: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except PassError as e:  # a bug in a pass, not bad input: internal error, with the pass named
-        print(f"qgraph: internal error: {str(e).splitlines()[0]} (set QGRAPH_DEBUG=1 for the traceback)",
-              file=sys.stderr)
-        if os.environ.get("QGRAPH_DEBUG"):
-            traceback.print_exception(e)
-        return EXIT_INTERNAL
-    except QGraphError as e:
-        first = str(e).strip("\n").splitlines() or [type(e).__name__]
-        print(f"qgraph: error: {first[0].strip()}", file=sys.stderr)
-        for line in first[1:]:  # kept as they are: a caret line points at a column of the line above
-            print(f"  {line.rstrip()}", file=sys.stderr)
-        return EXIT_INPUT
-    except KeyboardInterrupt:
-        print("qgraph: interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:  # an internal error: one line, the traceback only on request
-        print(f"qgraph: internal error: {type(e).__name__}: {e} (set QGRAPH_DEBUG=1 for the traceback)",
-              file=sys.stderr)
-        if os.environ.get("QGRAPH_DEBUG"):
-            traceback.print_exc()
-        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from qgraph.registry import get_analysis
+from qgraph.analysis_registry import get_analysis
 
 
 @dataclass

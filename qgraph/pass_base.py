@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import re
 import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from qgraph.context import PassContext
 from qgraph.errors import OptionError, PipelineError
+
+#: An option value that needs no quotes in pipeline text.
+BARE_VALUE = re.compile(r"[^\s,{}\[\]=\"]+")
 
 
 @dataclass(frozen=True)
@@ -76,8 +81,6 @@ class Pass:
         raise NotImplementedError(f"pass '{self.name}' does not implement run()")
 
     def __call__(self, graph: Any, ctx: Any = None) -> PassResult:
-        from qgraph.context import PassContext
-
         return self.run(graph, ctx if ctx is not None else PassContext())
 
     def __str__(self) -> str:
@@ -123,6 +126,10 @@ def type_name(tp: Any) -> str:
 
 
 # --- values: coercion from pipeline text and canonical formatting --------------------------
+class QuotedStr(str):
+    """A string value that was written in double quotes (so ``"none"`` stays a string)."""
+
+
 _TRUE, _FALSE = ("true", "yes", "on"), ("false", "no", "off")
 
 
@@ -133,8 +140,6 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
         return value
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
-        from qgraph.pipeline import QuotedStr
-
         if type(None) in args and (value is None or (value == "none" and not isinstance(value, QuotedStr))):
             return None
         errors = []
@@ -187,10 +192,15 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
     raise PipelineError(f"{where}: cannot convert {value!r} to {type_name(tp)}")
 
 
+def quote_if_needed(text: str) -> str:
+    """``text`` as a pipeline value: bare when it can be, else double-quoted with escapes."""
+    if BARE_VALUE.fullmatch(text) and text != "none":
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 def format_value(value: Any) -> str:
     """Canonical pipeline text of an option value (parses back to the same value)."""
-    from qgraph.pipeline import quote_if_needed
-
     if value is None:
         return "none"
     if isinstance(value, bool):

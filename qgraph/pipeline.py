@@ -15,21 +15,14 @@ import re
 from typing import Any
 
 from qgraph.errors import PipelineError
-from qgraph.pass_base import Pass
+from qgraph.pass_base import BARE_VALUE as _BARE
+from qgraph.pass_base import Pass, QuotedStr, quote_if_needed
+from qgraph.registry import get_pass
 
-_BARE = re.compile(r"[^\s,{}\[\]=\"]+")
+__all__ = ["QuotedStr", "format_pipeline", "parse_pipeline", "parse_pipeline_items", "quote_if_needed"]
+
 _NAME = re.compile(r"[a-z0-9][a-z0-9_\-]*")
 _KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-
-class QuotedStr(str):
-    """A string value that was written in double quotes (so ``"none"`` stays a string)."""
-
-
-def quote_if_needed(text: str) -> str:
-    if _BARE.fullmatch(text) and text != "none":
-        return text
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 class _Parser:
@@ -134,8 +127,6 @@ def parse_pipeline_items(text: str) -> list[tuple[str, dict[str, Any]]]:
 
 def parse_pipeline(text: str) -> list[Pass]:
     """Pipeline text → pass instances (unknown passes or options raise `PipelineError`)."""
-    from qgraph.registry import get_pass
-
     passes = []
     for name, raw in parse_pipeline_items(text):
         cls = get_pass(name)

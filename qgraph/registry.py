@@ -1,17 +1,17 @@
-"""Name → pass and name → analysis registries."""
+"""Name → pass registry (the name → analysis one is `qgraph.analysis_registry`, re-exported here)."""
 from __future__ import annotations
 
 import difflib
-import importlib
 from collections.abc import Callable
 from typing import Any
 
+from qgraph.analysis_registry import get_analysis, load_builtins, register_analysis
 from qgraph.errors import PipelineError
 from qgraph.pass_base import FunctionPass, Pass, options_from_signature
 
+__all__ = ["get_analysis", "get_pass", "register_analysis", "register_pass", "registered_passes", "unregister_pass"]
+
 _PASSES: dict[str, type[Pass]] = {}
-_ANALYSES: dict[str, Callable[[Any, Any], Any]] = {}
-_BUILTINS_LOADED = False
 
 
 def register_pass(
@@ -55,15 +55,8 @@ def _class_name(name: str) -> str:
     return "".join(part.capitalize() for part in name.split("-")) + "Pass"
 
 
-def _load_builtins() -> None:
-    global _BUILTINS_LOADED
-    if not _BUILTINS_LOADED:
-        _BUILTINS_LOADED = True
-        importlib.import_module("qgraph.passes")
-
-
 def get_pass(name: str) -> type[Pass]:
-    _load_builtins()
+    load_builtins()
     if name not in _PASSES:
         close = difflib.get_close_matches(name, list(_PASSES), n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
@@ -72,26 +65,9 @@ def get_pass(name: str) -> type[Pass]:
 
 
 def registered_passes() -> dict[str, type[Pass]]:
-    _load_builtins()
+    load_builtins()
     return dict(sorted(_PASSES.items()))
 
 
 def unregister_pass(name: str) -> None:
     _PASSES.pop(name, None)
-
-
-def register_analysis(name: str) -> Callable[[Callable[[Any, Any], Any]], Callable[[Any, Any], Any]]:
-    """Register ``fn(graph, ctx) -> value`` as a lazily computed, cached analysis."""
-
-    def decorate(fn: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
-        _ANALYSES[name] = fn
-        return fn
-
-    return decorate
-
-
-def get_analysis(name: str) -> Callable[[Any, Any], Any]:
-    _load_builtins()
-    if name not in _ANALYSES:
-        raise PipelineError(f"unknown analysis {name!r}; registered: {', '.join(sorted(_ANALYSES))}")
-    return _ANALYSES[name]

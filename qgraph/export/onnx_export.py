@@ -141,9 +141,9 @@ def export_onnx(
 
 
 def _version() -> str:
-    import qgraph
+    from qgraph.version import __version__
 
-    return getattr(qgraph, "__version__", "0")
+    return __version__
 
 
 def _first_line(e: BaseException) -> str:

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from qgraph.cli_base import Parser, UsageError, run
 from qgraph.cli_types import finite_float, group_size_list, int_range
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INPUT = 0, 1, 2, 3
@@ -81,7 +82,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _options(args: argparse.Namespace) -> Any:
-    from qgraph.cli import _UsageError
     from qgraph.search.objectives import Constraints
     from qgraph.search.run import SearchOptions
     from qgraph.search.space import SearchError, SpaceOptions
@@ -96,7 +96,7 @@ def _options(args: argparse.Namespace) -> Any:
     constraints = Constraints(max_bytes=max_bytes, max_latency_us=args.max_latency, avg_bits=args.avg_bits,
                               max_metric_drop=args.max_metric_drop)
     if not any(v is not None for v in (max_bytes, fraction, args.max_latency, args.avg_bits, args.max_metric_drop)):
-        raise _UsageError("give at least one constraint: --max-bytes, --avg-bits, --max-latency or --max-metric-drop")
+        raise UsageError("give at least one constraint: --max-bytes, --avg-bits, --max-latency or --max-metric-drop")
     baselines = tuple(b.strip() for b in args.baselines.split(",") if b.strip())
     return SearchOptions(
         model=args.model, target=args.target, driver=args.driver, trials=args.trials, seed=args.seed,
@@ -158,11 +158,9 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m qgraph.search.cli MODEL ...``: the ``search`` subcommand on its own."""
-    from qgraph.cli import _Parser, run
-
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    parser = _Parser(prog="qgraph", description="Post-training quantization compiler.")
-    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+    parser = Parser(prog="qgraph", description="Post-training quantization compiler.")
+    sub = parser.add_subparsers(dest="command", parser_class=Parser)
     add_parser(sub)
     args = parser.parse_args(["search", *(sys.argv[1:] if argv is None else argv)])
     if args.quiet:
