@@ -39,6 +39,7 @@ from qgraph.quant.qtensor import UniformWeight
 FORMAT = "qgraph.lm/1"
 MANIFEST, CONFIG, WEIGHTS, TOKENIZER = "manifest.json", "config.json", "weights.safetensors", "tokenizer"
 FLOAT = "float."
+_MAKE = "make one with: qgraph lower MODEL --scheme bcq --bits 3 --out DIR (or qgraph quantize-lm)"
 # config keys that do not change the network (left out of the fingerprint)
 _VOLATILE = {"transformers_version", "_name_or_path", "_model_name_or_path", "dtype", "torch_dtype",
              "quantization_config", "use_cache", "auto_map", "_commit_hash", "_attn_implementation_autoset",
@@ -179,12 +180,15 @@ def read_lm_artifact(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
     except FileNotFoundError:
-        raise ExportError(f"{folder} is not a qgraph LM artifact: {MANIFEST} is missing") from None
+        hint = (" (its model/ is a lowered graph, which does not generate)" if (folder / "model" / MANIFEST).is_file()
+                else "")
+        raise ExportError(f"{folder} is not a qgraph LM artifact: {MANIFEST} is missing{hint}; {_MAKE}") from None
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise ExportError(f"{folder}/{MANIFEST} is not valid JSON: {e}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise ExportError(f"{folder}/{MANIFEST}: not a qgraph LM artifact (format {got!r}, expected {FORMAT!r})")
+        raise ExportError(f"{folder}/{MANIFEST}: not a qgraph LM artifact (format {got!r}, expected {FORMAT!r}); "
+                          f"{_MAKE}")
     files = manifest.get("files")
     if not isinstance(files, dict) or WEIGHTS not in files or CONFIG not in files:
         raise ExportError(f"{folder}/{MANIFEST}: 'files' must list {WEIGHTS} and {CONFIG} with their SHA-256")

@@ -160,23 +160,64 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize_lm(args: argparse.Namespace) -> int:
-    import time
-
-    from qgraph.llm.artifact import save_lm
-    from qgraph.llm.quantize import calibration_rows, quantize_lm
     from qgraph.llm.recipe import LMRecipe
 
     recipe = LMRecipe(scheme=args.scheme, bits=args.bits, group_size=args.group_size or None,
                       optimizer=args.optimizer, offset=None if args.offset == "auto" else args.offset == "on",
                       head_bits=args.head_bits, calib_windows=args.calib_windows, window=args.window)
-    out = Path(args.out)
+    return _write_lm(args.model, recipe, args.out, args.json)
+
+
+def is_causal_lm(model: str) -> bool:
+    """Whether ``model`` names a causal LM: the bundled ``smollm2`` or a local Hugging Face folder whose
+    config.json lists a ``*ForCausalLM`` architecture."""
+    if model == "smollm2":
+        return True
+    cfg = Path(model) / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        archs = json.loads(cfg.read_text()).get("architectures") or []
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError, RecursionError):
+        return False
+    return isinstance(archs, list) and any(str(a).endswith("ForCausalLM") for a in archs)
+
+
+def lowers_to_lm(args: argparse.Namespace) -> bool:
+    """Whether ``qgraph lower`` should write a generating LM artifact (what `cmd_lower_lm` does): a causal LM,
+    weight-only, without a pipeline / config of its own and for the torch runtime."""
+    return (is_causal_lm(args.model) and not args.pipeline and not args.config and not args.act_bits
+            and args.runtime == "torch")
+
+
+def cmd_lower_lm(args: argparse.Namespace) -> int:
+    """``qgraph lower`` of a causal LM: `LMRecipe` defaults (GPTQ, the LM head and the tied table quantized)
+    with ``--scheme`` / ``--bits`` / ``--group-size`` applied, written as an artifact ``qgraph generate`` runs."""
+    import dataclasses
+
+    from qgraph.llm.recipe import LMRecipe
+
+    changes = {k: v for k, v in (("scheme", args.scheme), ("bits", args.bits), ("group_size", args.group_size))
+               if v is not None}
+    recipe = dataclasses.replace(LMRecipe(), **changes)
+    out = args.out or f"qgraph-out/{Path(args.model).name}-{recipe.name}"
+    return _write_lm(args.model, recipe, out, args.json)
+
+
+def _write_lm(model_name: str, recipe: Any, out_arg: str, as_json: bool) -> int:
+    import time
+
+    from qgraph.llm.artifact import save_lm
+    from qgraph.llm.quantize import calibration_rows, quantize_lm
+
+    out = Path(out_arg)
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out} exists and is not a folder")
     t0 = time.perf_counter()
-    model, tok = load_float_lm(args.model)
+    model, tok = load_float_lm(model_name)
     calib = calibration_rows(tok, recipe.calib_windows, recipe.window) if recipe.optimizer != "rtn" else None
     lw = quantize_lm(model, recipe, calib)
-    save_lm(out, model, lw, tok, source=args.model)
+    save_lm(out, model, lw, tok, source=model_name)
     from qgraph.llm.artifact import read_lm_artifact
 
     manifest, _ = read_lm_artifact(out)
@@ -184,7 +225,7 @@ def cmd_quantize_lm(args: argparse.Namespace) -> int:
     summary = {"out": str(out), "recipe": recipe.name, "bytes": b["total"],
                "linear_bits_per_weight": round(b["decoder_linears"] * 8 / max(1, b["decoder_linear_weights"]), 3),
                "seconds": round(time.perf_counter() - t0, 1)}
-    print(json.dumps(summary) if args.json else
+    print(json.dumps(summary) if as_json else
           f"wrote {out}: {recipe.name}, {b['total'] / 1e6:.1f} MB, decoder linears at "
           f"{summary['linear_bits_per_weight']} bits/weight ({summary['seconds']} s)")
     return 0

@@ -210,8 +210,6 @@ class BCQSlice(nn.Module):
 def fuse_shared_inputs(model: nn.Module, groups: tuple[tuple[str, ...], ...] = FUSE_GROUPS) -> int:
     """Stack sibling `BCQLinear` modules that read the same input (``groups`` names them) into one BiQGEMM
     call each, in place; returns the number of fused groups. Groups that cannot stack are left alone."""
-    from qgraph.llm.quantize import _set_module
-
     done = 0
     for parent_name, parent in list(model.named_modules()):
         for names in groups:
@@ -220,6 +218,6 @@ def fuse_shared_inputs(model: nn.Module, groups: tuple[tuple[str, ...], ...] = F
                 continue
             fused, last = FusedBCQLinear(parts), _LastCall()
             for i, n in enumerate(names):
-                _set_module(model, f"{parent_name}.{n}" if parent_name else n, BCQSlice(fused, i, last))
+                setattr(parent, n, BCQSlice(fused, i, last))
             done += 1
     return done

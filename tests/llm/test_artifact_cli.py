@@ -128,6 +128,37 @@ def test_generate_errors_are_one_clear_line(tiny_folder, artifact, tmp_path, cap
     assert len(err.splitlines()) == 1 and err.startswith("qgraph: error:") and message in err
 
 
+def test_lower_writes_an_artifact_generate_runs(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "lowered"
+    assert main(["lower", str(tiny_folder), "--scheme", "bcq", "--bits", "3", "--group-size", "32",
+                 "--out", str(out), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["recipe"] == "bcq3-g32-gptq" and summary["linear_bits_per_weight"] == 3 + 3 * 32 / 32  # codes + α
+    _, _, manifest = load_lm(out, tokenizer=False)
+    assert manifest["recipe"]["bits"] == 3 and manifest["recipe"]["group_size"] == 32
+    assert "lm_head" in manifest["modules"] and manifest["tied"] == {"model.embed_tokens": "lm_head"}
+    assert main(["generate", str(tiny_folder), "--artifact", str(out), "--prompt", "w5 w6", "--max-new-tokens",
+                 "5", "--ignore-eos", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["new_tokens"] == 5
+
+
+@pytest.mark.parametrize("case, message", [
+    ("graph-folder", "its model/ is a lowered graph"),
+    ("graph-manifest", "format 'qgraph.artifact/2'"),
+])
+def test_generate_on_a_lowered_graph_says_how_to_make_an_lm_artifact(tiny_folder, tmp_path, capsys, case, message):
+    art = tmp_path / "out"
+    (art / "model").mkdir(parents=True)
+    manifest = json.dumps({"format": "qgraph.artifact/2"})
+    (art / "model" / "manifest.json").write_text(manifest)
+    if case == "graph-manifest":
+        art = art / "model"
+    capsys.readouterr()
+    rc = main(["generate", str(tiny_folder), "--artifact", str(art), "--prompt", "w5", "--max-new-tokens", "2"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 3 and len(err.splitlines()) == 1 and message in err and "qgraph lower MODEL" in err
+
+
 def test_model_folder_config_is_read_as_data(tiny_folder):
     cls, cfg = builtin_causal_lm(read_config(tiny_folder))
     assert cls.__name__ == "LlamaForCausalLM" and cfg.hidden_size == 64
