@@ -92,6 +92,14 @@ METHODS = {
     "BCQ-2-weighted": ("", _b(2, "weighted"), ""),
     "BCQ-3-weighted+z": ("", _b(3, "weighted", bcq_offset=True), ""),
     "BCQ-2-weighted+z": ("", _b(2, "weighted", bcq_offset=True), ""),
+    "BCQ-4-weighted+z": ("", _b(4, "weighted", bcq_offset=True), ""),
+    "BCQ-3-act": ("", _b(3, "weighted"), ""),
+    "BCQ-4-act+z": ("", _b(4, "weighted", bcq_offset=True), ""),
+    "BCQ-3-act+z": ("", _b(3, "weighted", bcq_offset=True), ""),
+    "BCQ-2-act+z": ("", _b(2, "weighted", bcq_offset=True), ""),
+    "RTN-3-g64": ("", _u(3, 64), ""),
+    "BCQ-4-act+z-g64": ("", QSpec.bcq(4, group_size=64, method="weighted", bcq_offset=True), ""),
+    "BCQ-3-act+z-g64": ("", QSpec.bcq(3, group_size=64, method="weighted", bcq_offset=True), ""),
     "GPTQ+BCQ-3": (GPTQ_B, _b(3, "alternating"), ""),
     "GPTQ+BCQ-2": (GPTQ_B, _b(2, "alternating"), ""),
     "aespa-3": (AESPA, _u(3), ""),
@@ -103,8 +111,10 @@ METHODS = {
     "aespa+BCQ-2": (AESPA_B, _b(2, "alternating"), ""),
 }
 OPTIONAL = ("GPTQ+BCQ-3 emb8", "GPTQ+BCQ-3-g96")  # only when named in --methods
+# data-free rows: quantize-weights keeps the spec's magnitude importance although calibration data is there
+DATA_FREE = {n: "quantize-weights{bcq_importance=spec}" for n in METHODS if n.startswith("BCQ-") and "-act" not in n}
 ORT_METHODS = ("ORT-RTN-4", "ORT-GPTQ-4-sym")
-QUICK = ("RTN-4", "GPTQ-3", "BCQ-3-weighted")
+QUICK = ("RTN-4", "GPTQ-3", "BCQ-3-act+z")
 
 
 # --- evaluation ----------------------------------------------------------------------------------------
@@ -172,7 +182,7 @@ def run_qgraph(name, graph, calib, base_total, progress):
     opt, spec, extra = METHODS[name]
     g = graph.copy()
     passes = ["annotate{act_bits=0,embeddings=" + ("true" if extra else "false") + "}"]
-    passes += [p for p in (extra, opt) if p] + ["quantize-weights"]
+    passes += [p for p in (extra, opt) if p] + [DATA_FREE.get(name, "quantize-weights")]
     ctx = PassContext(target="generic", config={"progress": progress, "strategy": strategy_for(g, spec)},
                       calibration=calib)
     start = time.perf_counter()
