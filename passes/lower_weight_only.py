@@ -10,6 +10,9 @@ spec) by modules that keep the integer weight and run a weight-only kernel.
 - anything those kernels cannot take (other group sizes, asymmetric int8, scales along K of a
   ``[K, N]`` MatMul weight, K not divisible by 32) runs as `DequantLinear`, which dequantizes the
   stored codes on each call; its report entry says ``dequant`` and why.
+- on an IR without torch modules (ONNX), the weight becomes its integer codes + DequantizeLinear feeding the op
+  (``dequantize_linear``: the file `qgraph.export` writes; onnxruntime fuses e.g. blocked 4-bit MatMuls into
+  MatMulNBits). Outputs match the torch path within float rounding (tested at 1e-5 relative).
 Outputs match the fake-quant simulation up to float summation order.
 """
 from __future__ import annotations
@@ -18,7 +21,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from qgraph.errors import KernelError, PipelineError
-from qgraph.ir.meta import ANNOTATION_KEY, FQ_KEY, QWEIGHT_KEY
+from qgraph.ir.meta import ANNOTATION_KEY, FQ_KEY, KERNEL_KEY, QWEIGHT_KEY
 from qgraph.kernels.int8 import INT4_GROUP_SIZES, DequantLinear, Int4WeightOnlyLinear, Int8WeightOnlyLinear
 from qgraph.lowering import snapshot_simulation, target_of
 from qgraph.pass_base import Pass, PassResult
@@ -51,7 +54,7 @@ class LowerWeightOnly(Pass):
 
     def run(self, graph, ctx) -> PassResult:
         target = target_of(ctx)
-        count = {"int8_weight_only": 0, "int4_weight_only": 0, "dequant": 0}
+        count = {"int8_weight_only": 0, "int4_weight_only": 0, "dequant": 0, "dequantize_linear": 0}
         for node in list(graph.nodes()):
             ann = graph.meta(node).get(ANNOTATION_KEY)
             if ann is None or ann.weight is None or ann.weight.scheme != "uniform" or ann.inputs:
@@ -76,7 +79,16 @@ class LowerWeightOnly(Pass):
                 report_entry(ctx, graph, node, op, "float", "float", why + simulated)
                 continue
             if not graph.supports_kernel(kernel):
-                report_entry(ctx, graph, node, op, "float", "float", no_kernel_here(graph, kernel))
+                if not graph.supports_kernel("dequantize_linear") or graph.weight_layout(node) is None:
+                    report_entry(ctx, graph, node, op, "float", "float", no_kernel_here(graph, kernel))
+                    continue
+                snapshot_simulation(graph, ctx)
+                new = graph.replace_with_kernel(node, "dequantize_linear", qweight)
+                report_entry(ctx, graph, node, op, "dequantize_linear", "lowered",
+                             f"{graph.ir} has no {kernel} kernel: integer codes + DequantizeLinear, as qgraph.export "
+                             f"writes them ({graph.meta(new).get(KERNEL_KEY)})")
+                finish_replacement(graph, new, None, "dequantize_linear", ann, name)
+                count["dequantize_linear"] += 1
                 continue
             layout = graph.weight_layout(node)
             if layout is None:

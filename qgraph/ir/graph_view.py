@@ -14,6 +14,9 @@ from qgraph.ir.meta import ANNOTATION_KEY, FUSION_KEY, KERNEL_KEY, LOWERED_FROM_
 
 #: Lowered kernels an adapter may implement in `GraphView.replace_with_kernel` (see `supports_kernel`).
 KERNELS = ("biqgemm", "rowwise_gather")
+#: Kernels of IRs without torch modules (ONNX): ``dequantize_linear`` keeps the op running on a uniform weight
+#: stored as integer codes + DequantizeLinear, the exporter's form (onnxruntime fuses what it has kernels for).
+GRAPH_KERNELS = ("dequantize_linear",)
 #: Kernels the lowering passes build as torch modules themselves (`FxGraph.replace_with_module`): only an
 #: adapter that hosts torch modules supports them.
 MODULE_KERNELS = ("int8_gemm", "int8_conv", "int8_weight_only", "int4_weight_only", "dequant")
@@ -122,8 +125,10 @@ class GraphView(Protocol):
     def replace_with_kernel(self, node: Any, kernel: str, qweight: Any, *, bias: torch.Tensor | None = None,
                             **options: Any) -> Any:
         """Replace ``node`` by ``kernel`` running ``qweight`` (``biqgemm``: a `BCQWeight` Linear on input 0, with
-        ``bias``, option ``mode``; ``rowwise_gather``: a row-wise `UniformWeight` table looked up by input 0).
-        The new node keeps the old one's name under ``meta[LOWERED_FROM_KEY]`` and is returned."""
+        ``bias``, option ``mode``; ``rowwise_gather``: a row-wise `UniformWeight` table looked up by input 0;
+        ``dequantize_linear``, where supported: ``node`` itself, its constant weight now a `UniformWeight`'s codes
+        + DequantizeLinear). The new node keeps the old one's name under ``meta[LOWERED_FROM_KEY]`` and is
+        returned."""
 
     def eliminate_dead_code(self) -> int:
         """Remove nodes and constants nothing uses; return how many went away."""

@@ -17,8 +17,8 @@ import onnx_ir as ir
 import torch
 
 from qgraph.errors import CalibrationError, ExportError, KernelError
-from qgraph.ir.graph_view import KERNELS
-from qgraph.ir.meta import KERNEL_KEY, LOWERED_FROM_KEY
+from qgraph.ir.graph_view import GRAPH_KERNELS, KERNELS
+from qgraph.ir.meta import KERNEL_KEY, LOWERED_FROM_KEY, QWEIGHT_KEY
 
 MIN_OPSET, MAX_OPSET = 13, 23
 UPGRADE_FROM, UPGRADE_TO = 7, 17  # older default-domain opsets are converted to UPGRADE_TO on load
@@ -428,7 +428,7 @@ class OnnxGraph:
         return mul
 
     def supports_kernel(self, kernel: str) -> bool:
-        return kernel in KERNELS
+        return kernel in KERNELS or kernel in GRAPH_KERNELS
 
     def replace_with_kernel(self, node: ir.Node, kernel: str, qweight: Any, *, bias: torch.Tensor | None = None,
                             **options: Any) -> ir.Node:
@@ -438,6 +438,8 @@ class OnnxGraph:
         from qgraph.export import rewrite as rewrite_mod
         from qgraph.export import schema
 
+        if kernel == "dequantize_linear":
+            return self._dequantize_weight(node, qweight)
         name = self.name(node) or self._fresh_name(node.op_type)
         g = self.model.graph
 
@@ -464,7 +466,8 @@ class OnnxGraph:
                      ir.AttrString("name", name)]
             placeholder = ir.Node(schema.PRIVATE_DOMAIN, "RowwiseGather", ins, attributes=attrs, name=f"{name}__rows")
         else:
-            raise KernelError(f"the ONNX adapter has no kernel {kernel!r}; it builds {', '.join(KERNELS)}")
+            raise KernelError(f"the ONNX adapter has no kernel {kernel!r}; it builds "
+                              f"{', '.join(KERNELS + GRAPH_KERNELS)}")
         out = node.outputs[0]
         out_name = out.name
         g.insert_before(node, placeholder)
@@ -483,6 +486,58 @@ class OnnxGraph:
         new.meta[KERNEL_KEY] = f"{new.domain + '::' if new.domain else ''}{new.op_type}{note}"
         self._session = None
         return new
+
+    def _dequantize_weight(self, node: ir.Node, qweight: Any) -> ir.Node:
+        """``node``'s constant weight becomes ``qweight``'s integer codes + DequantizeLinear, written as the
+        exporter writes it (its ``DequantizeWeight`` placeholder, then `qgraph.export.rewrite`): int8 / uint8 codes
+        (int4 / uint4 from opset 21), per-tensor, per-channel (``axis``) or blocked per group (opset 21; below,
+        the equivalent Sub / Mul form). A weight stored ``[in, out]`` gets a Transpose the rewrite folds into the
+        codes. The node keeps running in float on the dequantized weight; onnxruntime fuses the pair where it
+        has a kernel (e.g. blocked 4-bit MatMul into MatMulNBits) and folds the rest at session start."""
+        from qgraph.export import rewrite as rewrite_mod
+        from qgraph.export import schema
+        from qgraph.quant.qtensor import UniformWeight
+
+        slot = self._weight_slot(node, "weight")
+        if not isinstance(qweight, UniformWeight) or slot is None or node.op_type not in ("Gemm", "MatMul") or \
+                not self._const_matrix(node, slot[0]) or tuple(qweight.shape) != tuple(self.param(node, "weight").shape):
+            raise KernelError(f"dequantize_linear takes the uniform weight of a Gemm / MatMul with a constant 2-D "
+                              f"weight; {node.op_type} {node.name} with {type(qweight).__name__} does not fit")
+        idx, transposed = slot
+        name = self.name(node) or self._fresh_name(node.op_type)
+        g = self.model.graph
+        spec = qweight.spec
+
+        def const(suffix: str, t: torch.Tensor) -> ir.Value:
+            v = ir.Value(name=self._fresh_name(f"{name}_{suffix}"),
+                         const_value=ir.tensor(np.ascontiguousarray(t.detach().cpu().numpy())))
+            g.register_initializer(v)
+            return v
+
+        ins = [const("codes", qweight.codes), const("scale", qweight.scale.to(torch.float32)),
+               const("zero_point", qweight.zero_point)]
+        attrs = [ir.AttrString("granularity", spec.granularity), ir.AttrInt64("axis", spec.axis),
+                 ir.AttrInt64("group_size", spec.group_size or 0), ir.AttrInt64("bits", spec.bits),
+                 ir.AttrString("name", name)]
+        placeholder = ir.Node(schema.PRIVATE_DOMAIN, "DequantizeWeight", ins, attributes=attrs, name=f"{name}__dq")
+        g.insert_before(node, placeholder)
+        weight = placeholder.outputs[0]
+        if transposed:
+            t = ir.Node("", "Transpose", [weight], attributes=[ir.AttrInt64s("perm", [1, 0])], name=f"{name}__wt")
+            g.insert_before(node, t)
+            weight = t.outputs[0]
+        old = node.inputs[idx]
+        node.replace_input_with(idx, weight)
+        if old is not None and old.is_initializer() and not old.uses():
+            g.initializers.pop(old.name, None)
+        self.model.opset_imports.setdefault(schema.PRIVATE_DOMAIN, schema.VERSION)
+        schema.register()
+        rewrite_mod.rewrite(self.model)
+        node.meta.pop(QWEIGHT_KEY, None)  # the graph holds the codes now (weights_to_qdq must not store them twice)
+        node.meta[LOWERED_FROM_KEY] = name
+        node.meta[KERNEL_KEY] = f"DequantizeLinear(weight codes) -> {node.op_type}"
+        self._session = None
+        return node
 
     def erase(self, node: ir.Node) -> None:
         self.model.graph.remove(node, safe=True)
