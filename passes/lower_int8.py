@@ -58,9 +58,9 @@ def no_kernel_here(graph, kernel: str) -> str:
 
 
 def is_fake_quant(node: fx.Node) -> bool:
-    return node.op == "call_function" and (node.target in (
-        torch.fake_quantize_per_tensor_affine, torch.ops.aten.fake_quantize_per_tensor_affine.default)
-        or is_fake_quant_dynamic(node.target))
+    fn = node.target
+    return node.op == "call_function" and (is_fake_quant_dynamic(fn) or fn in (
+        torch.fake_quantize_per_tensor_affine, torch.ops.aten.fake_quantize_per_tensor_affine.default))
 
 
 def codes_nk(qweight, layout: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | str:
@@ -215,6 +215,7 @@ class LowerInt8(Pass):
     def run(self, graph, ctx) -> PassResult:
         target = target_of(ctx)
         plans: list[_Plan] = []
+        qdq: list[tuple] = []
         for node in list(graph.nodes()):
             ann = graph.meta(node).get(ANNOTATION_KEY)
             if ann is None or ann.weight is None or ann.weight.scheme != "uniform" or not ann.inputs:
@@ -225,6 +226,9 @@ class LowerInt8(Pass):
             plan = self._plan(graph, node, op, ann, target)
             if isinstance(plan, _Plan):
                 plans.append(plan)
+            elif plan[0] in ("int8_gemm", "int8_conv") and not graph.supports_kernel(plan[0]) and \
+                    graph.supports_kernel("dequantize_linear"):
+                qdq.append((node, op, plan[0]))  # ONNX: int8 weight codes + DequantizeLinear, onnxruntime's QDQ form
             else:
                 wanted, reason = plan
                 if wanted in ("int8_gemm", "int8_conv"):
@@ -232,8 +236,15 @@ class LowerInt8(Pass):
                 report_entry(ctx, graph, node, op, "float", "float",
                              reason + ("; kept as the fake-quant simulation" if graph.meta(node).get(FQ_KEY)
                                        else ""))
-        if plans:
+        if plans or qdq:
             snapshot_simulation(graph, ctx)
+        for node, op, wanted in qdq:
+            ann, name = graph.meta(node).get(ANNOTATION_KEY), graph.name(node)
+            new = graph.replace_with_kernel(node, "dequantize_linear", graph.meta(node).get(QWEIGHT_KEY))
+            report_entry(ctx, graph, node, op, "dequantize_linear", "lowered",
+                         f"{graph.ir} has no {wanted} module: int8 weight codes + DequantizeLinear after the activation "
+                         f"Q/DQ, the form qgraph.export writes and onnxruntime fuses into its int8 kernels")
+            finish_replacement(graph, new, None, "dequantize_linear", ann, name)
         lowered: list[fx.Node] = []
         for plan in plans:
             report_entry(ctx, graph, plan.node, plan.op, plan.kernel, "lowered", plan.reason)
@@ -241,7 +252,8 @@ class LowerInt8(Pass):
         chained = self._chain(graph, lowered) if self.options.chain else 0
         if plans:
             graph.recompile()
-        return PassResult(graph, modified=bool(plans), stats={"lowered": len(plans), "chained": chained})
+        return PassResult(graph, modified=bool(plans or qdq), stats={"lowered": len(plans) + len(qdq),
+                                                                     "chained": chained})
 
     # -- deciding --------------------------------------------------------------------------------
     def _plan(self, graph, node, op: str, ann, target) -> _Plan | tuple[str, str]:

@@ -384,6 +384,15 @@ class FxGraph:
         order = [n.meta.get(LOWERED_FROM_KEY, n.name) for n in self.gm.graph.nodes]
         return rec.values, order
 
+    def local_values(self, inputs: tuple, reference: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Outputs of the lowered nodes (by the name of the node each stands for), each computed from the
+        ``reference`` values of its inputs (a simulation's `node_values`) where those exist with the same shape
+        and dtype: a lowered node's own error, without what earlier nodes passed on."""
+        rec = _Forced(self.gm, reference)
+        with torch.no_grad():
+            rec.run(*inputs)
+        return rec.local
+
     def __str__(self) -> str:
         from qgraph.ir.printer import format_graph
 
@@ -401,6 +410,27 @@ class _Recorder(fx.Interpreter):
         out = super().run_node(n)
         if isinstance(out, torch.Tensor) and out.is_floating_point():
             self.values[n.meta.get(LOWERED_FROM_KEY, n.name)] = out.detach()
+        return out
+
+
+class _Forced(fx.Interpreter):
+    """Runs a lowered GraphModule; each lowered node is run a second time on the reference values of its inputs."""
+
+    def __init__(self, gm: fx.GraphModule, reference: dict[str, torch.Tensor]):
+        super().__init__(gm)
+        self.reference, self.local = reference, {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        key = n.meta.get(LOWERED_FROM_KEY)
+        if key is not None and isinstance(out, torch.Tensor) and out.is_floating_point():
+            def ref(a: fx.Node):
+                v, r = self.env[a], self.reference.get(a.meta.get(LOWERED_FROM_KEY, a.name))
+                same = isinstance(v, torch.Tensor) and isinstance(r, torch.Tensor) and r.shape == v.shape
+                return r if same and r.dtype == v.dtype else v
+
+            args, kwargs = fx.node.map_arg((n.args, n.kwargs), ref)
+            self.local[key] = getattr(self, n.op)(n.target, args, kwargs).detach()
         return out
 
 
