@@ -488,7 +488,7 @@ class OnnxGraph:
         return new
 
     def _dequantize_weight(self, node: ir.Node, qweight: Any) -> ir.Node:
-        """``node``'s constant weight becomes ``qweight``'s integer codes + DequantizeLinear, written as the
+        """``node``'s (Gemm, MatMul, Conv) constant weight becomes ``qweight``'s integer codes + DequantizeLinear, as the
         exporter writes it (its ``DequantizeWeight`` placeholder, then `qgraph.export.rewrite`): int8 / uint8 codes
         (int4 / uint4 from opset 21), per-tensor, per-channel (``axis``) or blocked per group (opset 21; below,
         the equivalent Sub / Mul form). A weight stored ``[in, out]`` gets a Transpose the rewrite folds into the
@@ -499,9 +499,9 @@ class OnnxGraph:
         from qgraph.quant.qtensor import UniformWeight
 
         slot = self._weight_slot(node, "weight")
-        if not isinstance(qweight, UniformWeight) or slot is None or node.op_type not in ("Gemm", "MatMul") or \
-                not self._const_matrix(node, slot[0]) or tuple(qweight.shape) != tuple(self.param(node, "weight").shape):
-            raise KernelError(f"dequantize_linear takes the uniform weight of a Gemm / MatMul with a constant 2-D "
+        w = self.param(node, "weight") if node.op_type in ("Gemm", "MatMul", "Conv") else None
+        if not isinstance(qweight, UniformWeight) or w is None or tuple(qweight.shape) != tuple(w.shape):
+            raise KernelError(f"dequantize_linear takes the uniform weight of a Gemm / MatMul / Conv with a constant "
                               f"weight; {node.op_type} {node.name} with {type(qweight).__name__} does not fit")
         idx, transposed = slot
         name = self.name(node) or self._fresh_name(node.op_type)

@@ -84,6 +84,25 @@ def test_old_opsets_go_through_the_bcq_lowering_pipeline(digits, opset):
     assert float((q(x).numpy().argmax(1) == ref).mean()) >= 0.95  # measured 0.997
 
 
+def test_w8a8_lowering_of_an_old_cnn_stores_int8_conv_weights(digits):
+    """lower-int8 on ONNX convs too: int8 codes + per-channel DequantizeLinear for every Conv and the Gemm head,
+    outputs equal the Q/DQ simulation, top-1 agreement with onnxruntime fp32 as the default pipeline's."""
+    model, x, calib = digits
+    proto = _legacy_export(model, x, 12)
+    ref = _ort(proto, x).argmax(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", OpsetUpgradeWarning)
+        g, sim_g = load_onnx(proto), load_onnx(proto)
+    q = qgraph.quantize(g, calib=calib, progress=False, pipeline=lowering_pipeline("act_bits=8"))
+    n_weighted = sum(g.op_type(n) in ("Conv", "Gemm", "MatMul") for n in q.graph.nodes())
+    assert q.report["stats"]["lower-int8"]["lowered"] == n_weighted >= 4
+    assert all(r["kernel"] == "dequantize_linear" for r in q.report["lowering"] if r["status"] == "lowered")
+    sim = qgraph.quantize(sim_g, calib=calib, progress=False, pipeline=lowering_pipeline("act_bits=8").split(
+        ",lower-")[0])
+    assert rel_err(q(x), sim(x)) <= 1e-5
+    assert float((q(x).numpy().argmax(1) == ref).mean()) >= 0.95
+
+
 def _cnn_proto(opset: int, *, init_as_inputs: bool, const_weights: tuple[str, ...] = ()) -> onnx.ModelProto:
     """Conv-BN-Relu-MaxPool-Conv-BN-Relu-GAP-Flatten-Gemm built with onnx.helper; ``const_weights`` are held by
     Constant nodes instead of initializers."""
