@@ -341,6 +341,10 @@ class Workbench:
             if optimizer != "rtn":
                 self._qweights[key] = self.optimized.weight(node_name, spec, optimizer)
                 return self._qweights[key]
+            if self._activation_importance(node_name, spec):
+                # quantize-weights fits weighted BCQ of Linears with E[x²] importance from the calibration data
+                self._qweights[key] = self.rtn_with_data.weight(node_name, spec, "rtn")
+                return self._qweights[key]
             w = self.graph.param(self.graph.find(node_name), "weight").detach()
             path = self._qweight_path(node_name, spec, w)
             q = _load_qweight(path) if path is not None else None
@@ -373,6 +377,31 @@ class Workbench:
         return self._optimized
 
     progress: Callable[[str], None] | None = None
+
+    def _activation_importance(self, node_name: str, spec: Any) -> bool:
+        if spec.scheme != "bcq" or spec.bcq_method != "weighted" or not self.data.calib_batches:
+            return False
+        return node_name in self.optimized_nodes("rtn", spec)
+
+    @property
+    def rtn_with_data(self) -> Any:
+        """Round-to-nearest weights as quantize-weights makes them with this workbench's calibration batches
+        (weighted BCQ reads activation statistics), one run per spec, kept in ``config.qweight_dir``."""
+        from qgraph.search.optimized import OptimizedWeights
+
+        if getattr(self, "_rtn_data", None) is None:
+            def load(node: str, spec: Any, extra: str) -> Any:
+                path = self._qweight_path(node, spec, self._weight_of(node), extra)
+                return None if path is None else _load_qweight(path)
+
+            def save(node: str, spec: Any, extra: str, q: Any) -> None:
+                path = self._qweight_path(node, spec, self._weight_of(node), extra)
+                if path is not None:
+                    _save_qweight(path, q)
+
+            self._rtn_data = OptimizedWeights(self.graph, self.target, self.data.calib_batches, self.optimized_nodes,
+                                              load, save, progress=self.progress)
+        return self._rtn_data
 
     def _weight_of(self, node: str) -> torch.Tensor:
         return self.graph.param(self.graph.find(node), "weight").detach()

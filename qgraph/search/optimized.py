@@ -69,7 +69,7 @@ def run_optimizer(graph: Any, target: Any, nodes: dict[str, Any], optimizer: str
     opt = optimizer_pass(optimizer, specs[0])
     passes = ["annotate{act_bits=0}"] + ([opt] if opt else []) + ["quantize-weights"]
     ctx = PassContext(target=target, config={"progress": progress, "strategy": strategy},
-                      calibration=list(calibration) if opt else None)
+                      calibration=list(calibration) or None)
     g = PassManager(",".join(passes)).run(g, ctx).graph
     out = {}
     for n in g.nodes():
