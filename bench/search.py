@@ -13,11 +13,17 @@
 
 Per model (``--model``):
 - ``minilm``: cosine of the sentence embeddings to fp32; groups of 128; 50 trials, 32 search sentences,
-  256 held-out sentences, up to 30 Hutchinson iterations.
-- ``smollm2``: perplexity of 128-token windows; groups of 64 (128 does not divide the 576-wide rows);
-  the tied LM head stays fp32 as in bench/quality_llm.py (so the average bits are over the 210 linears of
-  the blocks); weight-only choices (no int8 activations) and BCQ q = 2..4, to fit 2 cores: 16 trials on 8
-  search windows, 32 held-out windows, 8 Hutchinson iterations.
+  256 held-out sentences, up to 30 Hutchinson iterations; GPTQ-fitted BCQ-2/3 and int3 are in the space too.
+- ``smollm2`` (issue 25): perplexity of 128-token windows; groups of 64 (128 does not divide the 576-wide rows);
+  weight-only. The space holds per Linear: int3, BCQ-3/4 by round-to-nearest (activation-importance BCQ, as
+  quantize-weights fits it with calibration data), aespa+BCQ-3, GPTQ+BCQ-3 and GPTQ-3 (each optimizer run once
+  over the whole model with every Linear at that spec and cached under ~/.cache/qgraph/search/optimized: a
+  uniform-prefix key, see qgraph.search.optimized), and for the tied embedding / LM head table fp32, int8 or
+  int4 per row (stored once). The byte budget is uniform aespa+BCQ-3's whole stored model (table fp32, as in
+  bench/quality_llm.py). Every baseline (fp32, RTN-3, GPTQ-3, GPTQ+BCQ-3, aespa+BCQ-3, the last and GPTQ-3
+  also with an int8 table; full runs add RTN BCQ-3/4) and every front point is scored here on the same
+  held-out windows; stored bytes count every tensor (codes, α, scales, norms, biases; the table once).
+  50 trials on 8 search windows, 32 held-out windows (quick: 6 trials, 8 held-out windows, no local anchors).
 
     python bench/search.py --model minilm|smollm2 [--quick] [--trials N] [--workers 2] [--json out.json]
 """
@@ -48,7 +54,8 @@ from qgraph.search.space import SpaceOptions, build_space
 
 PRESETS = {
     "minilm": {"group": 128, "trials": 50, "n_eval": 32, "holdout": 256, "hutchinson": 30, "keep_float": (),
-               "bcq_bits": (1, 2, 3, 4), "act": True, "cross": True, "extra_baselines": ("bcq4", "w4", "w8-ch")},
+               "bcq_bits": (1, 2, 3, 4), "act": True, "cross": True, "extra_baselines": ("bcq4", "w4", "w8-ch"),
+               "optimizers": ("gptq:bcq3-g128", "gptq:w3-g128", "gptq:bcq2-g128")},
     "smollm2": {"group": 64, "trials": 50, "n_eval": 8, "holdout": 32, "hutchinson": 8, "keep_float": (),
                 "bcq_bits": (2, 3, 4), "act": False, "cross": False, "extra_baselines": ()},
 }
@@ -110,8 +117,9 @@ def _run(args, p, trials, iters, n_eval, n_hold, cross, out, cache) -> int:
     torch.set_num_threads(1)
     records = Records()
     space_opts = SpaceOptions(uniform_bits=(8, 4, 3), uniform_group_sizes=(g,), bcq_bits=p["bcq_bits"],
-                              bcq_group_sizes=(g,), act=p["act"], keep_float=p["keep_float"])
-    three = (f"bcq3-g{g}", f"w3-g{g}")
+                              bcq_group_sizes=(g,), act=p["act"], keep_float=p["keep_float"],
+                              optimizers=p.get("optimizers", ()))
+    three = (f"bcq3-g{g}", f"w3-g{g}") + tuple(o for o in p.get("optimizers", ()) if "3-" in o)
     baselines = three + tuple(b if "-" in b else f"{b}-g{g}" for b in p["extra_baselines"])
     metric_name = "cosine" if args.model == "minilm" else "perplexity"
 

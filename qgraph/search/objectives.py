@@ -268,6 +268,7 @@ class Workbench:
                       eval_seed=self.config.eval_seed if eval_seed is None else eval_seed)
         other = Workbench(cfg, source=self.source, graph=self.graph)
         other._qweights, other._qparams, other._optimized = self._qweights, self._qparams, self._optimized
+        other._rtn_data = getattr(self, "_rtn_data", None)
         return other
 
     # --- data ----------------------------------------------------------------------------------
