@@ -61,10 +61,10 @@ PRESETS = {
 }
 # SmolLM2: (optimizer, spec) pairs the space offers besides round-to-nearest, and the uniform baselines (case name
 # -> choice label; the tied table stays fp32 in them, as in bench/quality_llm.py, unless the case says emb8)
-LM_OPTIMIZED = ("aespa:bcq3-g64", "gptq:bcq3-g64", "gptq:w3-g64", "gptq:bcq4-g64")
+LM_OPTIMIZED = ("aespa:bcq3-g64", "gptq:bcq3-g64", "gptq:w3-g64")
 LM_BASELINES = {"rtn3": "w3-g64", "gptq3": "gptq:w3-g64", "gptq+bcq3": "gptq:bcq3-g64",
                 "aespa+bcq3": "aespa:bcq3-g64"}
-LM_BASELINES_FULL = {"rtn+bcq3": "bcq3-g64", "rtn+bcq4": "bcq4-g64", "gptq+bcq4": "gptq:bcq4-g64"}
+LM_BASELINES_FULL = {"rtn+bcq3": "bcq3-g64", "rtn+bcq4": "bcq4-g64"}
 
 
 def log(msg: str) -> None:
