@@ -13,6 +13,7 @@ from qgraph.passes import (  # noqa: F401
     embedding_rowwise,
     fold_bn,
     fuse_activation,
+    genie,
     gptq,
     insert_fq,
     lower_bcq,
