@@ -30,6 +30,19 @@ METHODS = {
     "W8A8 SmoothQuant": f"{CANON},annotate{{bits=8,act_bits=8}},smooth-quant,calibrate,quantize-weights,insert-fq",
     "W8A8 SmoothQuant a0.75": f"{CANON},annotate{{bits=8,act_bits=8}},smooth-quant{{alpha=0.75}},calibrate,"
                               "quantize-weights,insert-fq",
+    "W8A8 dynamic per-tensor": f"{CANON},annotate{{bits=8,act_bits=8,act_dynamic=tensor}},quantize-weights,insert-fq",
+    "W8A8 dynamic per-token": f"{CANON},annotate{{bits=8,act_bits=8,act_dynamic=token}},quantize-weights,insert-fq",
+    "W8A8 dynamic per-token SmoothQuant": f"{CANON},annotate{{bits=8,act_bits=8,act_dynamic=token}},smooth-quant,"
+                                          "quantize-weights,insert-fq",
+    "W8A8 dynamic per-token SmoothQuant GPTQ": f"{CANON},annotate{{bits=8,act_bits=8,act_dynamic=token}},smooth-quant,"
+                                               "calibrate,gptq,quantize-weights,insert-fq",
+    "W8A8 dynamic per-token asym": f"{CANON},annotate{{bits=8,act_bits=8,act_dynamic=token,act_symmetric=false}},"
+                                   "quantize-weights,insert-fq",
+    "W8A8 dynamic per-token asym SmoothQuant": f"{CANON},annotate{{bits=8,act_bits=8,act_dynamic=token,"
+                                               "act_symmetric=false}},smooth-quant,quantize-weights,insert-fq",
+    "W8A8 dynamic per-token asym SmoothQuant GPTQ": f"{CANON},annotate{{bits=8,act_bits=8,act_dynamic=token,"
+                                                    "act_symmetric=false}},smooth-quant,calibrate,gptq,"
+                                                    "quantize-weights,insert-fq",
     "W4-g128": f"{CANON},annotate{{bits=4,group_size=128,act_bits=0}},quantize-weights,insert-fq",
     "RTN-3-g128": f"{CANON},annotate{{bits=3,group_size=128,act_bits=0}},quantize-weights,insert-fq",
     "BCQ-3-greedy": f"{CANON},annotate{{scheme=bcq,bits=3,group_size=128,method=greedy}},quantize-weights,insert-fq",
@@ -41,6 +54,11 @@ METHODS = {
     "BCQ-2-weighted": f"{CANON},annotate{{scheme=bcq,bits=2,group_size=128,method=weighted}},quantize-weights,insert-fq",
 }
 QUICK = ("W8A8", "BCQ-3-weighted")
+#: static / SmoothQuant / dynamic rows of issue 22's activation-spec table (``--methods`` takes the names)
+ACTIVATION_SPECS = ("W8A8", "W8A8 SmoothQuant", "W8A8 SmoothQuant a0.75", "W8A8 dynamic per-tensor",
+                    "W8A8 dynamic per-token", "W8A8 dynamic per-token SmoothQuant",
+                    "W8A8 dynamic per-token SmoothQuant GPTQ", "W8A8 dynamic per-token asym",
+                    "W8A8 dynamic per-token asym SmoothQuant", "W8A8 dynamic per-token asym SmoothQuant GPTQ")
 
 
 def ort_side_by_side(model, tok, eval_texts, calib, ref, records, rows, tmp):
@@ -122,6 +140,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="W8A8 and BCQ-3 weighted only, fewer sentences")
     ap.add_argument("--json", metavar="PATH", help="write records (case, metric, value) as JSON")
     ap.add_argument("--methods", nargs="*", help=f"subset of: {', '.join(METHODS)}")
+    ap.add_argument("--activation-specs", action="store_true",
+                    help="the W8A8 static / SmoothQuant / dynamic rows only (and the chosen SmoothQuant alpha)")
     ap.add_argument("--no-ort", action="store_true", help="skip the onnxruntime quantize_static side by side")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
@@ -135,14 +155,16 @@ def main(argv=None) -> int:
     ref = embed(model, tok, eval_texts)
     example = calib[0]
     records, rows = Records(), []
-    names = args.methods or (QUICK if args.quick else list(METHODS))
+    names = args.methods or (ACTIVATION_SPECS if args.activation_specs else QUICK if args.quick else list(METHODS))
     for name in names:
         start = time.perf_counter()
         q = qgraph.quantize(model, example, target="x86-avx2", calib=calib, pipeline=METHODS[name],
                             dynamic_shapes=dynamic_shapes(), progress=False)
         seconds = time.perf_counter() - start
         cos = F.cosine_similarity(embed(q, tok, eval_texts), ref, dim=-1)
-        rows.append([name, float(cos.mean()), float(cos.min()), round(seconds, 2)])
+        alpha = (q.report.get("smooth-quant-alpha") or {}).get("chosen")
+        rows.append([name + (f" (alpha={alpha} chosen)" if alpha is not None else ""), float(cos.mean()),
+                     float(cos.min()), round(seconds, 2)])
         records.add(f"minilm {name}", "cosine", float(cos.mean()))
         records.add(f"minilm {name}", "seconds", seconds)
         print(f"{name:<20} cos={cos.mean():.5f} min={cos.min():.5f} {seconds:.1f}s", file=sys.stderr)

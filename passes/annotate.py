@@ -5,7 +5,8 @@ node name → `Annotation`), the skip list (stays float), the options, the targe
 Weighted ops (Gemm, MatMul with a constant weight, Conv) get a weight spec and, unless the scheme is
 weight-only, an input-activation spec; embeddings (Gather) get a weight-only spec.
 ``act_dynamic=token|tensor`` makes that activation spec dynamic (symmetric scales computed per token / per
-tensor at run time, no calibration); ``off`` makes a target's dynamic default static. Conv inputs have no
+tensor at run time, no calibration); ``off`` makes a target's dynamic default static; ``act_symmetric``
+overrides the activation spec's symmetry (dynamic specs default to symmetric). Conv inputs have no
 tokens: a per-token request gives them per-tensor dynamic scales (noted in the report).
 """
 from __future__ import annotations
@@ -62,6 +63,7 @@ class Annotate(Pass):
         act_bits: int | None = None
         act_observer: str | None = None
         act_dynamic: Literal["off", "token", "tensor"] | None = None
+        act_symmetric: bool | None = None
         embeddings: bool = True
         embedding_bits: int | None = None
         skip: tuple[str, ...] = ()
@@ -165,6 +167,8 @@ class Annotate(Pass):
         elif o.act_dynamic in ("token", "tensor"):
             spec = spec.replace(dynamic=True, granularity=o.act_dynamic, symmetric=True, signed=True,
                                 pow2_scale=False)
+        if o.act_symmetric is not None:
+            spec = spec.replace(symmetric=o.act_symmetric)
         return spec
 
 

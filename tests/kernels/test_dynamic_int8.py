@@ -180,3 +180,12 @@ def test_target_without_token_granularity_refuses_it():
     with pytest.raises(qgraph.QGraphError, match="granularity 'token'"):
         qgraph.quantize(model, (x,), target="npu-int8", progress=False,
                         pipeline="annotate{act_bits=8,act_dynamic=token},check-target,calibrate")
+
+
+def test_asymmetric_dynamic_lowers_to_the_exact_int_mm_path():
+    torch.manual_seed(5)
+    model, x = MLP().eval(), torch.randn(6, 10, 24)
+    q = _quantize(model, lowering_pipeline("act_bits=8,act_dynamic=token,act_symmetric=false"), x)
+    mods = [m for m in q.gm.modules() if isinstance(m, DynamicInt8Linear)]
+    assert len(mods) == 2 and all(not m.spec.symmetric and m.impl == "int_mm" for m in mods)
+    assert q.report["verify"]["max_local_rel_err"] <= KERNEL_TOL
