@@ -188,7 +188,8 @@ class Space:
         return int(sum(self._bytes[i][c] for i, c in enumerate(a)))
 
     def float_bytes(self) -> int:
-        return sum(layer.numel * 4 for layer in self.layers)
+        """Bytes of every chosen-for weight in fp32, a tied table once."""
+        return sum(layer.numel * 4 for layer in self.layers if layer.follows is None)
 
     def avg_bits(self, a: Sequence[int]) -> float:
         """Nominal weight bits averaged over the searched layers, weighted by element count (float = 32)."""

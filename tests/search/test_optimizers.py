@@ -130,7 +130,8 @@ def test_tied_table_is_one_choice_stored_once(tmp_path):
     a[emb] = next(c for c, ch in enumerate(space.layers[emb].choices) if ch.label == "w8-ch")
     s = space.strategy(a)
     assert s.annotations[space.layers[head].key] == s.annotations[space.layers[emb].key]
-    assert space.weight_bytes(a) == space.float_bytes() - 512 * 64 * 4 * 2 + space.layers[emb].bytes_of(a[emb])
+    assert space.float_bytes() == space.weight_bytes(space.high()) == (512 * 64 + 64 * 64) * 4
+    assert space.weight_bytes(a) == space.float_bytes() - 512 * 64 * 4 + space.layers[emb].bytes_of(a[emb])
 
 
 def test_optimizers_can_be_limited_to_one_label(toy):
