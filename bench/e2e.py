@@ -314,7 +314,9 @@ def minilm_suite(quick: bool, tmp: Path, seqs: tuple[int, ...], batches: tuple[i
     ort8 = OrtModel(ort_dynamic_int8(fp32, tmp / "minilm-int8.onnx"))
     routes.append(Route("onnxruntime int8 (quantize_dynamic)", ort8, _file_bytes(ort8.path), quality(ort8),
                         build_s=time.perf_counter() - t))
-    for name, pipe in minilm_pipelines().items():
+    for name, pipe in {**minilm_pipelines(), **activation_spec_pipelines()}.items():
+        if ONLY_ROUTES and name not in ONLY_ROUTES:
+            continue
         routes += qgraph_route(name, model, calib[0], calib, pipe, dynamic_shapes(), quality)
     cases = []
     texts = eval_texts[:max(batches)]
@@ -325,6 +327,21 @@ def minilm_suite(quick: bool, tmp: Path, seqs: tuple[int, ...], batches: tuple[i
     return Suite("minilm", "cosine", routes, cases,
                  [f"quality: mean cosine to fp32 over {len(eval_texts)} evaluation sentences (bench/quality_minilm.py); "
                   f"calibration {len(calib_texts)} sentences of other plays; timed inputs padded to the sequence length"])
+
+
+ONLY_ROUTES: tuple[str, ...] = ()  # --routes: the qgraph MiniLM routes to build (default: all)
+
+
+def activation_spec_pipelines() -> dict[str, str]:
+    """MiniLM only, issue 22's activation specs: static per-tensor without SmoothQuant, dynamic per-token with
+    SmoothQuant (alpha=auto), and dynamic asymmetric per-token with SmoothQuant and GPTQ (cosine >= 0.999)."""
+    return {
+        "W8A8 static": lowering_pipeline("bits=8,act_bits=8"),
+        "W8A8 dynamic per-token SmoothQuant": lowering_pipeline("bits=8,act_bits=8,act_dynamic=token").replace(
+            ",calibrate,", ",smooth-quant,calibrate,"),
+        "W8A8 dynamic per-token asym SmoothQuant GPTQ": lowering_pipeline(
+            "bits=8,act_bits=8,act_dynamic=token,act_symmetric=false").replace(",calibrate,", ",smooth-quant,calibrate,gptq,"),
+    }
 
 
 def minilm_pipelines() -> dict[str, str]:
@@ -586,7 +603,10 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", action="store_true", help="torch.profiler by op of each compiled qgraph route")
     ap.add_argument("--spin", action="store_true", help="keep libgomp's and onnxruntime's spin-waiting threads")
     ap.add_argument("--summarize", metavar="JSON", help="print the compact tables of a saved --json run and exit")
+    ap.add_argument("--routes", help="comma list of the qgraph MiniLM routes to build (default: all)")
     args = ap.parse_args(argv)
+    global ONLY_ROUTES
+    ONLY_ROUTES = tuple(r.strip() for r in args.routes.split(",")) if args.routes else ()
     if args.summarize:
         import json
 
