@@ -4,7 +4,9 @@
                                         [--prompt "..."] [--max-new-tokens 64] [--mode exact|fast] [--compile]
 
 The artifact folder is made once (``--optimizer gptq`` takes a few minutes on 2 cores; ``rtn`` about one) and
-reused on later runs; ``qgraph generate smollm2 --artifact DIR --prompt ...`` runs the same folder.
+reused on later runs; ``qgraph generate smollm2 --artifact DIR --prompt ...`` runs the same folder, and
+``qgraph lower smollm2 --scheme bcq --bits 3 --out DIR`` makes an equivalent one from the command line. On
+loading, q/k/v and gate/up run as one BiQGEMM call each (`qgraph.llm.fuse_shared_inputs`).
 """
 from __future__ import annotations
 
