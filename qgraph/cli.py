@@ -91,12 +91,15 @@ def cmd_lower(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     is_onnx = args.model.endswith(".onnx")
     text = _pipeline_text(args, onnx_model=is_onnx)
+    synthetic = args.calib == "synthetic"  # data-free: the genie pass distills images from BatchNorm statistics
+    if synthetic and "genie" not in text:
+        text = f"genie,{text}"
     qgraph.PassManager(text)  # validate the pipeline before loading anything heavy
     target = qgraph.load_target(args.target)
     out = check_writable_folder(args.out or f"qgraph-out/{Path(args.model).stem}-{target.name}")
     _say(args, f"qgraph: loading {args.model}")
     source = load_model_source(args.model)
-    calib = load_calibration(args.calib, source) if args.calib else source.calibration
+    calib = None if synthetic else load_calibration(args.calib, source) if args.calib else source.calibration
     # The whole output folder is built aside and swapped in at the end: no stale files, no torn folder, and
     # a second `qgraph lower` into the same --out fails at once instead of racing this one.
     with atomic_folder(out) as tmp:
@@ -318,7 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("model", help="bundled name (minilm, smollm2, mobilenetv2, digits-cnn), path/to/file.py:factory, a "
                                   "model.onnx file, or a local Hugging Face model folder")
     lo.add_argument("--target", default=None, help="target name or .toml path (default x86-avx2)")
-    lo.add_argument("--calib", help="calibration data: .pt/.npy tensor file, .txt file or image folder")
+    lo.add_argument("--calib", help="calibration data: .pt/.npy tensor file, .txt file or image folder; 'synthetic': "
+                                    "none, images distilled from the model's BatchNorm statistics (genie pass)")
     lo.add_argument("--pipeline", help="pass pipeline text (default: the full lowering pipeline)")
     lo.add_argument("--config", help="TOML file with 'pipeline' (and optional 'target')")
     lo.add_argument("--scheme", choices=["uniform", "bcq"])
