@@ -357,50 +357,17 @@ class OnnxGraph:
         return removed
 
     def weights_to_qdq(self) -> list[str]:
-        """Store each uniformly quantized weight as integer codes + DequantizeLinear (per tensor/channel;
-        per group when the opset has DequantizeLinear's block_size, 21+). Returns the nodes left float."""
-        from qgraph.ir.meta import QWEIGHT_KEY
+        """Store each uniformly quantized weight still held as float values as integer codes + DequantizeLinear,
+        the way `replace_with_kernel` (``dequantize_linear``) and `qgraph.export` write it (per tensor / channel;
+        per group blocked from opset 21, the equivalent Sub / Mul form below). Returns the nodes left float (none
+        today; kept for callers that report them)."""
         from qgraph.quant.qtensor import UniformWeight
 
-        opset = self.model.opset_imports.get("", 0)
-        skipped = []
         for node in self.nodes():
             q = node.meta.get(QWEIGHT_KEY)
-            if not isinstance(q, UniformWeight):
-                continue
-            slot = self._weight_slot(node, "weight")
-            idx, transposed = slot
-            spec = q.spec
-            codes, scale, zp = q.codes.numpy(), q.scale.numpy().astype(np.float32), q.zero_point.numpy()
-            attrs: dict[str, Any] = {}
-            if spec.granularity == "channel":
-                attrs["axis"] = 1 if transposed else 0
-            elif spec.granularity == "group":
-                if opset < 21 or codes.ndim != 2:
-                    skipped.append(self.name(node))
-                    continue
-                attrs.update(axis=0 if transposed else 1, block_size=spec.group_size)
-                if transposed:
-                    scale, zp = scale.T, zp.T
-            if transposed:
-                codes = codes.T
-            dtype = np.int8 if spec.signed else np.uint8
-            base = self._fresh_name(f"{node.name}_wq")
-            vals = [ir.Value(name=base, const_value=ir.tensor(np.ascontiguousarray(codes.astype(dtype)))),
-                    ir.Value(name=base + "_scale", const_value=ir.tensor(np.ascontiguousarray(scale))),
-                    ir.Value(name=base + "_zp", const_value=ir.tensor(np.ascontiguousarray(zp.astype(dtype))))]
-            for v in vals:
-                self.model.graph.register_initializer(v)
-            dq = ir.Node("", "DequantizeLinear", vals, attributes=[ir.AttrInt64(k, v) for k, v in attrs.items()],
-                         name=base + "_dequant")
-            dq.outputs[0].name = base + "_dq"
-            self.model.graph.insert_before(node, dq)
-            old = node.inputs[idx]
-            node.replace_input_with(idx, dq.outputs[0])
-            if old is not None and old.is_initializer() and not old.uses():
-                self.model.graph.initializers.pop(old.name, None)
-        self._session = None
-        return skipped
+            if isinstance(q, UniformWeight) and self._weight_slot(node, "weight") is not None:
+                self._dequantize_weight(node, q)
+        return []
 
     def replace_all_uses(self, old: Any, new: Any) -> None:
         old.outputs[0].replace_all_uses_with(new.outputs[0])
@@ -488,7 +455,7 @@ class OnnxGraph:
         return new
 
     def _dequantize_weight(self, node: ir.Node, qweight: Any) -> ir.Node:
-        """``node``'s (Gemm, MatMul, Conv) constant weight becomes ``qweight``'s integer codes + DequantizeLinear, as the
+        """``node``'s (Gemm, MatMul, Conv, Gather) constant weight becomes ``qweight``'s integer codes + DequantizeLinear, as the
         exporter writes it (its ``DequantizeWeight`` placeholder, then `qgraph.export.rewrite`): int8 / uint8 codes
         (int4 / uint4 from opset 21), per-tensor, per-channel (``axis``) or blocked per group (opset 21; below,
         the equivalent Sub / Mul form). A weight stored ``[in, out]`` gets a Transpose the rewrite folds into the
@@ -499,10 +466,10 @@ class OnnxGraph:
         from qgraph.quant.qtensor import UniformWeight
 
         slot = self._weight_slot(node, "weight")
-        w = self.param(node, "weight") if node.op_type in ("Gemm", "MatMul", "Conv") else None
+        w = self.param(node, "weight") if node.op_type in ("Gemm", "MatMul", "Conv", "Gather") else None
         if not isinstance(qweight, UniformWeight) or w is None or tuple(qweight.shape) != tuple(w.shape):
-            raise KernelError(f"dequantize_linear takes the uniform weight of a Gemm / MatMul / Conv with a constant "
-                              f"weight; {node.op_type} {node.name} with {type(qweight).__name__} does not fit")
+            raise KernelError(f"dequantize_linear takes the uniform weight of a Gemm / MatMul / Conv / Gather with a "
+                              f"constant weight; {node.op_type} {node.name} with {type(qweight).__name__} does not fit")
         idx, transposed = slot
         name = self.name(node) or self._fresh_name(node.op_type)
         g = self.model.graph

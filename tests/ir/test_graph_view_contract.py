@@ -240,3 +240,17 @@ def test_weight_only_lowering_on_onnx_matches_the_torch_path(opts, opset, tmp_pa
 
     y = run_onnx(session(path), (x,))[0]
     assert rel_err(torch.from_numpy(y), q_torch(x)) <= 1e-5
+
+
+@pytest.mark.parametrize("opset", [17, 21])
+def test_weights_to_qdq_stores_group_wise_weights_at_every_opset(opset):
+    """weights_to_qdq writes what dequantize_linear writes; group-wise weights below opset 21 were left float."""
+    proto = _mlp_proto(k=64, h=64, n=32, opset=opset)
+    x = torch.randn(5, 64)
+    q = qgraph.quantize(load_onnx(proto), progress=False,
+                        pipeline="annotate{bits=4,group_size=32,act_bits=0},quantize-weights,insert-fq")
+    before = q(x)
+    assert q.graph.weights_to_qdq() == []
+    assert rel_err(q(x), before) <= 1e-6
+    dtypes = {str(v.const_value.dtype) for v in q.graph.model.graph.initializers.values() if v.const_value.size >= 2048}
+    assert dtypes == ({"INT4", "UINT4"} & dtypes or {"INT8", "UINT8"} & dtypes) and "FLOAT" not in dtypes
