@@ -8,8 +8,8 @@ the quantize prologue and rescale epilogue are plain ATen ops Inductor fuses, th
   ``y = s_x (q_x - z_x) (q_w)^T s_w + b`` where ``q_x, s_x, z_x`` come from `qgraph.quant.uniform.quantize_dynamic`
   (the same codes the simulation rounds to). ``impl="onednn"`` runs ``qgraph::int8_linear`` (oneDNN u8 x s8
   with the symmetric zero point folded in; exact with VNNI) with a unit activation scale and multiplies each
-  row by its token scale; ``impl="int_mm"`` runs ``torch._int_mm`` (exact everywhere) and subtracts
-  ``z_x · rowsum(q_w)`` per token (asymmetric specs).
+  row by its token scale; ``impl="int_mm"`` (the default) runs ``torch._int_mm`` (exact everywhere) and
+  subtracts ``z_x · rowsum(q_w)`` per token (asymmetric specs; row sums precomputed).
 """
 from __future__ import annotations
 
@@ -24,10 +24,14 @@ from qgraph.quant.uniform import fake_quantize_dynamic, quantize_dynamic
 
 IMPLS = ("onednn", "int_mm")
 
+
+def _absmax(codes: torch.Tensor) -> int:
+    return int(codes.to(torch.int16).abs().max()) if codes.numel() else 0
+
 _LIB = torch.library.Library("qgraph", "FRAGMENT")
 _LIB.define("fake_quant_dynamic(Tensor x, int bits, bool signed, bool symmetric, bool per_token) -> Tensor")
-_LIB.define("dynamic_int8_linear(Tensor x, Tensor codes, Tensor w_scale, Tensor? bias, int bits, bool symmetric, "
-            "bool per_token, str impl) -> Tensor")
+_LIB.define("dynamic_int8_linear(Tensor x, Tensor codes, Tensor w_scale, Tensor? bias, Tensor? row_sums, int bits, "
+            "bool symmetric, bool per_token, str impl) -> Tensor")
 
 
 def activation_spec(bits: int, signed: bool, symmetric: bool, per_token: bool) -> QSpec:
@@ -47,7 +51,7 @@ def _fake_quant_dynamic(x, bits, signed, symmetric, per_token):
     return fake_quantize_dynamic(x, activation_spec(bits, signed, symmetric, per_token))
 
 
-def _dynamic_int8_linear(x, codes, w_scale, bias, bits, symmetric, per_token, impl):
+def _dynamic_int8_linear(x, codes, w_scale, bias, row_sums, bits, symmetric, per_token, impl):
     spec = activation_spec(bits, True, symmetric, per_token)
     k = codes.shape[1]
     x2 = x.reshape(-1, k)
@@ -59,7 +63,7 @@ def _dynamic_int8_linear(x, codes, w_scale, bias, bits, symmetric, per_token, im
     else:
         acc = int8_matmul(q, codes.t())
         if not symmetric:
-            acc = acc - z * codes.to(torch.int32).sum(1)
+            acc = acc - z * (row_sums if row_sums is not None else codes.to(torch.int32).sum(1))
         y = acc.to(torch.float32) * (w_scale * s)
     if bias is not None:
         y = y + bias
@@ -80,14 +84,6 @@ def is_fake_quant_dynamic(target) -> bool:
     return target in (torch.ops.qgraph.fake_quant_dynamic, torch.ops.qgraph.fake_quant_dynamic.default)
 
 
-def choose_impl(spec: QSpec, weight_absmax: int = 127) -> str:
-    """oneDNN where its u8 x s8 products are exact here (symmetric codes; VNNI, or narrow enough codes), else
-    ``torch._int_mm``."""
-    if not spec.symmetric or saturation_possible(1 << spec.bits, weight_absmax):
-        return "int_mm"
-    return "onednn"
-
-
 class DynamicInt8Linear(nn.Module):
     """``y = x @ W^T + b`` with x quantized per token (or per tensor) at run time and W int8 per output channel
     (symmetric). Accepts ``x`` of shape ``[..., K]``."""
@@ -103,8 +99,11 @@ class DynamicInt8Linear(nn.Module):
         bits, signed, symmetric, per_token = op_args(spec)
         if not signed or bits > 8:
             raise KernelError(f"DynamicInt8Linear quantizes activations to signed codes of at most 8 bits, got {spec}")
-        if impl == "auto":
-            impl = choose_impl(spec, int(codes.to(torch.int16).abs().max()) if codes.numel() else 0)
+        if impl == "auto":  # torch._int_mm: exact, and faster than oneDNN at MiniLM's shapes (bench/dynamic_int8.py)
+            impl = "int_mm"
+        if impl == "onednn" and symmetric and saturation_possible(1 << bits, _absmax(codes)):
+            raise KernelError("oneDNN's u8 x s8 products may saturate on this CPU (AVX2 without VNNI) with these "
+                              "codes; use impl='int_mm' (exact)")
         if impl not in IMPLS:
             raise KernelError(f"DynamicInt8Linear impl must be 'auto' or one of {IMPLS}, got {impl!r}")
         if impl == "onednn" and not symmetric:
@@ -115,13 +114,14 @@ class DynamicInt8Linear(nn.Module):
         self.register_buffer("codes", codes.detach().contiguous())
         self.register_buffer("weight_scale", _channel_scales(weight_scale, n))
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32).clone())
+        self.register_buffer("row_sums", None if symmetric else codes.detach().to(torch.int32).sum(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise KernelError(f"DynamicInt8Linear expects inputs [..., {self.in_features}], got {tuple(x.shape)}")
         bits, _, symmetric, per_token = op_args(self.spec)
-        return torch.ops.qgraph.dynamic_int8_linear(x, self.codes, self.weight_scale, self.bias, bits, symmetric,
-                                                    per_token, self.impl)
+        return torch.ops.qgraph.dynamic_int8_linear(x, self.codes, self.weight_scale, self.bias, self.row_sums, bits,
+                                                    symmetric, per_token, self.impl)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, activations={self.spec}, impl={self.impl}"
