@@ -189,3 +189,15 @@ def test_asymmetric_dynamic_lowers_to_the_exact_int_mm_path():
     mods = [m for m in q.gm.modules() if isinstance(m, DynamicInt8Linear)]
     assert len(mods) == 2 and all(not m.spec.symmetric and m.impl == "int_mm" for m in mods)
     assert q.report["verify"]["max_local_rel_err"] <= KERNEL_TOL
+
+
+@pytest.mark.parametrize("sym", ["true", "false"])
+def test_dynamic_lowered_model_saves_and_loads_bit_identical(tmp_path, sym):
+    from qgraph.artifact import load_artifact, save_artifact
+
+    torch.manual_seed(6)
+    model, x = MLP().eval(), torch.randn(6, 10, 24)
+    q = _quantize(model, lowering_pipeline(f"act_bits=8,act_dynamic=token,act_symmetric={sym}"), x)
+    save_artifact(q, tmp_path / "a")
+    with torch.no_grad():
+        assert torch.equal(load_artifact(tmp_path / "a")(x), q(x))
