@@ -162,3 +162,29 @@ def test_stored_bytes_and_front_report(toy, tmp_path):
     assert "(strategies/01-front-0.json)" in text and (tmp_path / "rep" / "pareto.png").stat().st_size > 1000
     back = Strategy.load(tmp_path / "rep" / "strategies" / "01-front-0.json")
     assert back == pts[1]["strategy"]
+
+
+def test_reported_strategy_lowered_saved_and_reloaded_reproduces_its_score(toy, tmp_path):
+    """The search's score of a strategy is what the user gets: quantize with it, lower to the kernels, save,
+    load, and score the reloaded model the same way (cosine of output rows to fp32)."""
+    import qgraph
+    from qgraph.api import LOWERING_PASSES
+    from qgraph.artifact import load_artifact, save_artifact
+    from qgraph.model_source import load_model_source
+    from qgraph.search.metrics import cosine_rows
+
+    spec, bench, space = toy
+    labels = ["bcq3-g128", "w4-g128", "fp32", "bcq3-g128", "w8-ch"]
+    a = tuple(next(c for c, ch in enumerate(layer.choices) if ch.label == lb)
+              for layer, lb in zip(space.layers, labels))
+    s = space.strategy(a)
+    score = bench.evaluate(s)["metric"]
+    src = load_model_source(spec)
+    pipeline = s.pipeline() + "," + ",".join(LOWERING_PASSES) + ",dce"
+    low = qgraph.quantize(src.module, src.example_inputs, target="x86-avx2", calib=bench.data.calib_batches,
+                          pipeline=pipeline, strategy=s.config(), progress=False)
+    again = load_artifact(save_artifact(low, tmp_path / "art"))
+    with torch.no_grad():
+        outs = [again(*b) for b in bench.data.eval_batches]
+    got = float(torch.cat([cosine_rows(o, r) for o, r in zip(outs, bench.reference)]).mean())
+    assert got == pytest.approx(score, abs=2e-4)
