@@ -9,8 +9,8 @@ from qgraph.errors import OptionError
 
 # (pipeline text, the message after "pass '<name>': ")
 BAD = [
-    ("smooth-quant{alpha=2}", "option 'alpha' must be in [0, 1], got 2.0"),
-    ("smooth-quant{alpha=-0.1}", "option 'alpha' must be in [0, 1], got -0.1"),
+    ("smooth-quant{alpha=2}", "option 'alpha' must be 'auto' or a number in [0, 1], got 2.0"),
+    ("smooth-quant{alpha=-0.1}", "option 'alpha' must be 'auto' or a number in [0, 1], got -0.1"),
     ("smooth-quant{min_scale=0}", "option 'min_scale' must be > 0, got 0.0"),
     ("clip-search{evals=-1}", "option 'evals' must be >= 0, got -1"),
     ("clip-search{min_scale=1.5}", "option 'min_scale' must be in (0, 1], got 1.5"),
@@ -68,7 +68,7 @@ def test_issue_examples_fail_in_the_constructor():
 
 def test_options_built_in_python_are_checked_too():
     smooth = registered_passes()["smooth-quant"]
-    with pytest.raises(OptionError, match="option 'alpha' must be in \\[0, 1\\], got 1.5"):
+    with pytest.raises(OptionError, match="option 'alpha' must be 'auto' or a number in \\[0, 1\\], got 1.5"):
         smooth.Options(alpha=1.5)
     with pytest.raises(OptionError):
         dataclasses.replace(smooth.Options(), alpha=-1.0)
