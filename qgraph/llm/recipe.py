@@ -18,7 +18,9 @@ class LMRecipe:
     ``scheme``/``bits``/``group_size`` (None: one scale set per row): the decoder Linears' spec. ``offset``:
     BCQ's per-group offset z, or for uniform an asymmetric (zero-point) code; None picks the scheme's default
     (BCQ: no z; uniform: asymmetric). ``optimizer``: ``rtn`` (round to nearest; BCQ by the weighted
-    alternating method), ``gptq`` or ``aespa`` (both from calibration Hessians, act-order; BCQ with the
+    alternating method, its importance E[x²] per input channel when `quantize_lm` gets calibration rows, else
+    weight magnitude, which collapses SmolLM2 at 3 bits), ``gptq`` or ``aespa`` (both from calibration
+    Hessians, act-order; BCQ with the
     Hessian diagonal as importance). ``head_bits``: bits of the LM head (and, tied or not, the embedding
     table); None: same as ``bits``; 0: keep both float. Default: uniform 4-bit asymmetric, groups of 64, by
     the recipe's optimizer. ``head_scheme`` / ``head_group_size`` (0: per row):
