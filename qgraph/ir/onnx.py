@@ -314,14 +314,15 @@ class OnnxGraph:
         scale, zp, qmin, qmax = extra_args
         value = self.inputs(node)[idx]
         dtype = np.int8 if qmin < 0 else np.uint8
-        info = np.iinfo(dtype)
         s = ir.Value(name=self._fresh_name(f"{node.name}_in{idx}_scale"), const_value=ir.tensor(np.float32(scale)))
         z = ir.Value(name=self._fresh_name(f"{node.name}_in{idx}_zp"), const_value=ir.tensor(dtype(zp)))
         consts = [s, z]
         new_nodes = []
-        if (qmin, qmax) != (info.min, info.max):
-            # a narrower code range (e.g. 7-bit activations): QuantizeLinear saturates only to the dtype's
-            # range, so clip x to the codes' float range first (same result as clamping the codes)
+        if qmax - qmin < 127:
+            # a code range narrower than 7 bits (4-bit): QuantizeLinear saturates only to the dtype's range, so
+            # clip x to the codes' float range first (same result as clamping the codes). 7-bit ranges get no
+            # Clip, which would keep onnxruntime from fusing the Q/DQ into its int8 kernels (as in
+            # qgraph.export.rewrite): values beyond the calibrated range then saturate at 8 bits
             lo = ir.Value(name=self._fresh_name(f"{node.name}_in{idx}_lo"),
                           const_value=ir.tensor(np.float32(scale * (qmin - zp))))
             hi = ir.Value(name=self._fresh_name(f"{node.name}_in{idx}_hi"),
