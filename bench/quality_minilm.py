@@ -39,9 +39,9 @@ METHODS = {
     "W8A8 dynamic per-token asym": f"{CANON},annotate{{bits=8,act_bits=8,act_dynamic=token,act_symmetric=false}},"
                                    "quantize-weights,insert-fq",
     "W8A8 dynamic per-token asym SmoothQuant": f"{CANON},annotate{{bits=8,act_bits=8,act_dynamic=token,"
-                                               "act_symmetric=false}},smooth-quant,quantize-weights,insert-fq",
+                                               "act_symmetric=false},smooth-quant,quantize-weights,insert-fq",
     "W8A8 dynamic per-token asym SmoothQuant GPTQ": f"{CANON},annotate{{bits=8,act_bits=8,act_dynamic=token,"
-                                                    "act_symmetric=false}},smooth-quant,calibrate,gptq,"
+                                                    "act_symmetric=false},smooth-quant,calibrate,gptq,"
                                                     "quantize-weights,insert-fq",
     "W4-g128": f"{CANON},annotate{{bits=4,group_size=128,act_bits=0}},quantize-weights,insert-fq",
     "RTN-3-g128": f"{CANON},annotate{{bits=3,group_size=128,act_bits=0}},quantize-weights,insert-fq",
