@@ -47,7 +47,10 @@ class SearchOptions:
     as a uniform strategy (outside the trial budget) and scale Ω per label to match (see
     `anchor_sensitivity`). ``optimizer_skip``: node-key patterns GPTQ / aespa leave float in their runs (e.g. a
     tied LM head the space only offers table choices for); ``local_anchors``: also anchor each label on a quarter
-    of the layers over the best uniform strategy (one more evaluation per label)."""
+    of the layers over the best uniform strategy (one more evaluation per label). ``latency``: ``roofline``
+    (the target's cost model) or ``measured`` (this machine's kernels timed at ``latency_rows`` activation rows,
+    `qgraph.search.latency`; then the latency limit and axis are measured µs, and the roofline's error against
+    them is in the summary)."""
 
     model: str
     target: str = "x86-avx2"
@@ -70,6 +73,8 @@ class SearchOptions:
     anchor: bool = True
     optimizer_skip: tuple[str, ...] = ()
     local_anchors: bool = True
+    latency: str = "roofline"
+    latency_rows: int = 1
 
     def eval_config(self) -> EvalConfig:
         """How trials are scored; with a trial cache, quantized weights are shared through a folder beside it
@@ -98,6 +103,7 @@ class SearchResult:
     timings: dict[str, float] = field(default_factory=dict)
     anchors: dict[str, float] = field(default_factory=dict)
     anchor_scales: dict[str, float] = field(default_factory=dict)
+    latency_check: dict[str, Any] = field(default_factory=dict)
 
     @property
     def front(self) -> list[Trial]:
@@ -123,7 +129,7 @@ class SearchResult:
                 "sensitivity": {"method": self.sens.method, "iterations": self.sens.iterations,
                                 "converged": self.sens.converged, "anchor_scales": self.anchor_scales},
                 "anchors": self.anchors,
-                "float_bytes": self.space.float_bytes(),
+                "float_bytes": self.space.float_bytes(), "latency": self.latency_check,
                 "chosen": row(self.chosen), "baselines": {k: row(v) for k, v in self.baselines.items()},
                 "front": [row(t) for t in self.front]}
 
@@ -185,6 +191,11 @@ def run_search(opts: SearchOptions, *, progress: Callable[[str], None] | None = 
             f"{len(space.ties)} tie groups; choices {', '.join(space.labels())}")
         t = time.perf_counter()
         costs = cost_table(bench.graph, space, bench.target)
+        latency_check: dict[str, Any] = {}
+        if opts.latency == "measured":
+            costs, latency_check = _measured_costs(bench, space, costs, opts.latency_rows, say)
+        elif opts.latency != "roofline":
+            raise SearchError(f"unknown latency source {opts.latency!r}; use roofline or measured")
         timings["cost_table"] = time.perf_counter() - t
         constraints = opts.constraints
         if opts.max_bytes_fraction is not None:
@@ -238,7 +249,41 @@ def run_search(opts: SearchOptions, *, progress: Callable[[str], None] | None = 
     chosen = problem.best()
     return SearchResult(opts, space, costs, sens, constraints, problem.trials, chosen, baselines, bench.base_metric,
                         bench.metric.name, runner.evaluated, runner.cached, time.perf_counter() - t0, timings,
-                        anchors, scales)
+                        anchors, scales, latency_check)
+
+
+def _measured_costs(bench: Workbench, space: Space, roofline: CostTable, rows: int,
+                    say: Callable[[str], None]) -> tuple[CostTable, dict[str, Any]]:
+    """This machine's measured cost table: Linear kernels timed at ``rows`` rows (cached per machine), and the
+    rest of the model as the eager float model's median time minus its fp32 Linears."""
+    import torch
+
+    from qgraph.search.latency import LatencyTable, measured_cost_table, roofline_error
+
+    table = LatencyTable()
+    float_linears = measured_cost_table(space, rows, table)
+    with torch.no_grad():
+        whole = _time_call(bench.graph.gm, bench.graph.example_inputs)
+    lin = sum(r[space.float_index(layer)] if any(ch.is_float for ch in layer.choices) else r[0]
+              for r, layer in zip(float_linears.per_layer, space.layers))
+    costs = CostTable("measured", max(whole - lin, 0.0), float_linears.per_layer)
+    check = {"rows": rows, "float_model_us": whole, "measured_now": table.measured, "cache": str(table.path),
+             "roofline_vs_measured": roofline_error(roofline, costs)}
+    say(f"measured latency: fp32 model {whole / 1e3:.1f} ms, {table.measured} kernel timings new "
+        f"(cache {table.path}); roofline vs measured: {check['roofline_vs_measured']}")
+    return costs, check
+
+
+def _time_call(fn: Callable[..., Any], args: tuple, repeats: int = 5) -> float:
+    import statistics
+
+    fn(*args)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn(*args)
+        times.append((time.perf_counter() - t) * 1e6)
+    return statistics.median(times)
 
 
 def _anchor(space: Space, sens: Sensitivity, runner: TrialRunner, bench: Workbench, costs: CostTable,

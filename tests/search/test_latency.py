@@ -49,3 +49,27 @@ def test_measured_table_is_cached_per_machine_and_prices_the_space(tmp_path):
     assert again.measured == 0 and costs2 == costs  # read back, nothing timed twice
     err = roofline_error(cost_table(bench.graph, space, bench.target), costs)
     assert err["n"] == sum(len(layer.choices) for layer in space.layers) and -1.0 <= err["spearman"] <= 1.0 and err["max_ratio"] >= err["min_ratio"] > 0
+
+
+def test_search_with_measured_latency_limit(tmp_path, monkeypatch):
+    """``latency="measured"``: the limit and the latency axis are this machine's kernel timings; every feasible
+    trial meets the limit, and the summary reports the roofline's error against the measurement."""
+    from qgraph.search.constraints import Constraints
+    from qgraph.search.run import SearchOptions, run_search
+
+    monkeypatch.setenv("QGRAPH_LATENCY_CACHE", str(tmp_path / "lat"))
+    torch.set_num_threads(1)
+    spec = write_toy(tmp_path)
+    space_opts = SpaceOptions(uniform_bits=(8, 4), bcq_bits=(3,), act=False)
+    base = SearchOptions(model=spec, target="x86-avx2", driver="greedy", trials=4, workers=0, space=space_opts,
+                         n_eval=1, baselines=(), anchor=False, sensitivity="proxy", latency="measured",
+                         latency_rows=64)
+    first = run_search(base)
+    assert first.costs.target == "measured" and first.summary()["latency"]["rows"] == 64
+    assert "spearman" in first.summary()["latency"]["roofline_vs_measured"]
+    limit = first.costs.predict(space_high := first.space.high()) * 0.97
+    assert limit < first.costs.predict(space_high)
+    r = run_search(SearchOptions(**{**base.__dict__, "constraints": Constraints(max_latency_us=limit)}))
+    assert r.summary()["latency"]["measured_now"] == 0  # every kernel timing read back from the machine's cache
+    feasible = [t for t in r.trials if t.feasible]
+    assert feasible and all(t.analytic.latency_us <= limit * (1 + 1e-9) for t in feasible)
