@@ -92,6 +92,9 @@ def main(argv=None) -> int:
     ap.add_argument("--cross-trials", type=int, default=16)
     ap.add_argument("--cache", help="trial cache file (default: a fresh temporary file, so the time is honest)")
     ap.add_argument("--out", help="report folder (default qgraph-out/bench-search-<model>)")
+    ap.add_argument("--max-latency", type=float, help="smollm2: latency limit on this machine's measured kernels "
+                    "(prefill of the example's rows); <= 1 is a fraction of the eager fp32 model's measured time, "
+                    "else µs")
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args(argv)
     p = PRESETS[args.model]
@@ -251,7 +254,18 @@ def _run_lm(args, trials, iters, n_eval, n_hold, out, cache) -> int:
         a[table] = w8
         base_assign[f"{case} emb8"] = tuple(a)
     budget = space.weight_bytes(base_assign["aespa+bcq3"])
-    opts = replace(opts, constraints=Constraints(max_bytes=budget))
+    max_lat = None
+    if args.max_latency:
+        from qgraph.search.run import _time_call
+
+        rows = int(bench.graph.example_inputs[0].numel())
+        with torch.no_grad():
+            fp32_us = _time_call(bench.graph.gm, bench.graph.example_inputs)
+        max_lat = args.max_latency * fp32_us if args.max_latency <= 1 else args.max_latency
+        opts = replace(opts, latency="measured", latency_rows=rows)
+        log(f"latency limit {max_lat / 1e3:.1f} ms measured ({rows} rows; eager fp32 {fp32_us / 1e3:.1f} ms)")
+        records.add("smollm2 eager fp32 measured", "us", fp32_us, rows=rows, load1=os.getloadavg()[0])
+    opts = replace(opts, constraints=Constraints(max_bytes=budget, max_latency_us=max_lat))
     log(f"budget: {(budget + rest) / 1e6:.2f} MB stored (uniform aespa+BCQ-3, table fp32); load {load_before}")
     result = run_search(opts, bench=bench, progress=log)
     wall = time.perf_counter() - t0
