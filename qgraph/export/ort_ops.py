@@ -45,9 +45,10 @@ def session_options(options=None, *, custom_ops: bool = True):
 
     Registers ``ai.qgraph::BiQGEMM`` (``custom_ops=True``, needs onnxruntime-extensions) and makes
     onnxruntime's fused quantized kernels compute what the QDQ graph says:
-    - ``session.x64quantprecision=1``: on x86 CPUs with AVX2 but without VNNI, the u8s8 int8 GEMM a QDQ MatMul
-      fuses into otherwise sums pairs of products in saturating int16 (several percent off with full-range
-      8-bit weights); the precise mode keeps the int8 kernels with exact sums.
+    - ``session.x64quantprecision=1`` on x86 CPUs with AVX2 but without VNNI (`needs_precise_int8`): there the
+      u8s8 int8 GEMM a QDQ MatMul fuses into otherwise sums pairs of products in saturating int16 (several
+      percent off with full-range 8-bit weights); the precise mode keeps the int8 kernels with exact sums. CPUs
+      with VNNI sum in int32 anyway, and the precise mode would only make their QLinearConv slower.
     - ``session.qdq_matmulnbits_accuracy_level=1``: a weight-only ``DequantizeLinear → MatMul`` fuses into
       ``MatMulNBits``, whose default (level 4) quantizes the activations to int8 on the fly; level 1 keeps
       them fp32, as the model specifies. Set it back to 4 for speed when that error is acceptable.
@@ -55,7 +56,8 @@ def session_options(options=None, *, custom_ops: bool = True):
     import onnxruntime as ort
 
     so = options if options is not None else ort.SessionOptions()
-    so.add_session_config_entry(PRECISION_KEY, "1")
+    if needs_precise_int8():
+        so.add_session_config_entry(PRECISION_KEY, "1")
     so.add_session_config_entry(NBITS_ACCURACY_KEY, "1")
     if not custom_ops:
         return so
@@ -67,6 +69,27 @@ def session_options(options=None, *, custom_ops: bool = True):
     _register()
     so.register_custom_ops_library(get_library_path())
     return so
+
+
+def needs_precise_int8(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU is x86 with AVX2 and without VNNI (``cpuinfo``: /proc/cpuinfo's text, read if None;
+    True when it cannot be read on x86, the safe choice)."""
+    import platform
+
+    if cpuinfo is None:
+        if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
+            return False
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return True
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.partition(":")[2].split())
+            break
+    return "avx2" in flags and not flags & {"avx512_vnni", "avx_vnni"} if flags else True
 
 
 def _register() -> None:

@@ -128,7 +128,8 @@ def _record_fake_quants(gm: torch.fx.GraphModule, inputs: tuple) -> tuple[dict, 
             out = super().run_node(n)
             if n.op == "call_function" and n.target in FAKE_QUANT_TARGETS:
                 x = self.env[n.args[0]] if isinstance(n.args[0], torch.fx.Node) else n.args[0]
-                seen[n.name] = (x.detach().cpu().numpy(), out.detach().cpu().numpy(), float(n.args[1]))
+                seen[n.name] = (x.detach().cpu().numpy(), out.detach().cpu().numpy(), float(n.args[1]),
+                                *(int(a) for a in n.args[2:5]))
             return out
 
     with torch.no_grad():
@@ -145,8 +146,13 @@ def layerwise(qmodel: Any, onnx_path: str | os.PathLike, inputs: tuple | torch.T
     fake-quant (a new graph input) and its output compared with the simulation's: every layer is then checked on
     its own, and the model output is computed from the simulation's last quantized activations.
 
-    Returns ``{"layers": [{"node", "elements", "max_steps", "frac_changed"}], "first_divergent": node | None
-    (first layer off by more than one step), "output_rel_err": float}``.
+    A 7-bit activation is written without a Clip (see `qgraph.export.rewrite`), so an input beyond its calibrated
+    range saturates at the 8-bit storage's range in onnxruntime and at the 7-bit one in the simulation: the
+    forced inputs are clipped to the code range first (the codes the simulation computes are unchanged by
+    that), and ``frac_beyond_range`` says how many lay outside it.
+
+    Returns ``{"layers": [{"node", "elements", "max_steps", "frac_changed", "frac_beyond_range"}],
+    "first_divergent": node | None (first layer off by more than one step), "output_rel_err": float}``.
     """
     import tempfile
 
@@ -186,14 +192,21 @@ def layerwise(qmodel: Any, onnx_path: str | os.PathLike, inputs: tuple | torch.T
         names = [i.name for i in sess.get_inputs()]
         feed = {n: (t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t))
                 for n, t in zip(names[:n_inputs], inputs)}
-        feed.update({f"qgraph.forced.{n}": recorded[n][0] for n in forced})
+        feed.update({f"qgraph.forced.{n}": _clip_to_codes(*recorded[n][:1], *recorded[n][2:]) for n in forced})
         results = sess.run(None, feed)
     rows = []
     for name, got in zip(watched, results[n_out:]):
-        _, want, scale = recorded[name]
+        x, want, scale, zp, qmin, qmax = recorded[name]
+        inside = _clip_to_codes(x, scale, zp, qmin, qmax) == x
         steps = np.abs(got.astype(np.float64) - want) / scale
         rows.append({"node": name, "elements": int(steps.size), "max_steps": float(steps.max()) if steps.size else 0.0,
-                     "frac_changed": float((steps > 0.5).mean()) if steps.size else 0.0})
+                     "frac_changed": float((steps > 0.5).mean()) if steps.size else 0.0,
+                     "frac_beyond_range": float(1.0 - inside.mean()) if steps.size else 0.0})
     first = next((r["node"] for r in rows if r["max_steps"] > 1.5), None)
     out_err = rel_err([np.asarray(r, np.float32) for r in results[:n_out]], sim_out)
     return {"layers": rows, "first_divergent": first, "output_rel_err": out_err}
+
+
+def _clip_to_codes(x: np.ndarray, scale: float, zp: int, qmin: int, qmax: int) -> np.ndarray:
+    """``x`` clipped to the float range of codes ``[qmin, qmax]`` (fake quantization's codes do not change)."""
+    return np.clip(x, np.float32((qmin - zp) * scale), np.float32((qmax - zp) * scale)).astype(x.dtype)

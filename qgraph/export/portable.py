@@ -67,7 +67,8 @@ class Emitter:
         while name in self.graph.initializers:
             i += 1
             name = f"{self.prefix}.{suffix}_{i}"
-        tensor = ir.Tensor(np.ascontiguousarray(array), dtype=dtype, name=name)
+        array = np.asarray(array)  # a 0-d scale stays 0-d: onnxruntime's QDQ fusions want scalar qparams
+        tensor = ir.Tensor(np.ascontiguousarray(array) if array.ndim else array, dtype=dtype, name=name)
         value = ir.Value(name=name, type=ir.TensorType(tensor.dtype), shape=tensor.shape, const_value=tensor)
         self.graph.register_initializer(value)
         return value

@@ -1,8 +1,14 @@
 """Replace the ``qgraph.export`` placeholders of an exported ONNX model (onnx_ir) by their final form.
 
-- ``FakeQuant`` → ``QuantizeLinear → DequantizeLinear`` with the calibrated scale / zero point, int8 or uint8;
-  a narrower range than the type's (7-bit, 4-bit, (0, 127)) gets a ``Clip`` to ``[(qmin − z)·s, (qmax − z)·s]``
-  in front, which quantizes identically.
+- ``FakeQuant`` → ``QuantizeLinear → DequantizeLinear`` with the calibrated scale / zero point, int8 or uint8.
+  A 7-bit range (128 codes: [-64, 63], [0, 127]) is written as that scale and zero point in 8-bit storage with no
+  ``Clip``, so onnxruntime fuses it into its int8 kernels (a Clip between an op and its Q/DQ blocks
+  that); values inside the calibrated range quantize identically, values beyond it saturate at the 8-bit
+  storage's range instead of the 7-bit one (less clipping than the simulation). Narrower ranges (≤ 6 bits)
+  keep a ``Clip`` to ``[(qmin − z)·s, (qmax − z)·s]`` in front, which quantizes identically.
+- The float bias of a ``Conv`` / ``Gemm`` whose input and weight both come out of Q/DQ becomes int32 codes at
+  scale ``s_x·s_w`` + DequantizeLinear (what onnxruntime's QDQ selectors need to fuse ``QLinearConv`` /
+  ``QGemm``; a float bias leaves the op in float). Each bias moves by at most ``s_x·s_w / 2``.
 - ``DequantizeWeight`` → an int8/uint8 (int4/uint4 at ≤ 4 bits, opset ≥ 21) initializer + ``DequantizeLinear``
   (per-tensor; per-channel with ``axis``; group-wise as a blocked DequantizeLinear, opset ≥ 21, or as
   `_group_arithmetic` where that cannot be used). A Transpose
@@ -29,6 +35,9 @@ _RANGES = {ir.DataType.INT8: (-128, 127), ir.DataType.UINT8: (0, 255), ir.DataTy
 _NP = {ir.DataType.INT8: np.int8, ir.DataType.UINT8: np.uint8, ir.DataType.INT4: np.int8,
        ir.DataType.UINT4: np.uint8}
 
+
+#: Activation ranges of at least this many codes (7 bits) are written without a Clip (see the module docstring).
+CLIP_FREE_CODES = 128
 
 #: Metadata on the first node of each activation Q/DQ chain (its input is the fake-quant's input) and on its
 #: DequantizeLinear: the name of the fake-quant node in the quantized torch graph (see `qgraph.export.parity`).
@@ -64,6 +73,9 @@ def rewrite(model: ir.Model, *, portable: bool = False, mu: int = 8) -> RewriteS
     if leftovers:
         raise ExportError(f"{len(leftovers)} quantized ops sit inside control-flow subgraphs, which the exporter "
                           f"does not rewrite; quantize the model without data-dependent control flow")
+    for node in list(graph):
+        if node.domain == "" and node.op_type in ("Conv", "Gemm") and _quantize_bias(graph, node):
+            stats.add("Int32Bias")
     model.opset_imports.pop(schema.PRIVATE_DOMAIN, None)
     if any(n.domain == schema.DOMAIN for n in graph):
         model.opset_imports[schema.DOMAIN] = schema.VERSION
@@ -133,8 +145,8 @@ def _fake_quant(graph: ir.Graph, node: ir.Node, opset: int) -> None:
     if not qmin <= zp <= qmax or qmin >= qmax:
         raise ExportError(f"{node.name}: activation qparams are inconsistent (zero point {zp}, range "
                           f"[{qmin}, {qmax}]); re-run calibrate")
-    # Activations stay 8-bit in ONNX (narrower ranges get a Clip): onnxruntime 1.2x fuses int4 Q/DQ around a
-    # Conv into a QLinearConv that rejects int4, and has no int4 activation kernels to gain from them.
+    # Activations stay 8-bit in ONNX: onnxruntime 1.2x fuses int4 Q/DQ around a Conv into a QLinearConv that
+    # rejects int4, and has no int4 activation kernels to gain from them.
     dtype = _storage_type(qmin, qmax, 18)
     tlo, thi = _RANGES[dtype]
     if qmin < tlo or qmax > thi:
@@ -142,10 +154,12 @@ def _fake_quant(graph: ir.Graph, node: ir.Node, opset: int) -> None:
                           f"at most 8-bit activations")
     e = portable_mod.Emitter(graph, node.name or "fq")
     scale = e.const("scale", np.float32(s))
+    lo, hi = np.float32((qmin - zp) * s), np.float32((qmax - zp) * s)
+    if dtype == ir.DataType.INT8:  # the same codes shifted by 128: onnxruntime's x86 int8 kernels take uint8
+        dtype, zp = ir.DataType.UINT8, zp + 128
     zero = e.const("zero_point", np.array(zp, dtype=_NP[dtype]), dtype)
     x = node.inputs[0]
-    if (qmin, qmax) != (tlo, thi):
-        lo, hi = np.float32((qmin - zp) * s), np.float32((qmax - zp) * s)
+    if qmax - qmin < CLIP_FREE_CODES - 1:
         x = e.op("Clip", [x, e.const("clip_min", lo), e.const("clip_max", hi)])
     q = e.op("QuantizeLinear", [x, scale, zero])
     y = e.op("DequantizeLinear", [q, scale, zero])
@@ -154,6 +168,71 @@ def _fake_quant(graph: ir.Graph, node: ir.Node, opset: int) -> None:
         e.nodes[0].metadata_props[FQ_INPUT_KEY] = name
         e.nodes[-1].metadata_props[FQ_OUTPUT_KEY] = name
     _finish(graph, node, e, y)
+
+
+# ------------------------------------------------------------------------------------------ int32 bias
+def _activation_scale(value: ir.Value | None) -> float | None:
+    """The scale of an activation ``QuantizeLinear → DequantizeLinear`` pair producing ``value``."""
+    dq = value.producer() if value is not None else None
+    if dq is None or dq.op_type != "DequantizeLinear" or dq.domain != "" or dq.inputs[0] is None:
+        return None
+    q = dq.inputs[0].producer()
+    if q is None or q.op_type != "QuantizeLinear" or dq.inputs[1] is None or dq.inputs[1].const_value is None:
+        return None
+    s = dq.inputs[1].const_value.numpy()
+    return float(s.reshape(-1)[0]) if s.size == 1 else None
+
+
+def _weight_scale(value: ir.Value | None, out_axis: int, channels: int) -> np.ndarray | None:
+    """Per-output-channel scales ``[channels]`` of a weight ``DequantizeLinear`` of 8-bit initializer codes
+    (per tensor, or per channel along ``out_axis``); None for anything else (blocked, group arithmetic)."""
+    dq = value.producer() if value is not None else None
+    if dq is None or dq.op_type != "DequantizeLinear" or dq.domain != "" or "block_size" in dq.attributes:
+        return None
+    codes, scale = dq.inputs[0], dq.inputs[1]
+    if codes is None or codes.const_value is None or scale is None or scale.const_value is None:
+        return None
+    if codes.const_value.dtype not in (ir.DataType.INT8, ir.DataType.UINT8):
+        return None
+    s = scale.const_value.numpy().astype(np.float64)
+    if s.size == 1:
+        return np.full(channels, float(s.reshape(-1)[0]))
+    axis = dq.attributes["axis"].as_int() if "axis" in dq.attributes else 1
+    ndim = len(codes.const_value.shape)
+    return s if s.shape == (channels,) and axis % ndim == out_axis else None
+
+
+def _quantize_bias(graph: ir.Graph, node: ir.Node) -> bool:
+    """Store a Conv / Gemm float bias as int32 codes at scale ``s_x·s_w`` when its input and weight are Q/DQ."""
+    if len(node.inputs) < 3 or node.inputs[2] is None or node.inputs[2].const_value is None:
+        return False
+    bias_v = node.inputs[2]
+    bias = bias_v.const_value.numpy()
+    if bias.dtype != np.float32 or bias.ndim != 1:
+        return False
+    if node.op_type == "Gemm":
+        attrs = node.attributes
+        if ("transA" in attrs and attrs["transA"].as_int()) or any(
+                k in attrs and attrs[k].as_float() != 1.0 for k in ("alpha", "beta")):
+            return False
+        out_axis = 0 if "transB" in attrs and attrs["transB"].as_int() else 1
+    else:
+        out_axis = 0
+    s_x = _activation_scale(node.inputs[0])
+    s_w = _weight_scale(node.inputs[1], out_axis, bias.shape[0])
+    if s_x is None or s_w is None:
+        return False
+    scale = (s_x * s_w).astype(np.float32)
+    codes = np.round(bias.astype(np.float64) / scale.astype(np.float64))
+    if not np.all(np.isfinite(codes)) or np.abs(codes).max(initial=0) >= 2**31 - 1:
+        return False
+    e = portable_mod.Emitter(graph, (node.name or "op").replace("/", "_"))
+    w = e.const("bias_int32", codes.astype(np.int32))
+    y = e.op("DequantizeLinear", [w, e.const("bias_scale", scale), e.const("bias_zero_point", np.zeros(
+        scale.shape, np.int32))], axis=0)
+    graph.insert_before(node, e.nodes)
+    node.replace_input_with(2, y)
+    return True
 
 
 # ------------------------------------------------------------------------------------------ DequantizeWeight
@@ -172,11 +251,16 @@ def _dequantize_weight(graph: ir.Graph, node: ir.Node, opset: int) -> None:
     _check_range(zp, dtype, "weight zero points", node)
     axis = axis % codes.ndim
     transpose = _sole_transpose(node)
+    gemm = _sole_gemm_weight(node) if transpose is None and gran == "group" and codes.ndim == 2 else None
+    if gemm is not None and (opset < 21 or _feeds_quantized_activation_op(node)):
+        gemm = None
     if transpose is not None and (gran != "group" or codes.ndim == 2):
         perm = list(transpose.attributes["perm"].as_ints())
         codes = codes.transpose(perm)
         axis = perm.index(axis)  # scale / zero point keep their [C] or [C, G] layout
         out_node = transpose
+    elif gemm is not None:  # Gemm(x, W, b, transB=1) → MatMul(x, Wᵀ) + b: onnxruntime makes it MatMulNBits
+        codes, axis, out_node = codes.T, 1 - axis, gemm
     else:
         out_node = node
     e = portable_mod.Emitter(graph, _prefix(node, "dq"))
@@ -193,6 +277,10 @@ def _dequantize_weight(graph: ir.Graph, node: ir.Node, opset: int) -> None:
             y = _group_arithmetic(e, codes, scale, zp, axis, gs, dtype)
     else:
         raise ExportError(f"{node.name}: unknown weight granularity {gran!r}")
+    if gemm is not None:
+        y = e.op("MatMul", [gemm.inputs[0], y])
+        if len(gemm.inputs) > 2 and gemm.inputs[2] is not None:
+            y = e.op("Add", [y, gemm.inputs[2]])
     _finish(graph, out_node, e, y, also_remove=[node] if out_node is not node else [])
 
 
@@ -251,6 +339,22 @@ def _feeds_quantized_activation_op(producer: ir.Node) -> bool:
                     src.inputs[0].producer() is not None and src.inputs[0].producer().op_type == "QuantizeLinear":
                 return True
     return False
+
+
+def _sole_gemm_weight(node: ir.Node) -> ir.Node | None:
+    """The Gemm that alone consumes ``node``'s output as its ``B`` with ``transB=1`` (``x @ Wᵀ + b``)."""
+    out = node.outputs[0]
+    users = list(out.consumers())
+    if len(users) != 1 or out.is_graph_output():
+        return None
+    g = users[0]
+    a = g.attributes
+    plain = all(k not in a or a[k].as_float() == 1.0 for k in ("alpha", "beta"))
+    if g.op_type != "Gemm" or g.domain != "" or len(g.inputs) < 2 or g.inputs[1] is not out or \
+            g.inputs[0] is out or not plain or ("transA" in a and a["transA"].as_int()) or \
+            "transB" not in a or not a["transB"].as_int():
+        return None
+    return g
 
 
 def _sole_transpose(node: ir.Node) -> ir.Node | None:
