@@ -38,9 +38,11 @@ def _rel(a, b):
     return float(((a - b) ** 2).mean() / (b**2).mean())
 
 
-@pytest.mark.parametrize("annotate", ["annotate{bits=3,group_size=16,act_bits=0}",
-                                      "annotate{scheme=bcq,bits=2,group_size=16}"])
-def test_gptq_beats_round_to_nearest_on_the_model_output(annotate):
+# BCQ's round-to-nearest baseline weighs its alpha fit by the activations' E[x^2] since bf16bf0 (it was the
+# plain fit): GPTQ's lead there shrank from below 0.8x to 0.90x (measured), so that case holds it to 0.95x.
+@pytest.mark.parametrize("annotate, ratio", [("annotate{bits=3,group_size=16,act_bits=0}", 0.8),
+                                             ("annotate{scheme=bcq,bits=2,group_size=16}", 0.95)])
+def test_gptq_beats_round_to_nearest_on_the_model_output(annotate, ratio):
     model = _mlp()
     calib, mix = _data()
     x = torch.randn(256, K) @ mix
@@ -48,7 +50,7 @@ def test_gptq_beats_round_to_nearest_on_the_model_output(annotate):
     opt = _quantize(model, f"{annotate},gptq{{act_order=true}},quantize-weights,insert-fq", calib)
     assert opt.report["stats"]["gptq"] == {"gptq": 2, "rtn": 0, "mode": "sequential"}
     assert opt.report["stats"]["quantize-weights"]["quantized"] == 0  # it skips what gptq filled
-    assert _rel(opt(x), model(x)) < 0.8 * _rel(rtn(x), model(x))
+    assert _rel(opt(x), model(x)) < ratio * _rel(rtn(x), model(x))
 
 
 def _layer_hessians(model, calib, w0_hat=None, stacked=True):
