@@ -1,6 +1,7 @@
 """Layering: the IR, the quantizers and the kernels never import passes, the search or the CLI (node-metadata
 keys live in `qgraph.ir.meta`, not in the passes that write them)."""
 import ast
+import functools
 from pathlib import Path
 
 import qgraph
@@ -100,7 +101,12 @@ def _module_files() -> dict[str, Path]:
 
 def import_graph() -> "nx.DiGraph":  # noqa: F821
     """qgraph's modules and every import between them, at module level or inside functions (a deferred import
-    still closes a cycle)."""
+    still closes a cycle). A fresh copy of a graph built once per session."""
+    return _import_graph().copy()
+
+
+@functools.lru_cache(maxsize=1)
+def _import_graph() -> "nx.DiGraph":  # noqa: F821
     import networkx as nx
 
     files = _module_files()
