@@ -54,7 +54,16 @@ def activation_importance(w: torch.Tensor, mean_square: torch.Tensor, floor: flo
 
 def relative_output_error(x: torch.Tensor, w: torch.Tensor, w_hat: torch.Tensor) -> float:
     """``‖X (Ŵ − W)ᵀ‖ / ‖X Wᵀ‖`` over the rows of ``x [..., K]`` (float64)."""
+    return output_errors(x, w, w_hat)[0]
+
+
+def output_errors(x: torch.Tensor, w: torch.Tensor, w_hat: torch.Tensor) -> tuple[float, float]:
+    """(``‖X (Ŵ − W)ᵀ‖ / ‖X Wᵀ‖`` over all rows of ``x [..., K]``, the largest per-row ratio ``‖x (Ŵ − W)ᵀ‖ /
+    ‖x Wᵀ‖``). The second sees one token gone wrong, e.g. an attention sink whose output must stay near 0."""
     x2 = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
     w64 = w.detach().to(torch.float64)
-    ref = (x2 @ w64.T).norm()
-    return float((x2 @ (w_hat.detach().to(torch.float64) - w64).T).norm() / ref.clamp_min(1e-300))
+    y = x2 @ w64.T
+    e = x2 @ (w_hat.detach().to(torch.float64) - w64).T
+    total = float(e.norm() / y.norm().clamp_min(1e-300))
+    per_row = e.norm(dim=1) / y.norm(dim=1).clamp_min(1e-12 * float(y.norm(dim=1).max()) + 1e-300)
+    return total, float(per_row.max())
