@@ -46,6 +46,11 @@ def test_session_model_rejects_bad_inputs(tmp_path):
         m(x, x)
     with pytest.raises(KernelError, match="must be torch.float32"):
         m(x.double())
+    with pytest.raises(KernelError, match="must be a tensor"):
+        m(x.numpy())
+    wide = torch.randn(32, 4).T  # not contiguous: the session gets a contiguous copy
+    assert not wide.is_contiguous()
+    torch.testing.assert_close(m(wide), m(wide.contiguous()), rtol=0, atol=0)
 
 
 def test_cli_lower_with_the_onnxruntime_runtime(tmp_path, capsys):
