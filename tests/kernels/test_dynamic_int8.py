@@ -201,3 +201,12 @@ def test_dynamic_lowered_model_saves_and_loads_bit_identical(tmp_path, sym):
     save_artifact(q, tmp_path / "a")
     with torch.no_grad():
         assert torch.equal(load_artifact(tmp_path / "a")(x), q(x))
+
+
+def test_dynamic_specs_on_an_onnx_graph_are_a_typed_error():
+    from qgraph.ir.onnx import load_onnx
+    from tests.ir.test_onnx_adapter import _mlp_proto
+
+    with pytest.raises(SpecError, match="simulated on fx graphs only"):
+        qgraph.quantize(load_onnx(_mlp_proto()), calib=[torch.randn(4, 16)], progress=False,
+                        pipeline="annotate{act_bits=8,act_dynamic=token},calibrate,quantize-weights,insert-fq")
