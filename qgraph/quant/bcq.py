@@ -312,7 +312,7 @@ def _segment_stats(coef, table, xs, pm, pmx) -> tuple[torch.Tensor, torch.Tensor
     search; their mass and weighted sum are differences of the prefix sums ``pm`` / ``pmx``."""
     mids, perm = _sorted_mids(coef, table)
     n, g = xs.shape
-    inner = torch.searchsorted(xs, mids, right=True)  # elements <= each midpoint (same tie rule as _nearest)
+    inner = torch.searchsorted(xs.contiguous(), mids, right=True)  # elements <= each midpoint (as _nearest)
     bounds = torch.cat([torch.zeros(n, 1, dtype=inner.dtype), inner, torch.full((n, 1), g, dtype=inner.dtype)], 1)
     cm, cmx = pm.gather(1, bounds), pmx.gather(1, bounds)
     cnt = torch.zeros_like(cm[:, 1:]).scatter_(1, perm, cm[:, 1:] - cm[:, :-1])
