@@ -141,13 +141,19 @@ def test_dynamic_activations_need_no_calibration_data():
         assert F.cosine_similarity(q(x), model(x), dim=-1).min() > 0.999
 
 
-def test_target_default_can_be_dynamic_and_off_turns_it_static():
+def test_target_default_can_be_dynamic_and_off_turns_it_static(tmp_path):
     torch.manual_seed(2)
     model, x = MLP().eval(), torch.randn(4, 24)
-    q = _quantize(model, "annotate{act_bits=8,act_dynamic=token},annotate{act_bits=8,act_dynamic=off},calibrate,"
-                         "quantize-weights,insert-fq", x)
-    anns = [n.meta["qgraph.annotation"] for n in q.gm.graph.nodes if "qgraph.annotation" in n.meta]
-    assert anns and all(not a.inputs[0].dynamic and a.inputs[0].granularity == "tensor" for a in anns)
+    path = tmp_path / "dyn.toml"
+    path.write_text('inherits = "x86-avx512-vnni"\nname = "dyn"\n[defaults]\nactivation = "int8/token/sym/dynamic"\n')
+
+    def acts(pipeline):
+        q = qgraph.quantize(model, (x,), target=str(path), calib=[(x,)], progress=False, pipeline=pipeline)
+        return [n.meta["qgraph.annotation"].inputs[0] for n in q.gm.graph.nodes if "qgraph.annotation" in n.meta]
+
+    assert [str(a) for a in acts("annotate,calibrate,quantize-weights,insert-fq")] == ["int8/token/sym/dynamic"] * 2
+    static = acts("annotate{act_dynamic=off},calibrate,quantize-weights,insert-fq")
+    assert static and all(not a.dynamic and a.granularity == "tensor" for a in static)
 
 
 class ConvNet(nn.Module):
