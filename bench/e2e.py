@@ -230,13 +230,16 @@ def qgraph_route(name: str, model: nn.Module, example: tuple, calib: list, pipel
 
 def qgraph_ort_route(name: str, q: Any, example: tuple, dynamic_shapes: Any, quality: Callable[[Callable], float],
                      tmp: Path) -> Route:
-    """``q`` exported to QDQ ONNX and run by onnxruntime; the note counts the fused int8 kernels."""
+    """``q`` exported to QDQ ONNX and run by onnxruntime; the note counts the fused int8 kernels. The convnet is
+    exported with ``quantized_residuals`` (its residual Adds read the Q/DQ'd conv outputs, so those convs fuse
+    too; its quality is measured on that file)."""
     from qgraph.export.runtime import FUSED_INT8_OPS, UNFUSED_QDQ_OPS
 
     start = time.perf_counter()
     path = tmp / f"qgraph-{''.join(c if c.isalnum() else '-' for c in name)}.onnx"
     with _quiet():
-        qgraph.export_onnx(q, path, example, dynamic_shapes=dynamic_shapes)
+        qgraph.export_onnx(q, path, example, dynamic_shapes=dynamic_shapes,
+                           quantized_residuals=name in QUANTIZED_RESIDUALS)
     sess = OrtModel(path, qgraph_file=True)
     fused = sum(c for op, c in sess.optimized_ops.items() if op in FUSED_INT8_OPS)
     unfused = sum(c for op, c in sess.optimized_ops.items() if op in UNFUSED_QDQ_OPS)
@@ -248,6 +251,7 @@ def qgraph_ort_route(name: str, q: Any, example: tuple, dynamic_shapes: Any, qua
 
 #: qgraph routes that also get an onnxruntime row (their QDQ export fuses into onnxruntime's int8 kernels)
 ORT_ROUTES = ("W8A8 SmoothQuant", "W8A8 (int8 convs)")
+QUANTIZED_RESIDUALS = ("W8A8 (int8 convs)",)
 
 
 # --- timing ----------------------------------------------------------------------------------------------

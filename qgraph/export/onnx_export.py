@@ -62,7 +62,7 @@ class PreparedONNX:
     counts: dict[str, int]
     metadata: dict[str, str]
 
-    def write(self, path: str | os.PathLike, *, portable: bool = False, mu: int = 8,
+    def write(self, path: str | os.PathLike, *, portable: bool = False, mu: int = 8, quantized_residuals: bool = False,
               external_data: bool | None = None) -> ExportInfo:
         """Rewrite the placeholders (QDQ, BiQGEMM or its portable form, gathers), save and check the file."""
         if mu not in (4, 8):
@@ -71,7 +71,7 @@ class PreparedONNX:
         if not path.parent.exists():
             raise ExportError(f"directory {path.parent} does not exist; create it first")
         model = self.model.clone()
-        stats = rewrite(model, portable=portable, mu=mu)
+        stats = rewrite(model, portable=portable, mu=mu, quantized_residuals=quantized_residuals)
         model.producer_name = "qgraph"
         model.producer_version = _version()
         model.metadata_props.update({**self.metadata, "qgraph.portable": str(bool(portable)).lower()})
@@ -119,6 +119,7 @@ def export_onnx(
     external_data: bool | None = None,
     dynamic_shapes: Any = None,
     mu: int = 8,
+    quantized_residuals: bool = False,
 ) -> ExportInfo:
     """Export ``qmodel`` (a `qgraph.QuantizedModel`) to ``path``.
 
@@ -134,10 +135,14 @@ def export_onnx(
     ``Dim.AUTO`` on the batch dimension and on every dimension that was dynamic when the model was traced (e.g.
     MiniLM's sequence length with ``qgraph.models.minilm.dynamic_shapes()``); a dim of size 1 in the example
     stays static, so give examples with batch ≥ 2. Exporting one model in several forms: call
-    `prepare_onnx` once and `PreparedONNX.write` per form.
+    `prepare_onnx` once and `PreparedONNX.write` per form. ``quantized_residuals=True``: a residual ``Add``
+    that reads a Conv / Gemm / MatMul output which is also fake-quantized reads its Q/DQ'd value instead of the
+    float one, so onnxruntime can run that op as an int8 kernel (``QLinearConv``); the Add's input then moves
+    by up to half a quantization step from what the simulation computes.
     """
     prepared = prepare_onnx(qmodel, example_inputs, opset=opset, dynamic_shapes=dynamic_shapes)
-    return prepared.write(path, portable=portable, mu=mu, external_data=external_data)
+    return prepared.write(path, portable=portable, mu=mu, external_data=external_data,
+                          quantized_residuals=quantized_residuals)
 
 
 def _version() -> str:

@@ -54,13 +54,15 @@ class RewriteStats:
         self.counts[kind] = self.counts.get(kind, 0) + 1
 
 
-def rewrite(model: ir.Model, *, portable: bool = False, mu: int = 8) -> RewriteStats:
+def rewrite(model: ir.Model, *, portable: bool = False, mu: int = 8,
+            quantized_residuals: bool = False) -> RewriteStats:
     """Rewrite every placeholder in place; afterwards the model holds standard ONNX ops (and
     ``ai.qgraph::BiQGEMM`` unless ``portable``). Unused initializers are dropped."""
     opset = model.opset_imports.get("", 18)
     graph = model.graph
     stats = RewriteStats()
-    handlers = {"FakeQuant": _fake_quant, "DequantizeWeight": _dequantize_weight, "RowwiseGather": _rowwise_gather,
+    handlers = {"FakeQuant": lambda g, n, o: _fake_quant(g, n, o, quantized_residuals=quantized_residuals),
+                "DequantizeWeight": _dequantize_weight, "RowwiseGather": _rowwise_gather,
                 "BCQLinear": lambda g, n, o: _biqgemm(g, n, o, portable=portable, mu=mu)}
     for node in list(graph):
         if node.domain != schema.PRIVATE_DOMAIN:
@@ -134,7 +136,7 @@ def _check_scale(scale: np.ndarray, node: ir.Node) -> None:
 
 
 # ------------------------------------------------------------------------------------------ FakeQuant
-def _fake_quant(graph: ir.Graph, node: ir.Node, opset: int) -> None:
+def _fake_quant(graph: ir.Graph, node: ir.Node, opset: int, *, quantized_residuals: bool = False) -> None:
     """One Q/DQ pair per fake-quant, with its own initializers, even where several quantize the same tensor alike
     (q/k/v projections): onnxruntime fuses each pair with its MatMul into ``MatMulIntegerToFloat`` only then
     (36 of 36 MiniLM projections instead of 18), and its int8→uint8 conversion fails on shared zero points."""
@@ -167,7 +169,15 @@ def _fake_quant(graph: ir.Graph, node: ir.Node, opset: int) -> None:
     if name:
         e.nodes[0].metadata_props[FQ_INPUT_KEY] = name
         e.nodes[-1].metadata_props[FQ_OUTPUT_KEY] = name
+    source = node.inputs[0]
     _finish(graph, node, e, y)
+    src = source.producer() if quantized_residuals and source is not None else None
+    if src is not None and src.domain == "" and src.op_type in ("Conv", "Gemm", "MatMul"):
+        for user in list(source.consumers()):  # a residual Add reading the op's float output
+            if user.op_type == "Add" and user.domain == "":
+                for i, v in enumerate(user.inputs):
+                    if v is source:
+                        user.replace_input_with(i, y)
 
 
 # ------------------------------------------------------------------------------------------ int32 bias

@@ -157,3 +157,34 @@ def test_weight_only_int4_runs_as_matmulnbits(tmp_path, rows):
     assert sess.optimized_ops["MatMulNBits"] == 2 and sess.unfused_qdq_ops == 0, sess.optimized_ops
     with torch.no_grad():
         assert rel_err(sess(x), q.graph.gm(x)) <= 1e-5
+
+
+class ResNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c0 = nn.Conv2d(3, 8, 1)
+        self.c1 = nn.Conv2d(8, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        h = self.c0(x)
+        return self.c2(nn.functional.relu6(self.c1(h)) + h)
+
+
+def test_quantized_residuals_let_the_residual_producing_conv_fuse(tmp_path):
+    """``quantized_residuals``: the residual Add reads c0's Q/DQ'd output, so c0 becomes a QLinearConv too."""
+    torch.manual_seed(0)
+    model = ResNet().eval()
+    calib = [(torch.randn(2, 3, 8, 8),) for _ in range(2)]
+    q = qgraph.quantize(model, calib[0], calib=calib, progress=False,
+                        pipeline="annotate{act_bits=8},calibrate,quantize-weights,insert-fq")
+    counts, outs = {}, {}
+    for flag in (False, True):
+        path = tmp_path / f"m{flag}.onnx"
+        export_onnx(q, path, calib[0], quantized_residuals=flag)
+        counts[flag] = OrtModel(path, threads=1).optimized_ops["QLinearConv"]
+        outs[flag] = torch.from_numpy(run_onnx(path, calib[0])[0])
+    assert counts[True] == counts[False] + 1, counts
+    with torch.no_grad():
+        sim = q.graph.gm(*calib[0])
+    assert rel_err(outs[False], sim) <= 0.02 and rel_err(outs[True], sim) <= 0.05
