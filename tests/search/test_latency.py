@@ -67,8 +67,9 @@ def test_search_with_measured_latency_limit(tmp_path, monkeypatch):
     first = run_search(base)
     assert first.costs.target == "measured" and first.summary()["latency"]["rows"] == 64
     assert "spearman" in first.summary()["latency"]["roofline_vs_measured"]
-    limit = first.costs.predict(space_high := first.space.high()) * 0.97
-    assert limit < first.costs.predict(space_high)
+    sp = first.space
+    lats = sorted(first.costs.predict(sp.uniform(lb)) for lb in sp.labels())
+    limit = 2.0 * lats[0]  # generous: the model's eager remainder is timed again (noisy on a loaded host)
     r = run_search(SearchOptions(**{**base.__dict__, "constraints": Constraints(max_latency_us=limit)}))
     assert r.summary()["latency"]["measured_now"] == 0  # every kernel timing read back from the machine's cache
     feasible = [t for t in r.trials if t.feasible]
