@@ -69,16 +69,6 @@ class Generator(nn.Module):
         return self.body(self.fc(z).view(z.shape[0], self.width, self.init, self.init))
 
 
-def _swing(module: nn.Module, args: tuple, gen: torch.Generator):
-    x = args[0]
-    if x.dim() != 4 or min(x.shape[-2:]) < 2:
-        return None
-    h, w = x.shape[-2:]
-    dy, dx = (int(v) for v in torch.randint(0, 3, (2,), generator=gen))
-    x = F.pad(x, (1, 1, 1, 1), mode="reflect")[..., dy:dy + h, dx:dx + w]
-    return (x, *args[1:])
-
-
 def bn_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     """The model's BatchNorm modules that hold running statistics, in definition order."""
     return [m for m in model.modules()
@@ -93,14 +83,20 @@ def strided_convs(modules: Iterable[nn.Module]) -> list[nn.Conv2d]:
 def synthesize(model: nn.Module | Callable[[torch.Tensor], object], options: GenieOptions = GenieOptions(), *,
                bns: list[nn.Module] | None = None, convs: list[nn.Module] | None = None,
                params: Iterable[torch.Tensor] | None = None,
-               progress: Callable[[Iterable], Iterable] | None = None) -> list[torch.Tensor]:
+               progress: Callable[[Iterable], Iterable] | None = None,
+               taps: tuple[list, list[tuple[torch.Tensor, torch.Tensor]]] | None = None) -> list[torch.Tensor]:
     """Distill ``options.samples`` images from the BatchNorm statistics of ``model``: a list of batches
     [batch_size, channels, size, size] (the last one may be smaller).
 
     ``model`` is an ``nn.Module`` (its BatchNorms, stride-2 convs and parameters are found in it), or any
     callable that runs them, with ``bns`` / ``convs`` / ``params`` given. ``progress`` wraps the step
-    iterator (``ceil(samples / batch_size) * iters`` steps). Deterministic for a given seed and thread count."""
+    iterator (``ceil(samples / batch_size) * iters`` steps). ``taps``: for graphs whose BatchNorms are not
+    modules, a list the forward fills with each BatchNorm's input and their (running mean, running std); then
+    ``bns`` is not used and swing convolution is the caller's (see `swing`). Deterministic for a given seed
+    and thread count."""
     o = options
+    if taps is not None:
+        return _distill(model, o, taps[0], taps[1], [], progress)
     if isinstance(model, nn.Module):
         bns = bn_layers(model) if bns is None else bns
         convs = strided_convs(model.modules()) if convs is None else convs
@@ -116,12 +112,35 @@ def synthesize(model: nn.Module | Callable[[torch.Tensor], object], options: Gen
     req = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(False)
-    gen = torch.Generator().manual_seed(o.seed)
     feats: list[torch.Tensor | None] = [None] * len(bns)
     hooks = [bn.register_forward_pre_hook(lambda m, a, i=i: feats.__setitem__(i, a[0])) for i, bn in enumerate(bns)]
     if o.swing:
-        hooks += [c.register_forward_pre_hook(lambda mod, a: _swing(mod, a, gen)) for c in convs or []]
+        hooks += [c.register_forward_pre_hook(lambda mod, a: (swing(a[0], _GEN), *a[1:])) for c in convs or []]
     targets = [(bn.running_mean.detach().float(), (bn.running_var.detach().float() + bn.eps).sqrt()) for bn in bns]
+    try:
+        return _distill(model, o, feats, targets, hooks, progress)
+    finally:
+        for p, r in zip(params, req):
+            p.requires_grad_(r)
+        for b, mode in modes:
+            b.train(mode)
+
+
+_GEN = torch.Generator()
+
+
+def swing(x: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
+    """Swing convolution's input: reflect-pad by one pixel and crop back at a random offset (NCHW only)."""
+    if x.dim() != 4 or min(x.shape[-2:]) < 2:
+        return x
+    h, w = x.shape[-2:]
+    dy, dx = (int(v) for v in torch.randint(0, 3, (2,), generator=gen or _GEN))
+    return F.pad(x, (1, 1, 1, 1), mode="reflect")[..., dy:dy + h, dx:dx + w]
+
+
+def _distill(model, o: GenieOptions, feats: list, targets: list, hooks: list, progress) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(o.seed)
+    _GEN.manual_seed(o.seed + 1)
     sizes = [min(o.batch_size, o.samples - s) for s in range(0, o.samples, o.batch_size)]
     steps = iter(progress(range(len(sizes) * o.iters)) if progress else range(len(sizes) * o.iters))
     out = []
@@ -136,7 +155,7 @@ def synthesize(model: nn.Module | Callable[[torch.Tensor], object], options: Gen
             for _ in range(o.iters):
                 next(steps, None)
                 opt.zero_grad(set_to_none=True)
-                feats[:] = [None] * len(bns)
+                feats[:] = [None] * len(feats)
                 model(g(z))
                 loss = bn_loss(feats, targets)
                 loss.backward()
@@ -147,10 +166,6 @@ def synthesize(model: nn.Module | Callable[[torch.Tensor], object], options: Gen
     finally:
         for h in hooks:
             h.remove()
-        for p, r in zip(params, req):
-            p.requires_grad_(r)
-        for b, mode in modes:
-            b.train(mode)
     return out
 
 

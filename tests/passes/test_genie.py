@@ -81,6 +81,19 @@ def test_pipeline_calibrates_on_synthetic_images_only(monkeypatch):
     assert float((got - ref).norm() / ref.norm()) < 0.5
 
 
+def test_exported_graph_taps_its_batchnorm_ops():
+    """torch.export graphs (what the CLI traces) hold BatchNorm as ATen ops, not modules: genie taps them."""
+    model = _convnet(2)
+    x = torch.randn(2, 3, 16, 16)
+    pipe = "genie{samples=4,batch_size=4,iters=8},fold-bn,annotate{bits=8,act_bits=8},calibrate,quantize-weights,insert-fq"
+    q = qgraph.quantize(model, (x,), pipeline=pipe, progress=False, frontend="export")
+    st = q.report["stats"]
+    assert st["genie"]["bn_layers"] == 2 and st["calibrate"]["batches"] == 1
+    with torch.no_grad():
+        ref, got = model(x), q(x)
+    assert float((got - ref).norm() / ref.norm()) < 0.2
+
+
 def test_typed_errors():
     flat = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))
     flat(torch.randn(1, 3, 8, 8))
