@@ -101,8 +101,9 @@ class QuantizeWeights(Pass):
             warnings.warn(
                 f"quantize-weights: {len(flagged)} BCQ layer(s) have an output error on calibration tokens more "
                 f"than {o.rtn_check:g}x that of round-to-nearest uniform codes (worst {worst[0]}: "
-                f"{worst[1]:.1f}x): {', '.join(n for n, _ in flagged)}. Give calibration data "
-                "(activation-statistics importance), use offset=true, or quantize with gptq", stacklevel=2)
+                f"{worst[1]:.1f}x): {', '.join(n for n, _ in flagged)}. Weigh by activation statistics "
+                "(calibration data with bcq_importance=auto or activation), use offset=true, or quantize with gptq",
+                stacklevel=2)
         return PassResult(graph, modified=bool(todo), preserved=frozenset({"*"}), stats=stats)
 
     def _statistics(self, graph, ctx, act_nodes: list, check_nodes: list) -> tuple[dict, dict]:
