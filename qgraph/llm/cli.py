@@ -215,7 +215,9 @@ def _write_lm(model_name: str, recipe: Any, out_arg: str, as_json: bool) -> int:
         raise ExportError(f"--out {out} exists and is not a folder")
     t0 = time.perf_counter()
     model, tok = load_float_lm(model_name)
-    calib = calibration_rows(tok, recipe.calib_windows, recipe.window) if recipe.optimizer != "rtn" else None
+    # rtn BCQ weighs its fit by the calibration rows' activation statistics; only rtn uniform reads none.
+    needs_calib = recipe.optimizer != "rtn" or recipe.scheme == "bcq"
+    calib = calibration_rows(tok, recipe.calib_windows, recipe.window) if needs_calib else None
     lw = quantize_lm(model, recipe, calib)
     save_lm(out, model, lw, tok, source=model_name)
     from qgraph.llm.artifact import read_lm_artifact

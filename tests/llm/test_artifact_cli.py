@@ -162,3 +162,16 @@ def test_generate_on_a_lowered_graph_says_how_to_make_an_lm_artifact(tiny_folder
 def test_model_folder_config_is_read_as_data(tiny_folder):
     cls, cfg = builtin_causal_lm(read_config(tiny_folder))
     assert cls.__name__ == "LlamaForCausalLM" and cfg.hidden_size == 64
+
+
+@pytest.mark.parametrize("scheme, reads", [("bcq", True), ("uniform", False)])
+def test_quantize_lm_rtn_bcq_weighs_by_calibration_statistics(tiny_folder, tmp_path, monkeypatch, scheme, reads):
+    import qgraph.llm.quantize as lmq
+
+    seen = []
+    real = lmq.calibration_rows
+    monkeypatch.setattr(lmq, "calibration_rows", lambda *a, **k: seen.append(a) or real(*a, **k))
+    assert main(["quantize-lm", str(tiny_folder), "--out", str(tmp_path / scheme), "--scheme", scheme,
+                 "--bits", "3", "--group-size", "32", "--optimizer", "rtn", "--calib-windows", "2",
+                 "--window", "16"]) == 0
+    assert bool(seen) == reads
