@@ -124,7 +124,8 @@ def test_lower_an_onnx_file_writes_qdq_onnx(tmp_path, capsys):
     out = onnx.load(s["artifact"])
     onnx.checker.check_model(out)
     ops = [n.op_type for n in out.graph.node]
-    assert ops.count("DequantizeLinear") == 4 and ops.count("QuantizeLinear") == 2  # 2 weights + 2 activations
+    # 2 weights + 2 activations + the first Gemm's bias as int32 codes (the second layer is a MatMul, no bias)
+    assert ops.count("DequantizeLinear") == 5 and ops.count("QuantizeLinear") == 2
 
 
 def test_corrupt_onnx_file_is_one_line(tmp_path, capsys):

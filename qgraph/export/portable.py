@@ -54,10 +54,18 @@ class Emitter:
     def __init__(self, graph: ir.Graph, prefix: str):
         self.graph, self.prefix = graph, prefix
         self.nodes: list[ir.Node] = []
+        # Names handed out by every emitter of this graph (their nodes may not be inserted yet) and the graph's own:
+        # onnxruntime refuses a model with two nodes of one name (e.g. a weight's and a bias's DequantizeLinear).
+        self._taken: set[str] = graph.meta.setdefault("qgraph.emitted_node_names", set())
+        self._taken.update(n.name for n in graph if n.name)
 
     def op(self, op_type: str, inputs, domain: str = "", **attrs) -> ir.Value:
-        node = ir.node(op_type, list(inputs), attributes=attrs or None, domain=domain,
-                       name=f"{self.prefix}/{op_type}_{len(self.nodes)}")
+        i = len(self.nodes)
+        while f"{self.prefix}/{op_type}_{i}" in self._taken:
+            i += 1
+        name = f"{self.prefix}/{op_type}_{i}"
+        self._taken.add(name)
+        node = ir.node(op_type, list(inputs), attributes=attrs or None, domain=domain, name=name)
         self.nodes.append(node)
         return node.outputs[0]
 

@@ -86,7 +86,7 @@ def test_old_opsets_go_through_the_bcq_lowering_pipeline(digits, opset):
 
 def test_w8a8_lowering_of_an_old_cnn_stores_int8_conv_weights(digits):
     """lower-int8 on ONNX convs too: int8 codes + per-channel DequantizeLinear for every Conv and the Gemm head,
-    outputs equal the Q/DQ simulation, top-1 agreement with onnxruntime fp32 as the default pipeline's."""
+    outputs close to the Q/DQ simulation, top-1 agreement with onnxruntime fp32 as the default pipeline's."""
     model, x, calib = digits
     proto = _legacy_export(model, x, 12)
     ref = _ort(proto, x).argmax(1)
@@ -99,7 +99,10 @@ def test_w8a8_lowering_of_an_old_cnn_stores_int8_conv_weights(digits):
     assert all(r["kernel"] == "dequantize_linear" for r in q.report["lowering"] if r["status"] == "lowered")
     sim = qgraph.quantize(sim_g, calib=calib, progress=False, pipeline=lowering_pipeline("act_bits=8").split(
         ",lower-")[0])
-    assert rel_err(q(x), sim(x)) <= 1e-5
+    # With int32 biases the lowered Convs fuse into onnxruntime's QLinearConv, which requantizes each output in
+    # integer arithmetic: a value on a rounding tie can take the neighbouring code there (measured 4.6e-3).
+    assert rel_err(q(x), sim(x)) <= 2e-2
+    assert float((q(x).numpy().argmax(1) == sim(x).numpy().argmax(1)).mean()) >= 0.95
     assert float((q(x).numpy().argmax(1) == ref).mean()) >= 0.95
 
 

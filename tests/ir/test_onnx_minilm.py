@@ -38,7 +38,8 @@ def test_bcq3_from_onnx_matches_the_torch_path(minilm_onnx):
     model, x, calib, path, dyn = minilm_onnx
     pipe = "annotate{scheme=bcq,bits=3,group_size=128},quantize-weights,insert-fq"
     q_onnx = qgraph.quantize(str(path), calib=calib, progress=False, pipeline=pipe)
-    q_torch = qgraph.quantize(model, calib[0], progress=False, pipeline=pipe, dynamic_shapes=dyn)
+    # the same calibration on both: BCQ weighs its fit by activation statistics when calibration is given
+    q_torch = qgraph.quantize(model, calib[0], calib=calib, progress=False, pipeline=pipe, dynamic_shapes=dyn)
     assert q_onnx.report["stats"]["quantize-weights"]["quantized"] == 39  # 36 linears + 3 embeddings
     assert rel_err(q_onnx(*x), q_torch(*x)) <= 1e-5
 
@@ -76,7 +77,8 @@ def test_bcq3_lowering_pipeline_from_onnx_matches_the_torch_path(minilm_onnx):
     model, x, calib, path, dyn = minilm_onnx
     pipe = lowering_pipeline("scheme=bcq,bits=3,group_size=128")
     q_onnx = qgraph.quantize(str(path), calib=calib, progress=False, pipeline=pipe)
-    q_torch = qgraph.quantize(model, calib[0], progress=False, pipeline=pipe, dynamic_shapes=dyn)
+    # the same calibration on both: BCQ weighs its fit by activation statistics when calibration is given
+    q_torch = qgraph.quantize(model, calib[0], calib=calib, progress=False, pipeline=pipe, dynamic_shapes=dyn)
     for q in (q_onnx, q_torch):
         assert q.report["stats"]["lower-bcq"] == {"lowered": 36}
         assert q.report["stats"]["lower-embedding"] == {"lowered": 3}
