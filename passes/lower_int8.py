@@ -322,10 +322,7 @@ class LowerInt8(Pass):
         return _Plan(node, "Conv", "int8_conv", module, reason, fused)
 
     def _plan_gemm(self, graph, node, op: str, qweight, act: ActQuant, bias) -> _Plan | tuple[str, str]:
-        layout = weight_layout(graph, node, op)
-        if layout is None:
-            return "int8_gemm", "only a constant 2-D weight operand has an int8 GEMM kernel"
-        got = codes_nk(qweight, layout)
+        got = _gemm_codes(graph, node, op, qweight)
         if isinstance(got, str):
             return "int8_gemm", got
         codes, scale, _ = got
@@ -341,10 +338,7 @@ class LowerInt8(Pass):
         return _Plan(node, op, "int8_gemm", module, reason)
 
     def _plan_dynamic(self, graph, node, op: str, qweight, a_spec, bias) -> _Plan | tuple[str, str]:
-        layout = weight_layout(graph, node, op)
-        if layout is None:
-            return "int8_gemm", "only a constant 2-D weight operand has an int8 GEMM kernel"
-        got = codes_nk(qweight, layout)
+        got = _gemm_codes(graph, node, op, qweight)
         if isinstance(got, str):
             return "int8_gemm", got
         codes, scale, _ = got
@@ -420,3 +414,10 @@ def _spec_problems(w, a) -> list[str]:
         out.append(f"activations of {a.bits} bits do not fit the int8 kernels")
     return out
 
+
+def _gemm_codes(graph, node, op: str, qweight):
+    """``(codes [N, K], scale, zero point)`` of a Gemm/MatMul weight, or why the int8 GEMM cannot take it."""
+    layout = weight_layout(graph, node, op)
+    if layout is None:
+        return "only a constant 2-D weight operand has an int8 GEMM kernel"
+    return codes_nk(qweight, layout)
