@@ -6,7 +6,8 @@ Configurations (one quantize run each; the fake-quant simulation is the snapshot
 - ``A8W8`` (full run only): the target's default 8-bit activations. On a CPU without VNNI, lower-int8
   keeps the dense convs float (they would saturate) and lowers the depthwise convs and the classifier.
 Calibration: the 11 calibration photos (center crops); activation ranges by the MSE observer (the
-best of minmax / percentile / MSE for A7W8 here; the entropy observer collapsed MobileNetV2 to 0/6).
+best of minmax / percentile / MSE for A7W8 here when this bench was written; the entropy observer, which
+once collapsed MobileNetV2, now beats minmax at W8A8: see bench/quality_mobilenetv2.py).
 With 44 augmented calibration views instead, A7W8 lowered flips the motorcycle photo, where float
 itself is unsure (moped 0.59 / scooter 0.37) and the lowered model gives 0.412 scooter vs 0.411 moped. Quality on the bundled evaluation photos (disjoint from the
 calibration photos): top-1 agreement with float and KL(float || quantized) of the softmax, plus the
