@@ -21,17 +21,21 @@ decode-step logits against the simulation (max over the vocabulary of |Δ| / max
 step split into kernel / attention / other ops / compiled code / python / sampling + loop
 (`qgraph.llm.profile`).
 
-``OMP_WAIT_POLICY=PASSIVE`` is set before torch loads (unless already set), for every row alike: with
-libgomp's default active waiting, decode on this shared 2-core VM is 5-10x slower for every row, Hugging Face
-fp32 included (2.9 vs 15 tok/s; see `qgraph.llm.runtime`).
+``OMP_WAIT_POLICY=PASSIVE`` is set before torch loads (unless already set), for the torch rows: with libgomp's
+default active waiting, their decode on this shared 2-core VM is 5-10x slower, Hugging Face fp32 included (2.9
+vs 15 tok/s; see `qgraph.llm.runtime`). llama.cpp is the opposite: its OpenMP threads wait between graph nodes,
+and under ``PASSIVE`` they sleep there (SmolLM2 Q4_0 decoded 37-47 tok/s instead of 115-121 on a quiet machine).
+So each llama.cpp row is timed in a process of its own with the wait policy it ships with (the variable unset).
 
     python bench/decode_llm.py [--quick] [--json out.json] [--rows ...] [--no-compile] [--requantize]
 """
 from __future__ import annotations
 
 import os
+import sys
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+if "--llama-child" not in sys.argv:  # llama.cpp's timing child keeps libgomp's default (see the docstring)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import argparse  # noqa: E402
@@ -41,8 +45,8 @@ import importlib.util  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
+import types  # noqa: E402
 import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -330,6 +334,31 @@ def run_compiled_child(row: str, art: str | None, args) -> dict | None:
         return None
 
 
+def llama_child(row: str, args) -> None:
+    """Decode timing of one llama.cpp row in its own process (OMP_WAIT_POLICY unset); prints one JSON line."""
+    ids = torch.tensor([json.loads(args.ids)])
+    gen = LlamaCppGenerator(gguf_file(row), max(256, ids.shape[1] + args.new_tokens + 8))
+    out = []
+    for _ in range(args.rounds):
+        res = gen.generate(ids, args.new_tokens, stop_at_eos=False)
+        out.append([res.prompt_tokens_per_s, res.decode_tokens_per_s])
+    print(json.dumps(out))
+
+
+def run_llama_child(row: str, ids, args) -> list | None:
+    cmd = [sys.executable, __file__, "--llama-child", row, "--rounds", str(args.rounds), "--new-tokens",
+           str(args.new_tokens), "--ids", json.dumps([int(t) for t in ids.reshape(-1).tolist()])]
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = None
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    except (subprocess.SubprocessError, ValueError, IndexError):
+        print(f"  llama.cpp run of {row} failed: {out.stderr.strip().splitlines()[-1:] if out else ''}",
+              file=sys.stderr)
+        return None
+
+
 def rss_child(row: str, art: str | None, new_tokens: int) -> None:
     import resource
 
@@ -447,6 +476,8 @@ def main(argv=None) -> int:
     ap.add_argument("--requantize", action="store_true", help="remake the cached qgraph artifacts")
     ap.add_argument("--rss-child", help=argparse.SUPPRESS)
     ap.add_argument("--compiled-child", help=argparse.SUPPRESS)
+    ap.add_argument("--llama-child", help=argparse.SUPPRESS)
+    ap.add_argument("--ids", help=argparse.SUPPRESS)
     ap.add_argument("--artifact", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     torch.set_num_threads(THREADS)
@@ -455,6 +486,9 @@ def main(argv=None) -> int:
         return 0
     if args.compiled_child:
         compiled_child(args.compiled_child, args.artifact, args)
+        return 0
+    if args.llama_child:
+        llama_child(args.llama_child, args)
         return 0
     if args.quick:
         args.rows = args.rows or ["hf-fp32", "qgraph-bcq3"]
@@ -513,19 +547,25 @@ def main(argv=None) -> int:
     llama_rows = [r for r in rows if r in LLAMA_ROWS]
     if llama_rows and not have_llama:
         ap.error("llama.cpp rows need llama-cpp-python (pip install 'qgraph[bench]'; it builds from source)")
-    llama_gens: dict[str, LlamaCppGenerator] = {}
+    llama_gens: dict[str, types.SimpleNamespace] = {}
     for row in llama_rows:
         path = gguf_file(row)
         ppl[row] = llama_perplexity(LlamaCppGenerator(path, smollm2.WINDOW, logits_all=True), windows)
-        llama_gens[row] = LlamaCppGenerator(path, max(256, ids.shape[1] + args.new_tokens + 8))
+        llama_gens[row] = types.SimpleNamespace(path=path)  # timed in a process of its own (run_llama_child)
         models[row] = (llama_gens[row], path.stat().st_size, gguf_linear_bits(path), f"{row} ({path.name})", None)
         print(f"  {row}: perplexity {ppl[row]:.2f}", file=sys.stderr, flush=True)
     print(f"built rows in {time.perf_counter() - t0:.0f} s; perplexity: "
           + ", ".join(f"{k} {v:.2f}" for k, v in ppl.items()), file=sys.stderr, flush=True)
 
     # --- speed: eager and compiled, interleaved rounds --------------------------------------------
-    gens = {row + " eager": llama_gens.get(row) or Generator(model, tok) for row, (model, *_rest) in models.items()}
+    gens = {row + " eager": Generator(model, tok) for row, (model, *_rest) in models.items() if row not in llama_gens}
     speed = timed_rounds(gens, ids, args.new_tokens, args.rounds)
+    for row in llama_gens:
+        got = run_llama_child(row, ids, args)
+        if got is not None:
+            speed[row + " eager"] = got
+            print(f"  {row}: decode " + ", ".join(f"{v[1]:.1f}" for v in got) + " tok/s (own process)",
+                  file=sys.stderr, flush=True)
     compile_s: dict[str, float | None] = {}
     in_process: dict[str, tuple[float, float]] = {}  # row -> (eager, compiled) decode tok/s in its own process
     compiled_profiles: dict[str, dict] = {}
@@ -554,7 +594,7 @@ def main(argv=None) -> int:
         import llama_cpp
 
         llama_note = (f"llama.cpp rows: llama-cpp-python {llama_cpp.__version__}, {THREADS} threads, greedy (top-k 1), "
-                      f"the same token ids; 'eager' is llama.cpp's own decode loop. Its fp32 reference is the same "
+                      f"the same token ids; 'eager' is llama.cpp's own decode loop, timed in a process of its own with OMP_WAIT_POLICY unset (its OpenMP threads slow 3x under PASSIVE). Its fp32 reference is the same "
                       f"as qgraph's: the shipped Q4_1 GGUF dequantized, so requantizing that file (Q4_0, Q4_K_M, "
                       f"Q3_K_M, Q8_0 by llama_model_quantize) starts from the same weights as every qgraph row. "
                       f"K-quants fall back to other types on SmolLM2's 576-wide rows (see bits/linear weight).")
