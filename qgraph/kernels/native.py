@@ -1,5 +1,6 @@
-"""The native torch op for the CPU kernel: ``csrc/torch_shim.cpp`` registers the CPU and AutogradCPU kernels of
-``qgraph::biqgemm`` with torch's C++ dispatcher, so a call costs a few µs instead of Python validation + ctypes.
+"""The native torch ops for the CPU kernels: ``csrc/torch_shim.cpp`` registers the CPU and AutogradCPU kernels of
+``qgraph::biqgemm`` with torch's C++ dispatcher, so a call costs a few µs instead of Python validation + ctypes,
+and the CPU kernel of ``qgraph::decode_attention`` (`qgraph.kernels.attention`).
 
 The shim is built at first use against the torch that is installed (so ``pip install -e .`` never needs torch at
 build time and build isolation can never pull another torch): the system C++ compiler (``$CXX``, else ``g++``,
@@ -30,7 +31,7 @@ import torch
 
 from qgraph.errors import KernelError
 
-SHIM_VERSION = 1
+SHIM_VERSION = 2
 _CSRC = Path(__file__).resolve().parent / "csrc"
 _SOURCES = ("torch_shim.cpp", "biqgemm.h")
 _lock = threading.Lock()
@@ -118,7 +119,7 @@ def load(*, build: bool = True) -> bool:
             return False
         _state["tried"] = True
         try:
-            from qgraph.kernels import cpu
+            from qgraph.kernels import attention, cpu  # noqa: F401 - attention defines the schema the shim implements
 
             lib = cpu._lib()  # the kernel library, loaded first so the shim binds to this very instance
             cpu._configure_default_threshold()

@@ -3,12 +3,13 @@
 Categories (milliseconds per decode step, averaged over the profiled steps):
 - ``kernel``: ``qgraph::biqgemm`` (BiQGEMM, including its Python validation and ctypes call) and any dense
   GEMM left (``aten::mm`` / ``addmm`` / ``linear`` of float or int8 layers);
-- ``attention``: ``scaled_dot_product_attention`` and its kernels;
+- ``attention``: ``scaled_dot_product_attention`` and its kernels, ``qgraph::decode_attention``;
 - ``other ops``: every other op inside the model forward (norms, RoPE, embedding gather, cache writes);
 - ``compiled code``: Inductor's generated kernels of a compiled decode step (the compiled graph's own time);
 - ``python``: forward wall time not spent in any op (module calls, HF glue, dynamo guards);
-- ``sampling + loop``: generate()'s own work outside the forward (logits slice, argmax, stopping criteria,
-  cache bookkeeping, streaming).
+- ``sampling + loop``: the loop's own work outside the forward: ``generate()``'s (logits slice, argmax, stopping
+  criteria, cache bookkeeping, streaming) when eager, qgraph's static-cache loop's when compiled (its argmax is
+  inside the compiled step).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ KERNEL_OPS = ("qgraph::biqgemm", "aten::linear", "aten::matmul", "aten::mm", "at
 def _category(name: str) -> str:
     if name in KERNEL_OPS or name.startswith("quantized::linear"):
         return "kernel"
-    if "scaled_dot_product" in name or "flash_attention" in name:
+    if "scaled_dot_product" in name or "flash_attention" in name or name == "qgraph::decode_attention":
         return "attention"
     return "other ops"
 
@@ -35,9 +36,9 @@ def profile_decode(gen: Any, prompt, steps: int = 16) -> dict[str, float]:
 
     model = gen.model
     gen.warmup()
-    compiled = gen.compile and hasattr(model, "_compiled_call")
-    attr = "_compiled_call" if compiled else "forward"
-    inner = getattr(model, attr)
+    compiled = gen.compile and gen._step is not None
+    owner, attr = (gen, "_step") if compiled else (model, "forward")
+    inner = getattr(owner, attr)
 
     def timed(*args, **kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -45,15 +46,15 @@ def profile_decode(gen: Any, prompt, steps: int = 16) -> dict[str, float]:
         with record_function(label):
             return inner(*args, **kwargs)
 
-    setattr(model, attr, timed)
+    setattr(owner, attr, timed)
     try:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             res = gen.generate(prompt, steps + 1, stop_at_eos=False)
     finally:
-        if attr == "forward":
-            del model.forward  # the instance attribute; the class method is back
+        if compiled:
+            gen._step = inner
         else:
-            model._compiled_call = inner
+            del model.forward  # the instance attribute; the class method is back
     fwd = [e for e in prof.events() if e.name == FORWARD]
     totals = {"kernel": 0.0, "attention": 0.0, "other ops": 0.0, "compiled code": 0.0}
     for e in fwd:

@@ -1,14 +1,21 @@
-"""Generation with Hugging Face ``generate()`` (greedy, KV cache), timed and streamed, optionally with a static
-KV cache and a ``torch.compile``d decode step.
+"""Greedy generation with a KV cache, timed and streamed: Hugging Face ``generate()`` when eager, qgraph's own
+loop over a static KV cache and a ``torch.compile``d decode step when compiled.
 
-Timing: a streamer timestamps every token ``generate`` hands it. The prompt time is from the call to the first
-new token (prefill forward + first sampling step); the decode rate counts the tokens after the first over the
-time from the first to the last. ``compile=True`` uses ``generate``'s own path: a `StaticCache` sized to a
-bucket of `CACHE_BUCKET` tokens (so other prompt lengths reuse the compiled step) and ``torch.compile`` of the
-model's forward for the one-token decode steps (the prefill stays eager). A compile failure falls back to eager
-with one warning line. ``skip_module_guards`` drops dynamo's guards on nn.Module state, checked on every
-step (python time per compiled SmolLM2 step 2.5 -> 1.2 ms); only for a process that compiles this one model
-and never changes it.
+Timing: the prompt time is from the call to the first new token (prefill forward + first argmax); the decode
+rate counts the tokens after the first over the time from the first to the last.
+
+``compile=True``: a transformers `StaticCache` sized to a bucket of `CACHE_BUCKET` tokens (so other prompt
+lengths reuse the compiled step), the prompt run eager into it, then one compiled function per token: the
+model's forward for one token *and* the greedy argmax (one graph, no logits leave it). The loop is qgraph's,
+not ``generate()``'s: on SmolLM2 BCQ-3 ``generate()``'s per-token work (logits processors, stopping criteria,
+``prepare_inputs_for_generation``, cache bookkeeping) was 2.3-2.6 ms of a 15-17 ms step, and the same compiled
+model decoded 64 tok/s under ``generate()`` against 77-82 with this loop (2 threads, quiet machine).
+A compile failure (or a compiled step failing when it runs) falls back to eager ``generate()`` with one
+warning line. ``skip_module_guards`` drops dynamo's guards on nn.Module state, checked on every step; only for
+a process that compiles this one model and never changes it.
+
+Attention: ``decode_attention=True`` (default) switches SDPA models to `qgraph.llm.attention` (one-token steps
+on the ``qgraph::decode_attention`` op: no per-head copy of the cache, masked positions skipped).
 
 Threads: on this 2-core VM, shared with other processes, libgomp's default active waiting (workers spin
 after every parallel region) costs 5-10x at decode: Hugging Face fp32 alone (qgraph not imported) decodes
@@ -85,44 +92,93 @@ class _Streamer:
 
 
 class Generator:
-    """Greedy generation for one model + tokenizer, eager or with a compiled static-cache decode step."""
+    """Greedy generation for one model + tokenizer, eager (``generate()``) or with qgraph's static-cache loop and
+    a compiled decode step."""
 
     def __init__(self, model: Any, tokenizer: Any, *, compile: bool = False, bucket: int = CACHE_BUCKET,
-                 backend: Any = "inductor", skip_module_guards: bool = False):
+                 backend: Any = "inductor", skip_module_guards: bool = False, decode_attention: bool = True):
         self.model, self.tokenizer = model, tokenizer
         self.compile, self.bucket, self.backend = compile, bucket, backend
         self.skip_module_guards = skip_module_guards
         self.compile_seconds: float | None = None
         self.compile_error: str | None = None
+        self.decode_attention = False
+        if decode_attention:
+            from qgraph.llm.attention import use_decode_attention
 
-    def _kwargs(self, total: int) -> dict:
-        if not self.compile:
-            return {}
-        from transformers import CompileConfig
+            self.decode_attention = use_decode_attention(model)
+        self._cache: Any = None
+        self._cache_len = 0
+        self._step: Callable | None = None
 
+    def compile_options(self) -> dict | None:
+        """Options for ``torch.compile`` of the decode step (None: the backend's defaults)."""
         # Inductor's own kernels single-threaded: the decode glue is a few KB per op, and an OpenMP team per
         # fused kernel stalls whenever the other core is busy (measured: 17-28 ms of generated code per step
-        # with 2 threads, 4-5 ms with 1, under load); BiQGEMM and attention keep torch's threads
-        opts = {"cpp.threads": 1} if self.backend == "inductor" else {}
+        # with 2 threads, 4-5 ms with 1, under load); BiQGEMM and attention keep their own threads
+        opts: dict[str, Any] = {"cpp.threads": 1} if self.backend == "inductor" else {}
         if self.skip_module_guards:
             import torch
 
             opts["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
-        opts = opts or None
-        # (torch.compile takes a mode or options, not both; no mode is Inductor's default mode)
-        cc = CompileConfig(fullgraph=False, dynamic=False, mode=None if opts else "default", backend=self.backend,
-                           options=opts)
-        cc._compile_all_devices = True
+        return opts or None
+
+    def _static_cache(self, total: int):
+        """The static KV cache for ``total`` positions (rounded up to the bucket), reused and reset across calls."""
+        from transformers import StaticCache
+
         max_len = -(-total // self.bucket) * self.bucket
-        return {"cache_implementation": "static", "compile_config": cc, "max_cache_len": max_len}
+        if self._cache is None or self._cache_len != max_len:
+            self._cache, self._cache_len = StaticCache(config=self.model.config, max_cache_len=max_len), max_len
+        else:
+            self._cache.reset()
+        return self._cache
+
+    def _compiled_step(self) -> Callable:
+        if self._step is None:
+            import torch
+
+            model = self.model
+
+            def step(token, position, cache):
+                logits = model(input_ids=token, cache_position=position, cache=cache, use_cache=True).logits
+                return logits[:, -1].argmax(-1, keepdim=True)
+
+            self._step = torch.compile(step, fullgraph=False, dynamic=False, backend=self.backend,
+                                       options=self.compile_options())
+        return self._step
+
+    def _static_loop(self, ids, max_new_tokens: int, streamer: _Streamer, eos: set[int]):
+        """Prefill eager into a static cache, then one compiled step per token; returns [1, prompt + new] ids."""
+        import torch
+
+        n = ids.shape[1]
+        cache = self._static_cache(n + max_new_tokens)
+        step = self._compiled_step()
+        with torch.no_grad():
+            streamer.put(ids)
+            logits = self.model(input_ids=ids, cache_position=torch.arange(n), cache=cache, use_cache=True).logits
+            token = logits[:, -1].argmax(-1, keepdim=True)
+            new = [token]
+            streamer.put(token)
+            for i in range(1, max_new_tokens):
+                if eos and int(token) in eos:
+                    break
+                token = step(token, torch.tensor([n + i - 1]), cache)
+                new.append(token)
+                streamer.put(token)
+        streamer.end()
+        return torch.cat([ids, *new], dim=1)
 
     def _run(self, ids, pad, kw: dict, max_new_tokens: int):
         import torch
 
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return self.model.generate(ids, attention_mask=torch.ones_like(ids), pad_token_id=pad,
-                                       **kw, **self._kwargs(ids.shape[1] + max_new_tokens))
+            if self.compile:
+                eos = set() if kw.get("min_new_tokens") else _eos_ids(self.model)
+                return self._static_loop(ids, max_new_tokens, kw["streamer"], eos)
+            return self.model.generate(ids, attention_mask=torch.ones_like(ids), pad_token_id=pad, **kw)
 
     def _give_up(self, e: Exception) -> None:
         """Run eager from now on, with one warning line naming the compiler's own error."""
@@ -134,6 +190,7 @@ class Generator:
         print(f"qgraph: torch.compile of the decode step failed ({self.compile_error}); running eager",
               file=sys.stderr)
         self.compile = False
+        self._step = None
         torch._dynamo.reset()
 
     def encode(self, prompt) -> Any:
@@ -157,10 +214,9 @@ class Generator:
             torch._dynamo.config.accumulated_recompile_limit, 512)
         start = time.perf_counter()
         try:
-            with torch.no_grad(), warnings.catch_warnings():
+            with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                self.model.generate(ids, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-                                    do_sample=False, **self._kwargs(prompt_tokens + max_new_tokens))
+                self._static_loop(ids, max(2, max_new_tokens), _Streamer(None, None), set())
             self.compile_seconds = time.perf_counter() - start
         except Exception as e:  # any compiler failure: run eager
             self._give_up(e)
@@ -193,3 +249,13 @@ class Generator:
         text = self.tokenizer.decode(new, skip_special_tokens=True) if self.tokenizer is not None else ""
         return GenerationResult(text, out, ids.shape[1], int(new.numel()), t[1] - t[0] if len(t) > 1 else 0.0,
                                 t[-1] - t[1] if len(t) > 2 else 0.0, t)
+
+
+def _eos_ids(model: Any) -> set[int]:
+    """The token ids that end a greedy generation (the generation config's, else the model config's)."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = getattr(getattr(model, "config", None), "eos_token_id", None)
+    if eos is None:
+        return set()
+    return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}

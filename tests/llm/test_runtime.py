@@ -61,12 +61,24 @@ def test_decode_profile_splits_a_step(qmodel, tiny, one_thread):
     assert float_p["kernel"] > 0
 
 
-def test_inductor_compile_config_is_one_torch_compile_accepts(qmodel):
-    kw = Generator(qmodel, None, compile=True)._kwargs(300)
-    cc = kw["compile_config"]
-    assert kw["cache_implementation"] == "static" and kw["max_cache_len"] == 512  # bucketed
-    assert cc.options == {"cpp.threads": 1} and cc.mode is None and cc._compile_all_devices
-    torch.compile(lambda x: x + 1, **cc.to_dict())  # raises when mode and options are both given
+def test_compile_options_are_ones_torch_compile_accepts_and_the_cache_is_bucketed(qmodel):
+    g = Generator(qmodel, None, compile=True)
+    assert g.compile_options() == {"cpp.threads": 1}
+    torch.compile(lambda x: x + 1, options=g.compile_options())
+    first = g._static_cache(300)
+    assert g._cache_len == 512 and g._static_cache(257) is first  # same bucket: the cache is reused
+    assert g._static_cache(600) is not first and g._cache_len == 768
+
+
+def test_compiled_loop_stops_at_eos_like_generate(qmodel):
+    ids = torch.tensor([[5, 9, 33, 7]])
+    ref = Generator(qmodel, None).generate(ids, 12, stop_at_eos=False).ids[0, 4:].tolist()
+    eos = ref[3]  # the 4th new token plays the end of sequence
+    model = copy.deepcopy(qmodel)
+    model.generation_config.eos_token_id = eos
+    want = Generator(model, None).generate(ids, 12).ids
+    got = Generator(model, None, compile=True, backend="eager").generate(ids, 12).ids
+    assert torch.equal(got, want) and got.shape[1] == 4 + ref.index(eos) + 1
 
 
 def test_compiled_step_failing_at_run_time_falls_back_to_eager(qmodel, capsys):
