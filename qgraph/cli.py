@@ -112,10 +112,15 @@ def cmd_lower(args: argparse.Namespace) -> int:
             if mode != "off":
                 _say(args, f"qgraph: torch.compile of the lowered graph ({mode})")
             q.compile_execution(mode, source.example_inputs, measure=not args.no_measure)
+        ort_model = extra = None
+        if args.runtime == "onnxruntime" and not source.onnx_path:
+            ort_model = _onnxruntime_route(args, q, source, tmp)
+            extra = {ORT_ROW: (ort_model, ort_model.path.stat().st_size)}
         _say(args, f"qgraph: writing report to {out}/")
         report_path = out / write_report(q, tmp, title=f"qgraph: {source.name} for {target.name}",
                                          measure=not args.no_measure, float_model=source.module,
-                                         inputs=source.example_inputs, logits=_is_classifier(source)).relative_to(tmp)
+                                         inputs=source.example_inputs, logits=_is_classifier(source),
+                                         extra=extra).relative_to(tmp)
         if source.onnx_path:
             left_float = q.graph.weights_to_qdq()
             q.graph.save(tmp / f"{source.name}.qdq.onnx")
@@ -127,8 +132,14 @@ def cmd_lower(args: argparse.Namespace) -> int:
 
             save_artifact(q, tmp / "model", source=args.model)
         ort_summary = None
-        if args.runtime == "onnxruntime" and not source.onnx_path:
-            ort_summary = _onnxruntime_route(args, q, source, tmp, out)
+        if ort_model is not None:
+            ort_summary = ort_model.summary()
+            ort_summary["file"] = str(out / "model.onnx")
+            row = q.report.get("end_to_end", {}).get("rows", {}).get(ORT_ROW, {})
+            ort_fp32 = q.report.get("end_to_end", {}).get("rows", {}).get("onnxruntime fp32", {}).get("ms")
+            ort_summary["latency_ms"] = row.get("ms")
+            ort_summary["speedup_vs_ort_fp32"] = ort_fp32 / row["ms"] if row.get("ms") and ort_fp32 else None
+            ort_summary["quality"] = row.get("quality")
     layers = q.report.get("layers", [])
     fp32 = sum(r["fp32_bytes"] for r in layers)
     qb = sum(r["bytes"] for r in layers)
@@ -163,23 +174,29 @@ def cmd_lower(args: argparse.Namespace) -> int:
         print(f"lowered {source.name} for {target.name}: {summary['lowered']} layers on real kernels, "
               f"{summary['float']} float; weights {size}{speed}; report {report_path}")
         if ort_summary is not None:
+            speed = ""
+            if ort_summary["latency_ms"] is not None:
+                speed = f"; {ort_summary['latency_ms']:.2f} ms" + (
+                    f" ({ort_summary['speedup_vs_ort_fp32']:.2f}x onnxruntime fp32)"
+                    if ort_summary["speedup_vs_ort_fp32"] else "")
             print(f"onnxruntime route: {ort_summary['file']} ({ort_summary['fused_int8_ops']} fused int8 kernels, "
-                  f"{ort_summary['unfused_qdq_ops']} Q/DQ left unfused)")
+                  f"{ort_summary['unfused_qdq_ops']} Q/DQ left unfused{speed})")
     if verify.get("first_divergent") is not None and args.strict:
         print(f"qgraph: error: verify: first divergent node {verify['first_divergent']}", file=sys.stderr)
         return EXIT_VERIFY
     return EXIT_OK
 
 
-def _onnxruntime_route(args: argparse.Namespace, q: object, source: object, tmp: Path, out: Path) -> dict:
-    """Export the lowered model for onnxruntime (``--runtime onnxruntime``) and say what its optimizer fused."""
+ORT_ROW = "qgraph -> onnxruntime"
+
+
+def _onnxruntime_route(args: argparse.Namespace, q: object, source: object, tmp: Path):
+    """The lowered model exported for onnxruntime (``--runtime onnxruntime``): QDQ with quantized residual
+    inputs, so onnxruntime fuses the convs that feed residual Adds too; a session-backed model."""
     from qgraph.export.runtime import onnxruntime_model
 
     _say(args, "qgraph: exporting the onnxruntime route")
-    ort_model = onnxruntime_model(q, source.example_inputs, tmp / "model.onnx", dynamic_shapes=source.dynamic_shapes)
-    info = ort_model.summary()
-    info["file"] = str(out / "model.onnx")
-    return info
+    return onnxruntime_model(q, source.example_inputs, tmp / "model.onnx", dynamic_shapes=source.dynamic_shapes)
 
 
 def _is_classifier(source) -> bool:

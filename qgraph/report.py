@@ -192,10 +192,13 @@ def _load() -> str:
 
 
 def end_to_end(qmodel: Any, float_model: Any, inputs: tuple | None, *, measure: bool = True, logits: bool = False,
-               scratch: Path | None = None, budget_s: float = 20.0, rounds: int = 20) -> dict[str, Any]:
+               scratch: Path | None = None, budget_s: float = 20.0, rounds: int = 20,
+               extra: dict[str, tuple[Any, int | None]] | None = None) -> dict[str, Any]:
     """The headline numbers: latency at the batch of ``inputs`` (default: the graph's example inputs), stored
     bytes and quality of ``qmodel`` against ``float_model`` (torch eager) and onnxruntime fp32. Latencies
-    are medians of interleaved rounds; quality is measured on ``inputs`` too."""
+    are medians of interleaved rounds; quality is measured on ``inputs`` too. ``extra``: more deployments of
+    the same quantized model, ``{row name: (callable, stored bytes)}`` (e.g. its onnxruntime session), timed and
+    scored in the same rounds."""
     import os
     import tempfile
 
@@ -221,6 +224,12 @@ def end_to_end(qmodel: Any, float_model: Any, inputs: tuple | None, *, measure: 
         got = qmodel(*inputs)
     if ref is not None:
         rows["qgraph"]["quality"] = compare_outputs(ref, got, logits=logits)
+    extra = dict(extra or {})
+    for name, (fn, nbytes) in extra.items():
+        rows[name] = {"bytes": nbytes, "extra": True}
+        if ref is not None:
+            with torch.no_grad():
+                rows[name]["quality"] = compare_outputs(ref, fn(*inputs), logits=logits)
     ort_call = None
     if not measure:
         res["notes"].append("latency not measured and onnxruntime fp32 not run (timing is off)")
@@ -257,6 +266,7 @@ def end_to_end(qmodel: Any, float_model: Any, inputs: tuple | None, *, measure: 
             fns["qgraph eager"] = qmodel.eager
             rows["qgraph eager"] = {"bytes": rows["qgraph"]["bytes"]}
         fns["qgraph"] = qmodel
+        fns.update({name: fn for name, (fn, _) in extra.items()})
         med = medians_ms(interleaved_seconds(fns, inputs, rounds=rounds, warmup=2, budget_s=budget_s))
         for k, v in med.items():
             rows[k]["ms"] = v
@@ -321,13 +331,13 @@ def headline_markdown(e2e: dict[str, Any]) -> list[str]:
     float_ms = rows.get("float", {}).get("ms")
     names = {"float": "float (torch eager)", "onnxruntime fp32": "onnxruntime fp32",
              "qgraph eager": "qgraph, eager", "qgraph": f"**qgraph, {e2e['execution']}**"}
-    for key in ("float", "onnxruntime fp32", "qgraph eager", "qgraph"):
+    for key in ("float", "onnxruntime fp32", "qgraph eager", "qgraph", *(k for k, r in rows.items() if r.get("extra"))):
         if key not in rows:
             continue
         r = rows[key]
         ms = r.get("ms")
         by = r.get("bytes")
-        md.append(f"| {names[key]} | {'—' if ms is None else f'{ms:.2f}'} | "
+        md.append(f"| {names.get(key, key)} | {'—' if ms is None else f'{ms:.2f}'} | "
                   f"{_fmt_x(float_ms / ms if ms and float_ms else None)} | {_fmt_x(ort_ms / ms if ms and ort_ms else None)} | "
                   f"{fmt_bytes(by)} | "
                   f"{'—' if not (by and f_bytes) else f'{100 * by / f_bytes:.1f}%'} | "
@@ -372,11 +382,12 @@ def _compile_words(c: dict) -> str:
 
 def write_report(qmodel: Any, out_dir: str | Path, *, title: str = "qgraph report", measure: bool = True,
                  pareto_png: str | None = None, float_model: Any = None, inputs: tuple | None = None,
-                 logits: bool = False) -> Path:
+                 logits: bool = False, extra: dict[str, tuple[Any, int | None]] | None = None) -> Path:
     """Write ``report.md``, ``report.html``, ``report.json`` and PNGs into ``out_dir``; return the .md path.
 
     With ``float_model`` (the model that was quantized) the report opens with `end_to_end` at the batch of
-    ``inputs`` (default: the example inputs); ``logits``: the output is class logits (adds top-1 agreement).
+    ``inputs`` (default: the example inputs); ``logits``: the output is class logits (adds top-1 agreement);
+    ``extra``: other deployments of the same model for that table (see `end_to_end`).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -384,7 +395,7 @@ def write_report(qmodel: Any, out_dir: str | Path, *, title: str = "qgraph repor
     layers = rep.get("layers", [])
     md = [f"# {title}", ""]
     if float_model is not None or inputs is not None:
-        e2e = end_to_end(qmodel, float_model, inputs, measure=measure, logits=logits)
+        e2e = end_to_end(qmodel, float_model, inputs, measure=measure, logits=logits, extra=extra)
         e2e["compile"] = rep.get("compile")
         rep["end_to_end"] = {k: v for k, v in e2e.items() if k != "compile"}
         md += headline_markdown(e2e)

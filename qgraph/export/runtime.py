@@ -91,9 +91,14 @@ _NP_TYPES = {"tensor(float)": torch.float32, "tensor(int64)": torch.int64, "tens
 
 
 def onnxruntime_model(qmodel: Any, example_inputs: tuple | torch.Tensor, path: str | os.PathLike, *,
-                      dynamic_shapes: Any = None, portable: bool = False, threads: int | None = None) -> OrtModel:
-    """Export ``qmodel`` to ``path`` and return it as a session-backed model with ORT's optimizations on."""
+                      dynamic_shapes: Any = None, portable: bool = False, threads: int | None = None,
+                      quantized_residuals: bool = True) -> OrtModel:
+    """Export ``qmodel`` to ``path`` and return it as a session-backed model with ORT's optimizations on.
+    ``quantized_residuals`` (default here, unlike `export_onnx`): residual Adds read the Q/DQ'd outputs of
+    convs / GEMMs whose outputs are quantized anyway, so onnxruntime runs those as int8 kernels too (the Add's
+    input moves by at most half a quantization step from the simulation's)."""
     from qgraph.export.onnx_export import export_onnx
 
-    export_onnx(qmodel, path, example_inputs, portable=portable, dynamic_shapes=dynamic_shapes)
+    export_onnx(qmodel, path, example_inputs, portable=portable, dynamic_shapes=dynamic_shapes,
+                quantized_residuals=quantized_residuals)
     return OrtModel(path, threads=threads, custom_ops=not portable)

@@ -380,6 +380,11 @@ class Workbench:
         out["eval_seconds"] = time.perf_counter() - t0
         return out
 
+    def lowered_latency_us(self, strategy: Strategy, repeats: int = 5) -> float:
+        """Median µs of a strategy's model lowered to real kernels (the passes `qgraph.quantize` lowers with),
+        on the example inputs, in this process's threads."""
+        return self._measure(self.apply(strategy), repeats)
+
     def _measure(self, g: Any, repeats: int = 5) -> float:
         from qgraph.api import LOWERING_PASSES
         from qgraph.context import PassContext

@@ -188,3 +188,16 @@ def test_quantized_residuals_let_the_residual_producing_conv_fuse(tmp_path):
     with torch.no_grad():
         sim = q.graph.gm(*calib[0])
     assert rel_err(outs[False], sim) <= 0.02 and rel_err(outs[True], sim) <= 0.05
+
+
+def test_the_onnxruntime_route_quantizes_residual_inputs_by_default(tmp_path):
+    """`onnxruntime_model` (what ``qgraph lower --runtime onnxruntime`` runs) exports with quantized residuals."""
+    from qgraph.export.runtime import onnxruntime_model
+
+    torch.manual_seed(0)
+    calib = [(torch.randn(2, 3, 8, 8),) for _ in range(2)]
+    q = qgraph.quantize(ResNet().eval(), calib[0], calib=calib, progress=False,
+                        pipeline="annotate{act_bits=8},calibrate,quantize-weights,insert-fq")
+    route = onnxruntime_model(q, calib[0], tmp_path / "route.onnx", threads=1)
+    plain = onnxruntime_model(q, calib[0], tmp_path / "plain.onnx", threads=1, quantized_residuals=False)
+    assert route.optimized_ops["QLinearConv"] == plain.optimized_ops["QLinearConv"] + 1, route.optimized_ops

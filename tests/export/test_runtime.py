@@ -65,3 +65,20 @@ def test_cli_lower_with_the_onnxruntime_runtime(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert code == 0 and (out / "model.onnx").is_file()
     assert summary["onnxruntime"]["optimized_ops"]["BiQGEMM"] == 1
+
+
+def test_cli_onnxruntime_route_is_timed_and_scored_in_the_report(tmp_path, capsys):
+    from qgraph.cli import main
+
+    src = tmp_path / "net.py"
+    src.write_text("import torch, torch.nn as nn\n\ndef make():\n    torch.manual_seed(0)\n"
+                   "    return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 16)).eval(), "
+                   "(torch.randn(4, 32),)\n")
+    out = tmp_path / "o"
+    code = main(["lower", f"{src}:make", "--scheme", "uniform", "--bits", "8", "--act-bits", "8", "--out", str(out), "--runtime", "onnxruntime",
+                 "--quiet", "--json", "--no-compile"])
+    ort = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["onnxruntime"]
+    assert code == 0 and ort["latency_ms"] > 0 and ort["speedup_vs_ort_fp32"] > 0
+    assert ort["quality"]["cosine"] >= 0.99
+    report = (out / "report.md").read_text()
+    assert "| qgraph -> onnxruntime |" in report.split("## ", 2)[1]  # a row of the headline table
