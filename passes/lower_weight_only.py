@@ -1,12 +1,16 @@
 """lower-weight-only: replace Gemm / MatMul nodes with weight-only uniform quantization (no activation
 spec) by modules that keep the integer weight and run a weight-only kernel.
 
-- target kernel ``int8_weight_only``: ``aten._weight_int8pack_mm`` (signed symmetric 8-bit codes, one
-  scale per output channel or per tensor);
-- ``int4_weight_only``: ``aten._weight_int4pack_mm_for_cpu`` for 2-4 bit codes (signed or unsigned,
-  symmetric or not: codes go into 4-bit containers and the zero point into the kernel's per-group z);
-  groups of 32 / 64 / 128 / 256 along K; per-channel / per-tensor scales are repeated over the largest
-  of those group sizes that divides K.
+- target kernel ``int8_weight_only``: `Int8WeightOnlyLinear` (signed symmetric 8-bit codes, one scale per output
+  channel or per tensor; ``qgraph::int8_weight_only_linear``, see `qgraph.kernels.int8`);
+- ``int4_weight_only``: 2-4 bit codes of an ``[N, K]`` weight quantized along rows run on BiQGEMM (exact mode) in
+  their exact BCQ form (`qgraph.quant.uniform_bcq`): on this project's machines torch's
+  ``aten._weight_int4pack_mm_for_cpu`` was 16x slower than fp32 ``F.linear`` at one input row and 37-83x at 128
+  (SmolLM2's 576x576 / 1536x576, one thread), where BiQGEMM runs at memory speed at one row and at about fp32's
+  speed at 128 rows (bench/biqgemm.py). Other 2-4-bit layouts keep ``_weight_int4pack_mm_for_cpu`` (signed or
+  unsigned, symmetric or not: codes go into 4-bit containers and the zero point into the kernel's per-group z;
+  groups of 32 / 64 / 128 / 256 along K; per-channel / per-tensor scales are repeated over the largest of those
+  group sizes that divides K).
 - anything those kernels cannot take (other group sizes, asymmetric int8, scales along K of a
   ``[K, N]`` MatMul weight, K not divisible by 32) runs as `DequantLinear`, which dequantizes the
   stored codes on each call; its report entry says ``dequant`` and why.
@@ -20,9 +24,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from qgraph.errors import KernelError, PipelineError
+from qgraph.errors import KernelError, PipelineError, SpecError
 from qgraph.ir.meta import ANNOTATION_KEY, FQ_KEY, KERNEL_KEY, QWEIGHT_KEY
 from qgraph.kernels.int8 import INT4_GROUP_SIZES, DequantLinear, Int4WeightOnlyLinear, Int8WeightOnlyLinear
+from qgraph.kernels.linear import BCQLinear
 from qgraph.lowering import snapshot_simulation, target_of
 from qgraph.pass_base import Pass, PassResult
 from qgraph.passes.lower_int8 import (
@@ -34,6 +39,7 @@ from qgraph.passes.lower_int8 import (
     report_entry,
 )
 from qgraph.quant.qtensor import UniformWeight
+from qgraph.quant.uniform_bcq import uniform_to_bcq
 from qgraph.registry import register_pass
 
 WEIGHT_ONLY_KERNELS = ("int8_weight_only", "int4_weight_only")
@@ -54,7 +60,7 @@ class LowerWeightOnly(Pass):
 
     def run(self, graph, ctx) -> PassResult:
         target = target_of(ctx)
-        count = {"int8_weight_only": 0, "int4_weight_only": 0, "dequant": 0, "dequantize_linear": 0}
+        count = {"int8_weight_only": 0, "int4_weight_only": 0, "biqgemm": 0, "dequant": 0, "dequantize_linear": 0}
         for node in list(graph.nodes()):
             ann = graph.meta(node).get(ANNOTATION_KEY)
             if ann is None or ann.weight is None or ann.weight.scheme != "uniform" or ann.inputs:
@@ -97,7 +103,7 @@ class LowerWeightOnly(Pass):
                 continue
             bias = graph.param(node, "bias")
             module, reason = _build(kernel, qweight, bias, layout)
-            used = kernel
+            used = "biqgemm" if isinstance(module, BCQLinear) else kernel
             if module is None:
                 if self.options.fallback == "float":
                     report_entry(ctx, graph, node, op, "float", "float", f"{kernel}: {reason}{simulated}")
@@ -124,14 +130,20 @@ def _build(kernel: str, qweight, bias, layout: str):
     k = codes.shape[1]
     if kernel == "int8_weight_only":
         if spec.bits != 8 or not spec.signed:
-            return None, f"_weight_int8pack_mm takes signed 8-bit codes, got {spec}"
+            return None, f"the int8 weight-only kernel takes signed 8-bit codes, got {spec}"
         if not spec.symmetric:
-            return None, "_weight_int8pack_mm takes symmetric weights only (no zero point)"
+            return None, "the int8 weight-only kernel takes symmetric weights only (no zero point)"
         if spec.granularity == "group":
-            return None, f"_weight_int8pack_mm has one scale per output channel, not groups of {spec.group_size}"
-        return Int8WeightOnlyLinear(codes, scale, bias), "aten._weight_int8pack_mm (int8 codes, fp32 scales)"
+            return None, f"the int8 weight-only kernel has one scale per output channel, not groups of {spec.group_size}"
+        return Int8WeightOnlyLinear(codes, scale, bias), "qgraph::int8_weight_only_linear (int8 codes dequantized a chunk of rows at a time, fp32 scales)"
     if spec.bits > 4:
         return None, f"the int4 kernel takes at most 4-bit codes, got {spec}"
+    if layout == "nk" and qweight.codes.dim() == 2 and spec.axis == 0:
+        try:
+            module = BCQLinear(uniform_to_bcq(qweight), bias, mode="exact")
+            return module, f"BiQGEMM, exact mode ({spec.bits}-bit uniform codes in their exact BCQ form)"
+        except (KernelError, SpecError):
+            pass  # torch's int4 kernel below
     if spec.granularity == "group":
         if spec.group_size not in INT4_GROUP_SIZES:
             return None, f"_weight_int4pack_mm_for_cpu takes group sizes {INT4_GROUP_SIZES}, got {spec.group_size}"

@@ -10,7 +10,10 @@ Kernels (torch 2.13, CPU):
   codes with the next lowered conv's qparams so consecutive int8 convs skip a dequantize/quantize.
   These ops take ordinary uint8 tensors, so no torch.ao quantized tensor (and no deprecation warning)
   is involved; the fbgemm ``quantized::conv2d`` path needs quint8 tensors and requantizes its output.
-- `Int8WeightOnlyLinear`: ``aten._weight_int8pack_mm`` (per-channel symmetric int8 weights).
+- `Int8WeightOnlyLinear`: ``qgraph::int8_weight_only_linear`` (per-channel symmetric int8 weights): rows of the
+  weight dequantized a chunk of at most `INT8_WO_CHUNK_BYTES` at a time into fp32 and multiplied with ``F.linear``
+  (no dequantized copy of the whole weight). torch's ``aten._weight_int8pack_mm`` was 2-10x slower than that at
+  one input row and 30-40x at 128 rows on this project's machines (576x576 .. 49152x576, one thread).
 - `Int4WeightOnlyLinear`: ``aten._weight_int4pack_mm_for_cpu`` (group sizes 32/64/128/256, N padded to
   a multiple of 16; it computes w = (q_u4 - 8) s + z per group, so signed and asymmetric 2-4 bit codes
   are stored shifted into 4-bit containers and the zero point folded into z).
@@ -296,8 +299,31 @@ def _pair(v) -> list[int]:
 
 
 # --- weight-only ---------------------------------------------------------------------------------
+INT8_WO_CHUNK_BYTES = 1 << 20  # fp32 bytes of one dequantized chunk of weight rows (stays in L2)
+
+_LIB = torch.library.Library("qgraph", "FRAGMENT")
+_LIB.define("int8_weight_only_linear(Tensor x, Tensor codes, Tensor scale) -> Tensor")
+
+
+def _int8_wo_impl(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    n, k = codes.shape
+    rows = max(1, INT8_WO_CHUNK_BYTES // (4 * k))
+    if rows >= n:
+        return F.linear(x, codes.to(torch.float32) * scale[:, None])
+    return torch.cat([F.linear(x, codes[i:i + rows].to(torch.float32) * scale[i:i + rows, None])
+                      for i in range(0, n, rows)], dim=-1)
+
+
+def _int8_wo_fake(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], codes.shape[0]))
+
+
+_LIB.impl("int8_weight_only_linear", _int8_wo_impl, "CompositeExplicitAutograd")
+torch.library.register_fake("qgraph::int8_weight_only_linear", _int8_wo_fake, lib=_LIB)
+
+
 class Int8WeightOnlyLinear(nn.Module):
-    """``y = x @ (q s)^T + b`` with ``aten._weight_int8pack_mm`` (per-channel symmetric int8 codes)."""
+    """``y = x @ (q s)^T + b`` with ``qgraph::int8_weight_only_linear`` (per-channel symmetric int8 codes)."""
 
     qgraph_op_type = "Int8WeightOnlyGemm"
 
@@ -313,7 +339,7 @@ class Int8WeightOnlyLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(torch.float32)
-        y = torch.ops.aten._weight_int8pack_mm(x2, self.codes, self.weight_scale)
+        y = torch.ops.qgraph.int8_weight_only_linear(x2, self.codes, self.weight_scale)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*lead, self.out_features).to(x.dtype)

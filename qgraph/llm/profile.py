@@ -17,7 +17,7 @@ from typing import Any
 
 FORWARD = "qgraph.forward"
 KERNEL_OPS = ("qgraph::biqgemm", "aten::linear", "aten::matmul", "aten::mm", "aten::addmm", "aten::bmm", "quantized::linear_dynamic",
-              "aten::_weight_int4pack_mm_for_cpu", "aten::_weight_int8pack_mm")
+              "aten::_weight_int4pack_mm_for_cpu", "aten::_weight_int8pack_mm", "qgraph::int8_weight_only_linear")
 
 
 def _category(name: str) -> str:

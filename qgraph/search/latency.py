@@ -3,7 +3,7 @@
 The roofline cost model (`qgraph.search.costs`) predicts latency for any target; for the machine the search
 runs on, this module times the real kernels instead: fp32 ``F.linear``, BiQGEMM (``torch.ops.qgraph.biqgemm``,
 ``exact`` or ``fast`` tables; uniform 2-4-bit codes run in their exact BCQ form, as the LM path lowers them)
-and int8 weight-only (``aten._weight_int8pack_mm``), at the deployment batch (rows of the activation). Each
+and int8 weight-only (``qgraph::int8_weight_only_linear``), at the deployment batch (rows of the activation). Each
 (shape, kernel, path, rows, threads) is timed once and kept in ``~/.cache/qgraph/latency/<machine>.json``
 (``QGRAPH_LATENCY_CACHE`` overrides the folder). `measured_cost_table` turns those numbers into a `CostTable`
 the drivers use like the roofline one (a sum over layers), and `roofline_error` reports how far the roofline
@@ -25,7 +25,7 @@ import torch
 from qgraph.search.costs import CostTable
 from qgraph.search.space import Choice, SearchError, Space
 
-LATENCY_VERSION = 1
+LATENCY_VERSION = 2
 
 
 def machine_fingerprint() -> str:
@@ -55,7 +55,7 @@ def kernel_of(choice: Choice, mode: str = "exact") -> tuple[str, str]:
     if w.scheme == "bcq" or w.bits <= 4:
         return "biqgemm", mode
     if w.bits == 8 and choice.act is None:
-        return "int8-weight-only", "_weight_int8pack_mm"
+        return "int8-weight-only", "int8_weight_only_linear"
     raise SearchError(f"no measured kernel for choice {choice.label}; use the roofline cost table")
 
 

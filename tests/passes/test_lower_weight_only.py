@@ -1,5 +1,5 @@
-"""lower-weight-only: int8 / int4 weight-only kernels and the dequantize-on-the-fly fallback against the
-fake-quant simulation (same dequantized weight, float activations).
+"""lower-weight-only: int8 / int4 weight-only kernels, BiQGEMM for row-wise 2-4-bit codes, and the
+dequantize-on-the-fly fallback against the fake-quant simulation (same dequantized weight, float activations).
 
 Tolerance: rel_err <= 1e-5 (seen: <= 5e-7; the kernels accumulate in fp32 in another order).
 """
@@ -14,13 +14,14 @@ import qgraph.passes.lower_int8
 import qgraph.passes.lower_weight_only  # registers lower-weight-only
 from qgraph import PassContext, PassManager, PipelineError
 from qgraph.kernels.int8 import DequantLinear, Int4WeightOnlyLinear, Int8WeightOnlyLinear
+from qgraph.kernels.linear import BCQLinear
 from qgraph.quant.qspec import Annotation, QSpec
 from tests.conftest import rel_err
 
 BASE = "fold-bn,dce,fuse-activation,annotate{act_bits=0},quantize-weights,insert-fq"
 TOL = 1e-5
 MODULES = {"int8_weight_only": Int8WeightOnlyLinear, "int4_weight_only": Int4WeightOnlyLinear,
-           "dequant": DequantLinear}
+           "dequant": DequantLinear, "biqgemm": BCQLinear}
 
 
 class MatMulNet(nn.Module):
@@ -54,6 +55,8 @@ def expected_kernel(spec: QSpec, k: int, layout: str) -> str:
     if spec.bits == 8:
         ok = spec.symmetric and spec.signed and spec.granularity != "group"
         return "int8_weight_only" if ok else "dequant"
+    if layout == "nk" and spec.axis == 0:
+        return "biqgemm"  # the exact BCQ form of row-wise 2-4-bit codes
     if spec.granularity == "group":
         return "int4_weight_only" if spec.group_size in (32, 64, 128, 256) else "dequant"
     return "int4_weight_only" if k % 32 == 0 else "dequant"
@@ -98,9 +101,9 @@ def test_weight_only_matches_simulation(spec, kmul, n, bias, layout, seed):
 
 def test_int4_pads_output_channels_to_16_and_reports_containers():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 10)).eval()
+    model = MatMulNet(64, 10).eval()  # a [K, N] weight: torch's int4 kernel, not BiQGEMM
     x = torch.randn(5, 64)
-    sim = simulate(model, x, QSpec.uniform(3, granularity="group", group_size=32), name="0")
+    sim = simulate(model, x, QSpec.uniform(3, granularity="group", group_size=32, axis=1), name="matmul")
     graph, ctx = lower(sim)
     [entry] = ctx.report["lowering"]
     assert entry["kernel"] == "int4_weight_only" and "3-bit codes in 4-bit containers" in entry["reason"]
@@ -110,15 +113,31 @@ def test_int4_pads_output_channels_to_16_and_reports_containers():
         assert rel_err(graph(x), sim(x)) <= TOL
 
 
+def test_row_wise_low_bit_linears_run_on_biqgemm_in_exact_mode():
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(96, 40)).eval()
+    x = torch.randn(3, 96)
+    sim = simulate(model, x, QSpec.uniform(4, granularity="group", group_size=32), name="0")
+    graph, ctx = lower(sim)
+    [entry] = ctx.report["lowering"]
+    assert entry["kernel"] == "biqgemm" and "exact BCQ form" in entry["reason"]
+    mod = next(m for m in graph.gm.modules() if isinstance(m, BCQLinear))
+    assert mod.mode == "exact" and mod.bits == 4
+    with torch.no_grad():
+        for rows in (1, 64):  # the LUT path and the many-row path
+            xr = torch.randn(rows, 96)
+            assert rel_err(graph(xr), sim(xr)) <= TOL
+
+
 def test_fallback_float_leaves_the_simulation_in_place():
     torch.manual_seed(1)
-    model = nn.Sequential(nn.Linear(48, 16)).eval()
+    model = MatMulNet(48, 16).eval()
     x = torch.randn(2, 48)
-    sim = simulate(model, x, QSpec.uniform(4, granularity="group", group_size=16), name="0")
+    sim = simulate(model, x, QSpec.uniform(4, granularity="group", group_size=16, axis=1), name="matmul")
     graph, ctx = lower(sim, "lower-weight-only{fallback=float}")
     [entry] = ctx.report["lowering"]
     assert entry["status"] == "float" and "group sizes" in entry["reason"] and "simulation" in entry["reason"]
-    assert [graph.op_type(n) for n in graph.nodes()] == ["Gemm"]
+    assert [graph.op_type(n) for n in graph.nodes()] == ["MatMul"]
     graph, ctx = lower(sim)
     assert ctx.report["lowering"][0]["kernel"] == "dequant"
     assert "dequantize-on-the-fly" in ctx.report["lowering"][0]["reason"]
@@ -132,7 +151,7 @@ def test_export_frontend_and_3d_inputs():
                           pipeline="fold-bn,dce,fuse-activation,annotate{act_bits=0,bits=4,group_size=32},"
                                    "quantize-weights,insert-fq")
     graph, ctx = lower(sim)
-    assert [e["kernel"] for e in ctx.report["lowering"]] == ["int4_weight_only", "int4_weight_only"]
+    assert [e["kernel"] for e in ctx.report["lowering"]] == ["biqgemm", "biqgemm"]
     with torch.no_grad():
         assert rel_err(graph(x), sim(x)) <= TOL
 
