@@ -51,12 +51,15 @@ class LowerWeightOnly(Pass):
     """Lower weight-only uniform Gemm / MatMul nodes (see the module docstring).
 
     ``fallback=dequant`` (default) runs specs no torch kernel takes with a dequantize-on-the-fly
-    module; ``fallback=float`` leaves them as they are (float, or the fake-quant simulation).
+    module; ``fallback=float`` leaves them as they are (float, or the fake-quant simulation). ``bcq_mode``: the
+    BiQGEMM mode of the row-wise 2-4-bit layers (``exact``: fp32 tables, ``fast``: int8 tables / activations,
+    see lower-bcq).
     """
 
     @dataclass(frozen=True)
     class Options:
         fallback: Literal["dequant", "float"] = "dequant"
+        bcq_mode: Literal["exact", "fast"] = "exact"
 
     def run(self, graph, ctx) -> PassResult:
         target = target_of(ctx)
@@ -102,7 +105,7 @@ class LowerWeightOnly(Pass):
                              f"{kernel}: only a constant 2-D weight operand can be lowered" + simulated)
                 continue
             bias = graph.param(node, "bias")
-            module, reason = _build(kernel, qweight, bias, layout)
+            module, reason = _build(kernel, qweight, bias, layout, self.options.bcq_mode)
             used = "biqgemm" if isinstance(module, BCQLinear) else kernel
             if module is None:
                 if self.options.fallback == "float":
@@ -120,7 +123,7 @@ class LowerWeightOnly(Pass):
         return PassResult(graph, modified=any(count.values()), stats=count)
 
 
-def _build(kernel: str, qweight, bias, layout: str):
+def _build(kernel: str, qweight, bias, layout: str, bcq_mode: str = "exact"):
     """(module, reason) for the torch kernel, or (None, why not)."""
     spec = qweight.spec
     got = codes_nk(qweight, layout)
@@ -140,8 +143,8 @@ def _build(kernel: str, qweight, bias, layout: str):
         return None, f"the int4 kernel takes at most 4-bit codes, got {spec}"
     if layout == "nk" and qweight.codes.dim() == 2 and spec.axis == 0:
         try:
-            module = BCQLinear(uniform_to_bcq(qweight), bias, mode="exact")
-            return module, f"BiQGEMM, exact mode ({spec.bits}-bit uniform codes in their exact BCQ form)"
+            module = BCQLinear(uniform_to_bcq(qweight), bias, mode=bcq_mode)
+            return module, f"BiQGEMM, {bcq_mode} mode ({spec.bits}-bit uniform codes in their exact BCQ form)"
         except (KernelError, SpecError):
             pass  # torch's int4 kernel below
     if spec.granularity == "group":

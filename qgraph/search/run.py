@@ -50,7 +50,8 @@ class SearchOptions:
     of the layers over the best uniform strategy (one more evaluation per label). ``latency``: ``roofline``
     (the target's cost model) or ``measured`` (this machine's kernels timed at ``latency_rows`` activation rows,
     `qgraph.search.latency`; then the latency limit and axis are measured µs, and the roofline's error against
-    them is in the summary)."""
+    them is in the summary); ``latency_mode``: the BiQGEMM mode those timings (and the lowering they predict)
+    use, ``exact`` or ``fast``."""
 
     model: str
     target: str = "x86-avx2"
@@ -75,6 +76,11 @@ class SearchOptions:
     local_anchors: bool = True
     latency: str = "roofline"
     latency_rows: int = 1
+    latency_mode: str = "exact"
+
+    def __post_init__(self) -> None:
+        if self.latency_mode not in ("exact", "fast"):
+            raise SearchError(f"latency_mode must be 'exact' or 'fast', got {self.latency_mode!r}")
 
     def eval_config(self) -> EvalConfig:
         """How trials are scored; with a trial cache, quantized weights are shared through a folder beside it
@@ -193,7 +199,7 @@ def run_search(opts: SearchOptions, *, progress: Callable[[str], None] | None = 
         costs = cost_table(bench.graph, space, bench.target)
         latency_check: dict[str, Any] = {}
         if opts.latency == "measured":
-            costs, latency_check = _measured_costs(bench, space, costs, opts.latency_rows, say)
+            costs, latency_check = _measured_costs(bench, space, costs, opts.latency_rows, say, opts.latency_mode)
         elif opts.latency != "roofline":
             raise SearchError(f"unknown latency source {opts.latency!r}; use roofline or measured")
         timings["cost_table"] = time.perf_counter() - t
@@ -253,7 +259,7 @@ def run_search(opts: SearchOptions, *, progress: Callable[[str], None] | None = 
 
 
 def _measured_costs(bench: Workbench, space: Space, roofline: CostTable, rows: int,
-                    say: Callable[[str], None]) -> tuple[CostTable, dict[str, Any]]:
+                    say: Callable[[str], None], mode: str = "exact") -> tuple[CostTable, dict[str, Any]]:
     """This machine's measured cost table: Linear kernels timed at ``rows`` rows (cached per machine), and the
     rest of the model as the eager float model's median time minus its fp32 Linears."""
     import torch
@@ -261,13 +267,13 @@ def _measured_costs(bench: Workbench, space: Space, roofline: CostTable, rows: i
     from qgraph.search.latency import LatencyTable, measured_cost_table, roofline_error
 
     table = LatencyTable()
-    float_linears = measured_cost_table(space, rows, table)
+    float_linears = measured_cost_table(space, rows, table, mode=mode)
     with torch.no_grad():
         whole = _time_call(bench.graph.gm, bench.graph.example_inputs)
     lin = sum(r[space.float_index(layer)] if any(ch.is_float for ch in layer.choices) else r[0]
               for r, layer in zip(float_linears.per_layer, space.layers))
     costs = CostTable("measured", max(whole - lin, 0.0), float_linears.per_layer)
-    check = {"rows": rows, "float_model_us": whole, "measured_now": table.measured, "cache": str(table.path),
+    check = {"rows": rows, "mode": mode, "float_model_us": whole, "measured_now": table.measured, "cache": str(table.path),
              "roofline_vs_measured": roofline_error(roofline, costs)}
     say(f"measured latency: fp32 model {whole / 1e3:.1f} ms, {table.measured} kernel timings new "
         f"(cache {table.path}); roofline vs measured: {check['roofline_vs_measured']}")

@@ -380,18 +380,19 @@ class Workbench:
         out["eval_seconds"] = time.perf_counter() - t0
         return out
 
-    def lowered_latency_us(self, strategy: Strategy, repeats: int = 5) -> float:
-        """Median µs of a strategy's model lowered to real kernels (the passes `qgraph.quantize` lowers with),
-        on the example inputs, in this process's threads."""
-        return self._measure(self.apply(strategy), repeats)
+    def lowered_latency_us(self, strategy: Strategy, repeats: int = 5, bcq_mode: str = "exact") -> float:
+        """Median µs of a strategy's model lowered to real kernels (the passes `qgraph.quantize` lowers with;
+        BiQGEMM in ``bcq_mode``), on the example inputs, in this process's threads."""
+        return self._measure(self.apply(strategy), repeats, bcq_mode)
 
-    def _measure(self, g: Any, repeats: int = 5) -> float:
+    def _measure(self, g: Any, repeats: int = 5, bcq_mode: str = "exact") -> float:
         from qgraph.api import LOWERING_PASSES
         from qgraph.context import PassContext
         from qgraph.pass_manager import PassManager
         from qgraph.registry import registered_passes
 
-        passes = [p for p in LOWERING_PASSES if p in registered_passes()] + ["dce"]
+        mode_of = {"lower-bcq": f"lower-bcq{{mode={bcq_mode}}}", "lower-weight-only": f"lower-weight-only{{bcq_mode={bcq_mode}}}"}
+        passes = [mode_of.get(p, p) for p in LOWERING_PASSES if p in registered_passes()] + ["dce"]
         PassManager(",".join(passes)).run(g, PassContext(target=self.target, config={"progress": False}))
         x = self.graph.example_inputs
         times = []
