@@ -23,9 +23,11 @@ def stored_bytes_rest(graph: Any, space: Space) -> int:
 
 
 def write_front_report(points: list[dict[str, Any]], out_dir: str | Path, *, title: str, metric: str,
-                       x_label: str = "stored MB", x_key: str = "bytes", x_scale: float = 1e-6) -> Path:
+                       x_label: str = "stored MB", x_key: str = "bytes", x_scale: float = 1e-6,
+                       x_limit: float | None = None, x_reference: float | None = None) -> Path:
     """report.md + pareto.png (+ one strategy JSON per point) in ``out_dir``. ``points``: dicts with ``name``,
-    ``kind`` (``baseline`` or ``front``), ``metric``, ``x_key`` and ``strategy``."""
+    ``kind`` (``baseline`` or ``front``), ``metric``, ``x_key`` and ``strategy``. ``x_limit`` / ``x_reference``
+    (in ``x_key`` units): a constraint and the float model's value, drawn as vertical lines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -50,6 +52,10 @@ def write_front_report(points: list[dict[str, Any]], out_dir: str | Path, *, tit
             ax.scatter([p[x_key] * x_scale], [p["metric"]], marker="s", s=30, color="#1565c0", zorder=3)
             ax.annotate(p["name"], (p[x_key] * x_scale, p["metric"]), fontsize=7, xytext=(4, -10),
                         textcoords="offset points")
+    if x_limit is not None:
+        ax.axvline(x_limit * x_scale, color="#2e7d32", ls="--", lw=1, label="limit")
+    if x_reference is not None:
+        ax.axvline(x_reference * x_scale, color="#757575", ls=":", lw=1, label="float model")
     ax.set_xlabel(x_label)
     ax.set_ylabel(metric)
     if metric == "perplexity":
