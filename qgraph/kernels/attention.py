@@ -64,7 +64,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
                      scale: float | None = None) -> torch.Tensor:
     """``torch.ops.qgraph.decode_attention`` (native CPU kernel once the shim is loaded); ``scale`` defaults to
     ``D ** -0.5``."""
-    if q.device.type == "cpu":
+    if q.device.type == "cpu" and not torch.compiler.is_compiling():  # (a lock inside would break the graph)
         from qgraph.kernels import native
 
         native.load()

@@ -61,4 +61,7 @@ def use_decode_attention(model: Any) -> bool:
         model.set_attn_implementation(NAME)
     except (ValueError, ImportError):
         return False
+    from qgraph.kernels import native
+
+    native.load()  # now, not inside a graph torch.compile traces later
     return True

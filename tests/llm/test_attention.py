@@ -38,3 +38,16 @@ def test_models_on_other_attention_are_left_alone():
     eager = tiny_llama()
     eager.set_attn_implementation("eager")
     assert not use_decode_attention(eager) and eager.config._attn_implementation == "eager"
+
+
+def test_compiled_decode_step_of_a_float_model_has_no_graph_break(tiny):
+    """The op's first use must not load the native shim inside the traced step (a lock there split the graph
+    per layer, and Inductor's split graphs then indexed the static cache out of bounds)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    g = Generator(copy.deepcopy(tiny), None, compile=True, backend="eager")
+    res = g.generate(torch.tensor([[5, 9, 33, 7]]), 8, stop_at_eos=False)
+    assert g.compile and res.new_tokens == 8
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
