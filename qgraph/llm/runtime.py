@@ -175,7 +175,7 @@ class Generator:
 
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            if self.compile:
+            if self.compile and ids.shape[0] == 1:  # the static loop is batch 1; batches go to generate()
                 eos = set() if kw.get("min_new_tokens") else _eos_ids(self.model)
                 return self._static_loop(ids, max_new_tokens, kw["streamer"], eos)
             return self.model.generate(ids, attention_mask=torch.ones_like(ids), pad_token_id=pad, **kw)

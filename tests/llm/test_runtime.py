@@ -99,3 +99,12 @@ def test_compiled_step_failing_at_run_time_falls_back_to_eager(qmodel, capsys):
     assert not g.compile and "index out of bounds" in g.compile_error
     assert "running eager" in capsys.readouterr().err
     assert torch.equal(res.ids, Generator(qmodel, None).generate(ids, 6, stop_at_eos=False).ids)
+
+
+def test_compiled_generator_hands_batches_to_generate(qmodel):
+    ids = torch.tensor([[5, 9, 33, 7], [8, 1, 40, 2]])
+    want = Generator(qmodel, None).generate(ids, 6, stop_at_eos=False).ids
+    g = Generator(qmodel, None, compile=True, backend="eager")
+    got = g.generate(ids, 6, stop_at_eos=False).ids
+    assert got.shape == (2, 10) and torch.equal(got, want)
+    assert g.compile and g.compile_error is None  # not a fallback after a failure
