@@ -62,10 +62,7 @@ torch.library.register_fake("qgraph::decode_attention", _fake, lib=_LIB)
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
                      scale: float | None = None) -> torch.Tensor:
-    """``torch.ops.qgraph.decode_attention`` (native CPU kernel once the shim is loaded); ``scale`` defaults to
-    ``D ** -0.5``."""
-    if q.device.type == "cpu" and not torch.compiler.is_compiling():  # (a lock inside would break the graph)
-        from qgraph.kernels import native
-
-        native.load()
+    """``torch.ops.qgraph.decode_attention``; ``scale`` defaults to ``D ** -0.5``. On CPU it runs the native kernel
+    once `qgraph.kernels.native.load` has run (the first BiQGEMM call or `qgraph.llm.attention.use_decode_attention`
+    loads it; never inside a graph torch.compile traces, whose lock would break the graph), else the reference."""
     return torch.ops.qgraph.decode_attention(q, k, v, mask, q.shape[-1] ** -0.5 if scale is None else float(scale))

@@ -9,6 +9,12 @@ from qgraph.kernels import native
 from qgraph.kernels.attention import _impl, decode_attention
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _native_shim():
+    """Every test here runs the native kernel (decode_attention) beside the reference (_impl)."""
+    assert native.load(), native.status()
+
+
 def _sdpa(q, k, v, mask, scale):
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
 
