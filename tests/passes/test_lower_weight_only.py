@@ -185,3 +185,20 @@ def test_lowered_model_keeps_integer_weights_only():
     floats = [k for k, v in graph.gm.state_dict().items() if v.is_floating_point() and v.numel() >= 64 * 32]
     assert floats == []
     assert any(v.dtype == torch.int8 and v.shape == (32, 64) for v in graph.gm.state_dict().values())
+
+
+@pytest.mark.parametrize("chunk_bytes", [4 * 64 * 7, 4 * 64 * 64, 1 << 20])
+def test_int8_weight_only_op_matches_dequantized_linear_across_chunks(monkeypatch, chunk_bytes):
+    """``qgraph::int8_weight_only_linear`` dequantizes a chunk of weight rows at a time (7 rows, 64, or all)."""
+    import qgraph.kernels.int8 as int8
+
+    monkeypatch.setattr(int8, "INT8_WO_CHUNK_BYTES", chunk_bytes)
+    g = torch.Generator().manual_seed(6)
+    codes = torch.randint(-127, 128, (100, 64), generator=g, dtype=torch.int8)
+    scale = torch.rand(100, generator=g) * 0.01 + 1e-3
+    bias = torch.randn(100, generator=g)
+    mod = Int8WeightOnlyLinear(codes, scale, bias)
+    for rows in (1, 5):
+        x = torch.randn(2, rows, 64, generator=g)
+        want = torch.nn.functional.linear(x, codes.float() * scale[:, None], bias)
+        assert rel_err(mod(x), want) <= 1e-6
