@@ -68,7 +68,18 @@ LM_BASELINES_FULL = {"rtn+bcq3": "bcq3-g64", "rtn+bcq4": "bcq4-g64"}
 
 
 def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+    """A progress line with the process's resident and peak memory (the budget caps peak RSS)."""
+    print(f"[{time.strftime('%H:%M:%S')}] [{rss_gb()}] {msg}", file=sys.stderr, flush=True)
+
+
+def rss_gb() -> str:
+    """'rss X.X GB, peak Y.Y GB' from /proc/self/status ('' where that file does not exist)."""
+    try:
+        fields = dict(line.split(":", 1) for line in open("/proc/self/status") if line.startswith(("VmRSS", "VmHWM")))
+    except OSError:
+        return ""
+    gb = {k: int(v.split()[0]) / 2**20 for k, v in fields.items()}
+    return f"rss {gb.get('VmRSS', 0):.1f} GB, peak {gb.get('VmHWM', 0):.1f} GB"
 
 
 def load_avg() -> str:

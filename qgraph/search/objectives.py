@@ -28,7 +28,7 @@ from qgraph.search.workbench import (
 
 __all__ = ["METRICS", "QWEIGHT_VERSION", "SEARCH_VERSION", "SPLITS", "TRIAL_PIPELINE", "Analytic", "Constraints",
            "CostTable", "EvalConfig", "Metric", "Trial", "Workbench", "analytic", "cosine_rows", "cost_table",
-           "effective_bits", "eval_plays", "eval_sentences", "first_tensor", "fresh_copy", "make_loss_fn",
+           "effective_bits", "eval_plays", "eval_sentences", "first_tensor", "fresh_copy", "make_loss_fn", "make_loss_parts",
            "optimized_dir", "perplexity_of", "sensitivity_play", "summarize"]
 
 
@@ -98,3 +98,13 @@ def make_loss_fn(bench: Workbench) -> Callable[[torch.nn.Module], torch.Tensor]:
         return total / max(len(bench.data.sens_batches), 1)
 
     return loss
+
+
+def make_loss_parts(bench: Workbench) -> list[Callable[[torch.nn.Module], torch.Tensor]]:
+    """`make_loss_fn`'s loss as one part per sensitivity batch (the parts sum to it)."""
+    n = max(len(bench.data.sens_batches), 1)
+
+    def part(b: tuple, ref: torch.Tensor) -> Callable[[torch.nn.Module], torch.Tensor]:
+        return lambda gm: bench.loss(first_tensor(gm(*b)), ref) / n
+
+    return [part(b, ref) for b, ref in zip(bench.data.sens_batches, bench.sens_reference)]
