@@ -377,13 +377,17 @@ class Workbench:
                                "drop": self.metric.drop(self.base_metric, value)}
         if self.config.measure_latency:
             out["measured_latency_us"] = self._measure(g)
+        del g
+        _collect()
         out["eval_seconds"] = time.perf_counter() - t0
         return out
 
     def lowered_latency_us(self, strategy: Strategy, repeats: int = 5, bcq_mode: str = "exact") -> float:
         """Median µs of a strategy's model lowered to real kernels (the passes `qgraph.quantize` lowers with;
         BiQGEMM in ``bcq_mode``), on the example inputs, in this process's threads."""
-        return self._measure(self.apply(strategy), repeats, bcq_mode)
+        us = self._measure(self.apply(strategy), repeats, bcq_mode)
+        _collect()
+        return us
 
     def _measure(self, g: Any, repeats: int = 5, bcq_mode: str = "exact") -> float:
         from qgraph.api import LOWERING_PASSES
@@ -403,3 +407,11 @@ class Workbench:
                 g.gm(*x)
                 times.append((time.perf_counter() - t) * 1e6)
         return statistics.median(times)
+
+
+def _collect() -> None:
+    """Free dropped graph copies now: an fx graph is a reference cycle (nodes <-> graph), which only the cyclic
+    collector frees, and it runs by object counts, not bytes, so scored copies of the float model piled up."""
+    import gc
+
+    gc.collect()
