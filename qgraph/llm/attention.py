@@ -11,6 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from qgraph.kernels.attention import decode_attention
 
 NAME = "qgraph_decode"
 _registered = False
@@ -19,15 +22,11 @@ _registered = False
 def _forward(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
              attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
              is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     mask_ok = attention_mask is None or (attention_mask.dtype == torch.bool and attention_mask.dim() == 4
                                          and attention_mask.shape[1] == 1 and attention_mask.shape[2] == 1)
     if (query.shape[2] == 1 and mask_ok and not dropout and kwargs.get("softcap") is None
             and kwargs.get("position_bias") is None and query.dtype == key.dtype == value.dtype == torch.float32
             and query.device.type == "cpu" and not kwargs.get("output_attentions", False)):
-        from qgraph.kernels.attention import decode_attention
-
         out = decode_attention(query, key, value, attention_mask, scaling)
         return out.transpose(1, 2), None  # [B, 1, H, D], as the SDPA path returns
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,

