@@ -8,6 +8,12 @@ weight-only, an input-activation spec; embeddings (Gather) get a weight-only spe
 tensor at run time, no calibration); ``off`` makes a target's dynamic default static; ``act_symmetric``
 overrides the activation spec's symmetry (dynamic specs default to symmetric). Conv inputs have no
 tokens: a per-token request gives them per-tensor dynamic scales (noted in the report).
+``residual_outputs`` also quantizes (with the static activation spec) the output of each conv that feeds an
+``Add``, the last conv of a residual block: a QDQ runtime (onnxruntime) then runs that conv as an int8 kernel
+too, instead of leaving it float with Q/DQ and layout changes around it (a Gemm / MatMul needs no such output:
+onnxruntime's int8 matmuls return float). Those outputs are calibrated by
+``residual_observer`` (default ``mse``: MobileNetV2's top-1 agreement 0.958 in torch, 0.969 in onnxruntime, against
+0.948 / 0.906 with percentile ranges), unless calibrate's ``method`` names one observer for all.
 """
 from __future__ import annotations
 
@@ -67,11 +73,14 @@ class Annotate(Pass):
         embeddings: bool = True
         embedding_bits: int | None = None
         skip: tuple[str, ...] = ()
+        residual_outputs: bool = False
+        residual_observer: str = "mse"
 
         def __post_init__(self):
             bits = in_range(2, 8) if self.scheme == "uniform" else in_range(1, 8)
             validate(self, bits=optional(bits), group_size=optional(POSITIVE_INT), act_bits=optional(ACT_BITS),
-                     act_observer=optional(OBSERVER), embedding_bits=optional(in_range(1, 8)), skip=each(REGEX))
+                     act_observer=optional(OBSERVER), residual_observer=OBSERVER,
+                     embedding_bits=optional(in_range(1, 8)), skip=each(REGEX))
             if self.granularity == "group" and self.group_size is None:
                 raise option_error("group_size", "set with granularity=group", self.group_size)
 
@@ -85,7 +94,7 @@ class Annotate(Pass):
         strategy = ctx.config.get("strategy") or {}
         skip = [re.compile(p) for p in o.skip]
         notes: list[str] = []
-        annotated = 0
+        annotated = residual_outputs = 0
         for node in graph.nodes():
             op = graph.op_type(node)
             if op not in LAYER_OPS and op != "Gather":
@@ -112,7 +121,12 @@ class Annotate(Pass):
                 if op == "Conv" and a_spec is not None and a_spec.granularity == "token":
                     a_spec = a_spec.replace(granularity="tensor")
                     notes.append(f"{key}: a conv input has no tokens; per-tensor dynamic activation scales")
-                ann = Annotation(weight=spec, inputs={0: a_spec} if a_spec is not None else {})
+                out = None
+                if o.residual_outputs and op == "Conv" and a_spec is not None and not a_spec.dynamic and any(
+                        graph.op_type(u) == "Add" for u in graph.users(node)):
+                    out = a_spec.replace(observer=o.residual_observer)
+                residual_outputs += out is not None
+                ann = Annotation(weight=spec, inputs={0: a_spec} if a_spec is not None else {}, output=out)
             if op == "Conv" and any(s.granularity == "token" for s in ann.inputs.values()):
                 raise SpecError(f"annotate: conv {key} has a per-token activation spec; conv inputs have no "
                                 f"tokens: use per-tensor (e.g. 'int8/tensor/sym/dynamic')")
@@ -120,7 +134,8 @@ class Annotate(Pass):
             annotated += 1
         ctx.report.setdefault("annotate", {})["notes"] = notes
         return PassResult(graph, modified=annotated > 0, preserved=frozenset({"*"}),
-                          stats={"annotated": annotated, "weight": str(weight_spec),
+                          stats={"annotated": annotated, "residual_outputs": residual_outputs,
+                                 "weight": str(weight_spec),
                                  "activation": str(act_spec) if act_spec else "float"})
 
     def _weight_spec(self, target) -> QSpec:

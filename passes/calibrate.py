@@ -30,7 +30,7 @@ class Calibrate(Pass):
                      max_batches=optional(POSITIVE_INT))
 
     def run(self, graph, ctx) -> PassResult:
-        requests, specs = [], []
+        requests, specs, keys = [], [], []
         for node in graph.nodes():
             ann = graph.meta(node).get(ANNOTATION_KEY)
             if ann is None:
@@ -40,6 +40,11 @@ class Calibrate(Pass):
                     continue
                 requests.append((node, idx))
                 specs.append(spec)
+                keys.append((node, f"input{idx}"))
+            if ann.output is not None and not ann.output.dynamic:
+                requests.append(_output_request(graph, node))
+                specs.append(ann.output)
+                keys.append((node, "output"))
         if not requests:
             return PassResult(graph, modified=False, preserved=frozenset({"*"}), stats={"observed": 0})
         calibration = ctx.calibration
@@ -63,9 +68,8 @@ class Calibrate(Pass):
         count = graph.collect(requests, bar, on_value)
         if count == 0:
             raise CalibrationError("calibration data is empty: give at least one batch")
-        for (node, idx), spec, obs in zip(requests, specs, observers):
-            scale, zp = obs.qparams(spec)
-            graph.meta(node).setdefault(QPARAMS_KEY, {})[f"input{idx}"] = (scale, zp)
+        for (node, key), spec, obs in zip(keys, specs, observers):
+            graph.meta(node).setdefault(QPARAMS_KEY, {})[key] = obs.qparams(spec)
         return PassResult(graph, modified=True, preserved=frozenset({"*"}),
                           stats={"observed": len(requests), "batches": count})
 
@@ -75,3 +79,13 @@ class Calibrate(Pass):
         name = self.options.method or spec.observer
         opts = {"percentile": self.options.p} if name == "percentile" else {}
         return make_observer(name, **opts)
+
+
+def _output_request(graph, node) -> tuple:
+    """An output is observed where its first reader takes it in: ``(reader, input index)``."""
+    for user in graph.users(node):
+        for idx, producer in enumerate(graph.producers(user)):
+            if producer is node:
+                return user, idx
+    raise CalibrationError(f"calibrate: the output of {graph.name(node)} has a spec but no reader to observe it "
+                           f"at; drop its output spec")

@@ -2,7 +2,8 @@
 
 Weights are replaced by their dequantized values (BCQ by Σ α·B (+z)); each quantized activation input
 gets a ``fake_quantize_per_tensor_affine`` node with its calibrated qparams, or, for a dynamic spec, a
-``qgraph::fake_quant_dynamic`` node that computes its scales from the tensor (per token or per tensor).
+``qgraph::fake_quant_dynamic`` node that computes its scales from the tensor (per token or per tensor); a
+node with an output spec gets one after it, read by all its readers.
 """
 from __future__ import annotations
 
@@ -52,6 +53,17 @@ class InsertFakeQuant(Pass):
                 scale, zp = qparams[f"input{idx}"]
                 graph.wrap_input(node, idx, torch.fake_quantize_per_tensor_affine,
                                  (float(scale), int(zp), spec.qmin, spec.qmax))
+                acts += 1
+            if ann.output is not None:
+                if ann.output.dynamic or ann.output.granularity != "tensor":
+                    raise SpecError(f"insert-fq simulates static per-tensor outputs only; {graph.name(node)}'s "
+                                    f"output is {ann.output}")
+                if "output" not in qparams:
+                    raise PipelineError(f"insert-fq: the output of {graph.name(node)} has no qparams; run "
+                                        f"'calibrate' before 'insert-fq'")
+                scale, zp = qparams["output"]
+                graph.wrap_output(node, torch.fake_quantize_per_tensor_affine,
+                                  (float(scale), int(zp), ann.output.qmin, ann.output.qmax))
                 acts += 1
             graph.meta(node)[FQ_KEY] = True
         if weights or acts:

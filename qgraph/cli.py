@@ -46,6 +46,8 @@ def _annotate_options(args: argparse.Namespace) -> str:
         v = getattr(args, flag, None)
         if v is not None:
             opts.append(f"{key}={v}")
+    if getattr(args, "runtime", None) == "onnxruntime":  # its int8 convs need quantized residual-block outputs
+        opts.append("residual_outputs=true")
     return ",".join(opts)
 
 
@@ -359,7 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "1e-2 on, BCQ layers use the fast int8 kernel mode")
     lo.add_argument("--runtime", choices=["torch", "onnxruntime"], default="torch",
                     help="also export OUT/model.onnx (QDQ + ai.qgraph::BiQGEMM) and open it in onnxruntime with its "
-                         "graph optimizations on, reporting which int8 kernels it fused")
+                         "graph optimizations on, reporting which int8 kernels it fused; the convs that feed residual "
+                         "Adds get quantized outputs (annotate{residual_outputs}) so they fuse too")
     lo.add_argument("--quiet", action="store_true", help="no progress output")
     lo.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     lo.set_defaults(func=cmd_lower)

@@ -277,6 +277,16 @@ class FxGraph:
         node.replace_input_with(producer, new)
         return new
 
+    def wrap_output(self, node: fx.Node, target: Any, extra_args: tuple = ()) -> fx.Node:
+        """Insert ``target(node, *extra_args)`` after ``node``; every reader of ``node`` then reads it."""
+        users = list(node.users)
+        with self.gm.graph.inserting_after(node):
+            new = self.gm.graph.call_function(target, (node, *extra_args))
+        new.meta.update({k: v for k, v in node.meta.items() if k in ("val", "tensor_meta")})
+        for user in users:
+            user.replace_input_with(node, new)
+        return new
+
     def replace_with_module(self, node: fx.Node, module: nn.Module, name_hint: str,
                             inputs: list[fx.Node] | None = None) -> fx.Node:
         """Swap ``node`` for a call of ``module`` on ``inputs`` (default: its first tensor input)."""
@@ -504,7 +514,7 @@ def _collect(graph: FxGraph, requests: list[tuple[fx.Node, int]], batches, on_va
                 count += 1
         return count
     finally:
-        for tap, producer, name in taps:
+        for tap, producer, name in reversed(taps):  # a later tap on the same input reads the earlier one
             tap.replace_all_uses_with(producer)
             graph.gm.graph.erase_node(tap)
             delattr(graph.gm, name)

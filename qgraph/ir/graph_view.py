@@ -114,6 +114,9 @@ class GraphView(Protocol):
     def wrap_input(self, node: Any, idx: int, target: Any, extra_args: tuple = ()) -> Any:
         """Insert a per-tensor fake quantization on input ``idx`` of ``node``."""
 
+    def wrap_output(self, node: Any, target: Any, extra_args: tuple = ()) -> Any:
+        """Insert a per-tensor fake quantization on ``node``'s output, read by all its former readers."""
+
     def scale_input(self, nodes: list[Any], idx: int, factor: torch.Tensor) -> Any:
         """Insert ``x · factor`` (``factor`` along x's last dim) between the value feeding input ``idx`` of every
         node in ``nodes`` (all reading that one value) and those nodes; return the new node."""

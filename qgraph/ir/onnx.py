@@ -309,13 +309,39 @@ class OnnxGraph:
     # --- edits -----------------------------------------------------------------------------
     def wrap_input(self, node: ir.Node, idx: int, target: Any, extra_args: tuple = ()) -> ir.Node:
         """Insert QuantizeLinear→DequantizeLinear on input ``idx`` (the ONNX form of a per-tensor fake quant)."""
+        value = self.inputs(node)[idx]
+        new_nodes, dq = self._qdq(value, f"{node.name}_in{idx}", target, extra_args)
+        self.model.graph.insert_before(node, new_nodes)
+        pos = next(i for i, v in enumerate(node.inputs) if v is value)
+        node.replace_input_with(pos, dq.outputs[0])
+        self._session = None
+        return dq
+
+    def wrap_output(self, node: ir.Node, target: Any, extra_args: tuple = ()) -> ir.Node:
+        """Insert QuantizeLinear→DequantizeLinear on ``node``'s output; every reader (graph outputs included)
+        then reads the dequantized value."""
+        value = node.outputs[0]
+        uses = list(value.uses())
+        new_nodes, dq = self._qdq(value, f"{node.name}_out", target, extra_args)
+        self.model.graph.insert_after(node, new_nodes)
+        for use in uses:
+            use.node.replace_input_with(use.idx, dq.outputs[0])
+        outputs = self.model.graph.outputs
+        for i, v in enumerate(outputs):
+            if v is value:
+                dq.outputs[0].name, value.name = value.name, self._fresh_name(f"{value.name}_float")
+                outputs[i] = dq.outputs[0]
+        self._session = None
+        return dq
+
+    def _qdq(self, value: ir.Value, tag: str, target: Any, extra_args: tuple) -> tuple[list[ir.Node], ir.Node]:
+        """The nodes of one per-tensor fake quant of ``value`` (initializers registered), and its DQ node."""
         if target is not torch.fake_quantize_per_tensor_affine:
             raise ExportError(f"the ONNX adapter can only insert per-tensor fake quantization, not {target}")
         scale, zp, qmin, qmax = extra_args
-        value = self.inputs(node)[idx]
         dtype = np.int8 if qmin < 0 else np.uint8
-        s = ir.Value(name=self._fresh_name(f"{node.name}_in{idx}_scale"), const_value=ir.tensor(np.float32(scale)))
-        z = ir.Value(name=self._fresh_name(f"{node.name}_in{idx}_zp"), const_value=ir.tensor(dtype(zp)))
+        s = ir.Value(name=self._fresh_name(f"{tag}_scale"), const_value=ir.tensor(np.float32(scale)))
+        z = ir.Value(name=self._fresh_name(f"{tag}_zp"), const_value=ir.tensor(dtype(zp)))
         consts = [s, z]
         new_nodes = []
         if qmax - qmin < 127:
@@ -323,28 +349,20 @@ class OnnxGraph:
             # clip x to the codes' float range first (same result as clamping the codes). 7-bit ranges get no
             # Clip, which would keep onnxruntime from fusing the Q/DQ into its int8 kernels (as in
             # qgraph.export.rewrite): values beyond the calibrated range then saturate at 8 bits
-            lo = ir.Value(name=self._fresh_name(f"{node.name}_in{idx}_lo"),
-                          const_value=ir.tensor(np.float32(scale * (qmin - zp))))
-            hi = ir.Value(name=self._fresh_name(f"{node.name}_in{idx}_hi"),
-                          const_value=ir.tensor(np.float32(scale * (qmax - zp))))
+            lo = ir.Value(name=self._fresh_name(f"{tag}_lo"), const_value=ir.tensor(np.float32(scale * (qmin - zp))))
+            hi = ir.Value(name=self._fresh_name(f"{tag}_hi"), const_value=ir.tensor(np.float32(scale * (qmax - zp))))
             consts += [lo, hi]
-            clip = ir.Node("", "Clip", [value, lo, hi], name=self._fresh_name(f"{node.name}_clip{idx}"))
-            clip.outputs[0].name = self._fresh_name(f"{node.name}_in{idx}_clipped")
+            clip = ir.Node("", "Clip", [value, lo, hi], name=self._fresh_name(f"{tag}_clip"))
+            clip.outputs[0].name = self._fresh_name(f"{tag}_clipped")
             new_nodes.append(clip)
-            value_in = clip.outputs[0]
-        else:
-            value_in = value
+            value = clip.outputs[0]
         for c in consts:
             self.model.graph.register_initializer(c)
-        q = ir.Node("", "QuantizeLinear", [value_in, s, z], name=self._fresh_name(f"{node.name}_quant{idx}"))
-        dq = ir.Node("", "DequantizeLinear", [q.outputs[0], s, z], name=self._fresh_name(f"{node.name}_dequant{idx}"))
-        q.outputs[0].name = self._fresh_name(f"{node.name}_in{idx}_q")
-        dq.outputs[0].name = self._fresh_name(f"{node.name}_in{idx}_dq")
-        self.model.graph.insert_before(node, [*new_nodes, q, dq])
-        pos = next(i for i, v in enumerate(node.inputs) if v is value)
-        node.replace_input_with(pos, dq.outputs[0])
-        self._session = None
-        return dq
+        q = ir.Node("", "QuantizeLinear", [value, s, z], name=self._fresh_name(f"{tag}_quant"))
+        dq = ir.Node("", "DequantizeLinear", [q.outputs[0], s, z], name=self._fresh_name(f"{tag}_dequant"))
+        q.outputs[0].name = self._fresh_name(f"{tag}_q")
+        dq.outputs[0].name = self._fresh_name(f"{tag}_dq")
+        return [*new_nodes, q, dq], dq
 
     def eliminate_dead_code(self) -> int:
         """Remove nodes and initializers that no graph output depends on; return how many went away."""

@@ -201,3 +201,27 @@ def test_the_onnxruntime_route_quantizes_residual_inputs_by_default(tmp_path):
     route = onnxruntime_model(q, calib[0], tmp_path / "route.onnx", threads=1)
     plain = onnxruntime_model(q, calib[0], tmp_path / "plain.onnx", threads=1, quantized_residuals=False)
     assert route.optimized_ops["QLinearConv"] == plain.optimized_ops["QLinearConv"] + 1, route.optimized_ops
+
+
+def test_residual_outputs_make_every_conv_an_int8_kernel(tmp_path):
+    """annotate{residual_outputs}: the residual block's last conv has a quantized output, so onnxruntime runs it as
+    a QLinearConv (without it that conv stays a float FusedConv with Q/DQ and Transposes around it), within
+    quantization noise of the simulation. The head conv stays float either way: its output reaches the
+    classifier's Q through a Reshape."""
+    from qgraph.export.runtime import onnxruntime_model
+    from tests.passes.test_residual_outputs import Block
+
+    torch.manual_seed(0)
+    calib = [(torch.randn(2, 3, 6, 6),) for _ in range(3)]
+    ops, err = {}, {}
+    for flag in ("false", "true"):
+        q = qgraph.quantize(Block().eval(), calib[0], calib=calib, progress=False,
+                            pipeline=f"fold-bn,dce,fuse-activation,annotate{{act_bits=8,residual_outputs={flag}}},"
+                                     f"calibrate,quantize-weights,insert-fq,lower-int8")
+        route = onnxruntime_model(q, calib[0], tmp_path / f"r{flag}.onnx", threads=1)
+        ops[flag] = route.optimized_ops
+        with torch.no_grad():
+            err[flag] = rel_err(route(calib[1][0]), q(calib[1][0]))
+    assert (ops["false"]["QLinearConv"], ops["false"]["FusedConv"]) == (3, 2), ops["false"]
+    assert (ops["true"]["QLinearConv"], ops["true"]["FusedConv"]) == (4, 1), ops["true"]
+    assert err["true"] <= 0.05, err

@@ -82,3 +82,28 @@ def test_cli_onnxruntime_route_is_timed_and_scored_in_the_report(tmp_path, capsy
     assert ort["quality"]["cosine"] >= 0.99
     report = (out / "report.md").read_text()
     assert "| qgraph -> onnxruntime |" in report.split("## ", 2)[1]  # a row of the headline table
+
+
+def test_cli_onnxruntime_route_quantizes_residual_block_outputs(tmp_path, capsys):
+    """``--runtime onnxruntime`` annotates with residual_outputs: the conv feeding the residual Add runs as a
+    QLinearConv in the session, and the --runtime torch pipeline does not carry the option."""
+    from qgraph.cli import main
+
+    src = tmp_path / "net.py"
+    src.write_text("import torch, torch.nn as nn\n\nclass Net(nn.Module):\n    def __init__(self):\n"
+                   "        super().__init__()\n        self.a = nn.Conv2d(3, 8, 3, padding=1)\n"
+                   "        self.b = nn.Conv2d(8, 8, 1)\n        self.c = nn.Conv2d(8, 4, 1)\n\n"
+                   "    def forward(self, x):\n        h = self.a(x)\n        return self.c(self.b(h) + h)\n\n"
+                   "def make():\n    torch.manual_seed(0)\n    return Net().eval(), (torch.randn(2, 3, 8, 8),)\n")
+    pipes = {}
+    for runtime in ("torch", "onnxruntime"):
+        out = tmp_path / runtime
+        code = main(["lower", f"{src}:make", "--act-bits", "8", "--out", str(out), "--runtime", runtime, "--quiet",
+                     "--no-measure", "--json", "--no-compile"])
+        summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert code == 0
+        pipes[runtime] = summary["pipeline"]
+    assert "residual_outputs=true" in pipes["onnxruntime"] and "residual_outputs" not in pipes["torch"]
+    # a (its output read Q/DQ'd by the Add) and b (its output quantized); c's output is the model's, so it stays
+    # float
+    assert summary["onnxruntime"]["optimized_ops"]["QLinearConv"] == 2, summary["onnxruntime"]["optimized_ops"]
