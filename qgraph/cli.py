@@ -116,7 +116,11 @@ def cmd_lower(args: argparse.Namespace) -> int:
             q.compile_execution(mode, source.example_inputs, measure=not args.no_measure)
         ort_model = extra = None
         if args.runtime == "onnxruntime" and not source.onnx_path:
-            ort_model = _onnxruntime_route(args, q, source, tmp)
+            def requantize(strategy):
+                return qgraph.quantize(model, source.example_inputs, target=target, calib=calib, pipeline=text,
+                                       strategy=strategy, dynamic_shapes=source.dynamic_shapes, progress=False)
+
+            ort_model = _onnxruntime_route(args, q, source, tmp, requantize)
             extra = {ORT_ROW: (ort_model, ort_model.path.stat().st_size)}
         _say(args, f"qgraph: writing report to {out}/")
         report_path = out / write_report(q, tmp, title=f"qgraph: {source.name} for {target.name}",
@@ -142,6 +146,11 @@ def cmd_lower(args: argparse.Namespace) -> int:
             ort_summary["latency_ms"] = row.get("ms")
             ort_summary["speedup_vs_ort_fp32"] = ort_fp32 / row["ms"] if row.get("ms") and ort_fp32 else None
             ort_summary["quality"] = row.get("quality")
+            choice = q.report.get("onnxruntime_layers")
+            if choice:
+                ort_summary["int8_layers"] = {k: choice.get(k) for k in (
+                    "margin", "candidates", "kept_float", "all_int8_ms", "with_float_ms")}
+                ort_summary["int8_layers"]["measured"] = len(choice["layers"])
     layers = q.report.get("layers", [])
     fp32 = sum(r["fp32_bytes"] for r in layers)
     qb = sum(r["bytes"] for r in layers)
@@ -190,15 +199,49 @@ def cmd_lower(args: argparse.Namespace) -> int:
 
 
 ORT_ROW = "qgraph -> onnxruntime"
+#: an int8 layer slower than its float twin by more than this factor is tried in float (kernel times of one
+#: profiled run each differ by up to ~10% on a shared machine)
+INT8_MARGIN = 1.1
 
 
-def _onnxruntime_route(args: argparse.Namespace, q: object, source: object, tmp: Path):
+def _onnxruntime_route(args: argparse.Namespace, q: object, source: object, tmp: Path, requantize):
     """The lowered model exported for onnxruntime (``--runtime onnxruntime``): QDQ with quantized residual
-    inputs, so onnxruntime fuses the convs that feed residual Adds too; a session-backed model."""
+    inputs, so onnxruntime fuses the convs that feed residual Adds too; a session-backed model.
+
+    Then each int8 layer's kernel is timed against its float twin in onnxruntime (`compare_layers`). Layers whose
+    int8 kernel is slower by more than ``INT8_MARGIN`` are requantized float (``requantize(strategy)``); that
+    file replaces the all-int8 one only if it is faster end to end, since a float layer among int8 ones adds
+    Q/DQ and layout changes no single layer is charged for. What was measured and chosen goes to
+    ``q.report["onnxruntime_layers"]``."""
+    from qgraph.export.layer_latency import compare_layers, interleaved_ms
     from qgraph.export.runtime import onnxruntime_model
+    from qgraph.quant.qspec import Annotation
 
     _say(args, "qgraph: exporting the onnxruntime route")
-    return onnxruntime_model(q, source.example_inputs, tmp / "model.onnx", dynamic_shapes=source.dynamic_shapes)
+    path = tmp / "model.onnx"
+    route = onnxruntime_model(q, source.example_inputs, path, dynamic_shapes=source.dynamic_shapes)
+    if args.no_measure:
+        return route
+    _say(args, "qgraph: timing each int8 layer against float in onnxruntime")
+    layers = compare_layers(path, source.example_inputs)
+    slower = [r.layer for r in layers if r.int8_us > INT8_MARGIN * r.float_us]
+    choice = {"margin": INT8_MARGIN, "layers": [r.as_dict() for r in layers], "candidates": slower,
+              "kept_float": []}
+    if slower:
+        _say(args, f"qgraph: {len(slower)} layers run slower in int8; trying them in float")
+        alt_q = requantize({layer: Annotation(fallback_float=True) for layer in slower})
+        alt_path = tmp / "model-float-layers.onnx"
+        alt = onnxruntime_model(alt_q, source.example_inputs, alt_path, dynamic_shapes=source.dynamic_shapes)
+        choice["all_int8_ms"], choice["with_float_ms"] = interleaved_ms([route, alt], source.example_inputs)
+        if choice["with_float_ms"] < choice["all_int8_ms"]:
+            alt_path.replace(path)
+            route = type(route)(path, custom_ops=True)
+            choice["kept_float"] = slower
+        else:
+            alt_path.unlink()
+    q.report["onnxruntime_layers"] = choice
+    return route
+
 
 
 def _is_classifier(source) -> bool:

@@ -431,6 +431,8 @@ def write_report(qmodel: Any, out_dir: str | Path, *, title: str = "qgraph repor
     if rep.get("lowering"):
         md += ["", "## Lowering", "", "| node | op | kernel | status | note |", "|---|---|---|---|---|"]
         md += [f"| {r['node']} | {r['op']} | {r['kernel']} | {r['status']} | {r['reason']} |" for r in rep["lowering"]]
+    if rep.get("onnxruntime_layers"):
+        md += onnxruntime_layers_markdown(rep["onnxruntime_layers"])
     if rep.get("verify"):
         v = rep["verify"]
         md += ["", "## Verify (lowered vs simulation)", "",
@@ -443,6 +445,21 @@ def write_report(qmodel: Any, out_dir: str | Path, *, title: str = "qgraph repor
     (out / "report.html").write_text(_to_html(text, title))
     (out / "report.json").write_text(json.dumps(_jsonable(rep), indent=1))
     return out / "report.md"
+
+
+def onnxruntime_layers_markdown(choice: dict[str, Any]) -> list[str]:
+    """The onnxruntime route's per-layer int8 / float kernel times and what was kept float."""
+    md = ["", "## onnxruntime: int8 or float per layer (measured)", "",
+          f"Each int8 layer's kernel against its float twin, in onnxruntime on this host. Layers slower in int8 by "
+          f"more than {choice['margin']:g}x: {', '.join(choice['candidates']) or 'none'}."]
+    if choice["candidates"]:
+        kept = ", ".join(choice["kept_float"]) or "none (the all-int8 file was faster end to end)"
+        md.append(f"Whole model with those layers float: {choice['with_float_ms']:.2f} ms, all int8: "
+                  f"{choice['all_int8_ms']:.2f} ms; kept float: {kept}.")
+    md += ["", "| layer | int8 kernel | µs | float kernel | µs | int8 / float |", "|---|---|---:|---|---:|---:|"]
+    md += [f"| {r['layer']} | {r['int8_op']} | {r['int8_us']:.1f} | {r['float_op']} | {r['float_us']:.1f} | "
+           f"{r['int8_us'] / r['float_us'] if r['float_us'] else float('inf'):.2f} |" for r in choice["layers"]]
+    return md
 
 
 def _to_html(markdown: str, title: str) -> str:

@@ -206,8 +206,8 @@ def test_the_onnxruntime_route_quantizes_residual_inputs_by_default(tmp_path):
 def test_residual_outputs_make_every_conv_an_int8_kernel(tmp_path):
     """annotate{residual_outputs}: the residual block's last conv has a quantized output, so onnxruntime runs it as
     a QLinearConv (without it that conv stays a float FusedConv with Q/DQ and Transposes around it), within
-    quantization noise of the simulation. The head conv stays float either way: its output reaches the
-    classifier's Q through a Reshape."""
+    quantization noise of the simulation. The stem stays float either way: its ReLU6 output also feeds the
+    residual Add unquantized."""
     from qgraph.export.runtime import onnxruntime_model
     from tests.passes.test_residual_outputs import Block
 
