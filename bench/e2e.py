@@ -8,8 +8,13 @@ batches 1 and 8. Rows per case:
   calibrated on the calibration photos) for the convnet;
 - qgraph routes, lowered for x86-avx2 and run eagerly and compiled (``torch.compile`` of the lowered graph):
   W8A8 (int8 GEMMs / convs, calibrated activations), BCQ-4 and BCQ-3 (groups of 128, BiQGEMM);
+- MiniLM: the strategy qgraph's own search chooses within BCQ-4 g128's stored bytes (``searched``: per Linear
+  W8A8, int8 / int4 weight-only or BCQ-3/4, round-to-nearest; the search's trials are cached in
+  ~/.cache/qgraph/search/e2e-trials.jsonl), lowered like the others;
 - qgraph's onnxruntime route for the W8A8 rows (``-> onnxruntime``): the same quantized model written by
-  qgraph.export_onnx (QDQ) and run by onnxruntime, which fuses it into its int8 kernels (counted in the note).
+  qgraph.export_onnx (QDQ) and run by onnxruntime, which fuses it into its int8 kernels (counted in the note);
+  MobileNetV2's quantizes the outputs of the convs that feed residual Adds too (``annotate{residual_outputs}``),
+  so onnxruntime runs them as int8 kernels.
 
 Each row: median latency (ms) over interleaved rounds (every row of a case is called once per round, so load
 hits them alike), speedup vs onnxruntime fp32 (> 1 is faster), stored weight bytes, and quality against
@@ -193,19 +198,21 @@ def compiled(model: Callable) -> Callable:
 
 
 def qgraph_route(name: str, model: nn.Module, example: tuple, calib: list, pipeline: str, dynamic_shapes: Any,
-                 quality: Callable[[Callable], float], ort_dir: Path | None = None) -> list[Route]:
+                 quality: Callable[[Callable], float], ort_dir: Path | None = None,
+                 strategy: dict | None = None, note: str = "") -> list[Route]:
     """A lowered qgraph model, as an eager route and a compiled route (the compiled callable built by
     `QuantizedModel.compile_execution`, which compiles on its first call per shape); with ``ort_dir`` also
     qgraph's onnxruntime route: the model exported by qgraph.export_onnx (QDQ) and run in onnxruntime."""
     start = time.perf_counter()
     with _quiet():
         q = qgraph.quantize(model, example, target="x86-avx2", calib=calib, pipeline=pipeline,
-                            dynamic_shapes=dynamic_shapes, progress=False)
+                            dynamic_shapes=dynamic_shapes, progress=False, strategy=strategy)
     build = time.perf_counter() - start
     mode = (q.report.get("lower-bcq") or {}).get("mode")
     lowered = sum(r["status"] == "lowered" for r in q.report.get("lowering", []))
     total = len(q.report.get("lowering", []))
-    note = f"{lowered}/{total} lowered" + (f", BiQGEMM {mode}" if mode and "scheme=bcq" in pipeline else "")
+    note = (f"{note}; " if note else "") + f"{lowered}/{total} lowered" + (
+        f", BiQGEMM {mode}" if mode and ("scheme=bcq" in pipeline or strategy) else "")
     verify = q.report.get("verify") or {}
     if verify.get("output_rel_err") is not None:
         note += f", lowered vs simulation {verify['output_rel_err']:.1e}"
@@ -363,6 +370,10 @@ def minilm_suite(quick: bool, tmp: Path, seqs: tuple[int, ...], batches: tuple[i
             continue
         routes += qgraph_route(name, model, calib[0], calib, pipe, dynamic_shapes(), quality,
                                tmp if name in ORT_ROUTES else None)
+    if not ONLY_ROUTES or SEARCHED in ONLY_ROUTES:
+        strategy, how = searched_strategy("minilm", quick, "bcq4-g128")
+        routes += qgraph_route(SEARCHED, model, calib[0], calib, lowering_pipeline(verify_tol=1e-2), dynamic_shapes(),
+                               quality, strategy=strategy, note=how)
     cases = []
     texts = eval_texts[:max(batches)]
     for seq in seqs:
@@ -375,6 +386,37 @@ def minilm_suite(quick: bool, tmp: Path, seqs: tuple[int, ...], batches: tuple[i
 
 
 ONLY_ROUTES: tuple[str, ...] = ()  # --routes: the qgraph MiniLM routes to build (default: all)
+SEARCHED = "searched (<= BCQ-4 g128 bytes)"
+
+
+def searched_strategy(model_name: str, quick: bool, size_of: str) -> tuple[dict, str]:
+    """The strategy qgraph's own search (NSGA-II over Hessian-trace sensitivities, trials scored on the model's
+    search sentences, cached in ~/.cache/qgraph/search/e2e-trials.jsonl) chooses for x86-avx2 within the stored bytes of
+    the uniform strategy ``size_of``: per Linear fp32, W8A8 (int8 kernels), int4 or BCQ-3/4 (BiQGEMM), groups of
+    128, round-to-nearest. Returns its ``strategy=`` annotations and a note of what it chose."""
+    from dataclasses import replace
+
+    from qgraph.search import Constraints, SearchOptions, SpaceOptions, Workbench, build_space, run_search
+    from qgraph.search.objectives import summarize
+
+    space_opts = SpaceOptions(uniform_bits=(8, 4), uniform_group_sizes=(128,), bcq_bits=(3, 4),
+                              bcq_group_sizes=(128,), act=True)
+    opts = SearchOptions(model=model_name, target="x86-avx2", trials=12 if quick else 30, seed=0, workers=1,
+                         space=space_opts, n_eval=32, hutchinson_max_iter=10, baselines=(size_of,),
+                         cache=str(Path.home() / ".cache" / "qgraph" / "search" / "e2e-trials.jsonl"))
+    start = time.perf_counter()
+    with _quiet():
+        bench = Workbench(opts.eval_config())
+        space = build_space(bench.graph, bench.target, space_opts)
+        limit = space.weight_bytes(space.uniform(size_of))
+        result = run_search(replace(opts, constraints=Constraints(max_bytes=limit)), bench=bench)
+    torch.set_num_threads(THREADS)
+    if result.chosen is None:
+        raise SystemExit(f"the {model_name} search found no strategy within {size_of}'s {limit / 1e6:.2f} MB")
+    choices = ", ".join(f"{k} x{v}" for k, v in summarize(space, result.chosen.assignment).items())
+    how = (f"searched in {time.perf_counter() - start:.0f} s ({opts.trials} trials): {choices}; "
+           f"{result.chosen.analytic.bytes / 1e6:.2f} MB of weights")
+    return result.chosen.strategy.config(), how
 
 
 def activation_spec_pipelines() -> dict[str, str]:

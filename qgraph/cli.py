@@ -219,7 +219,8 @@ def _onnxruntime_route(args: argparse.Namespace, q: object, source: object, tmp:
 
     _say(args, "qgraph: exporting the onnxruntime route")
     path = tmp / "model.onnx"
-    route = onnxruntime_model(q, source.example_inputs, path, dynamic_shapes=source.dynamic_shapes)
+    # timed in turns with torch and onnxruntime fp32 (the report's, also without spin-waiting)
+    route = onnxruntime_model(q, source.example_inputs, path, dynamic_shapes=source.dynamic_shapes, spinning=False)
     if args.no_measure:
         return route
     _say(args, "qgraph: timing each int8 layer against float in onnxruntime")
@@ -231,11 +232,12 @@ def _onnxruntime_route(args: argparse.Namespace, q: object, source: object, tmp:
         _say(args, f"qgraph: {len(slower)} layers run slower in int8; trying them in float")
         alt_q = requantize({layer: Annotation(fallback_float=True) for layer in slower})
         alt_path = tmp / "model-float-layers.onnx"
-        alt = onnxruntime_model(alt_q, source.example_inputs, alt_path, dynamic_shapes=source.dynamic_shapes)
+        alt = onnxruntime_model(alt_q, source.example_inputs, alt_path, dynamic_shapes=source.dynamic_shapes,
+                                spinning=False)
         choice["all_int8_ms"], choice["with_float_ms"] = interleaved_ms([route, alt], source.example_inputs)
         if choice["with_float_ms"] < choice["all_int8_ms"]:
             alt_path.replace(path)
-            route = type(route)(path, custom_ops=True)
+            route = type(route)(path, spinning=False)
             choice["kept_float"] = slower
         else:
             alt_path.unlink()

@@ -29,7 +29,8 @@ UNFUSED_QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
 class OrtModel(nn.Module):
     """A session-backed model: call it with torch tensors like the model it was exported from."""
 
-    def __init__(self, path: str | os.PathLike, *, threads: int | None = None, custom_ops: bool = True):
+    def __init__(self, path: str | os.PathLike, *, threads: int | None = None, custom_ops: bool = True,
+                 spinning: bool = True):
         super().__init__()
         import onnx
         import onnxruntime as ort
@@ -42,6 +43,8 @@ class OrtModel(nn.Module):
         so = session_options(custom_ops=custom_ops)
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.intra_op_num_threads = int(threads or torch.get_num_threads())
+        if not spinning:  # spin-waiting workers stall whatever runs next in this process (torch, another session)
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         with tempfile.TemporaryDirectory() as tmp:
             so.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
             try:
@@ -92,13 +95,14 @@ _NP_TYPES = {"tensor(float)": torch.float32, "tensor(int64)": torch.int64, "tens
 
 def onnxruntime_model(qmodel: Any, example_inputs: tuple | torch.Tensor, path: str | os.PathLike, *,
                       dynamic_shapes: Any = None, portable: bool = False, threads: int | None = None,
-                      quantized_residuals: bool = True) -> OrtModel:
+                      quantized_residuals: bool = True, spinning: bool = True) -> OrtModel:
     """Export ``qmodel`` to ``path`` and return it as a session-backed model with ORT's optimizations on.
     ``quantized_residuals`` (default here, unlike `export_onnx`): residual Adds read the Q/DQ'd outputs of
     convs / GEMMs whose outputs are quantized anyway, so onnxruntime runs those as int8 kernels too (the Add's
-    input moves by at most half a quantization step from the simulation's)."""
+    input moves by at most half a quantization step from the simulation's). ``spinning=False``: onnxruntime's
+    workers sleep between kernels instead of spin-waiting (for timing it in turns with other models)."""
     from qgraph.export.onnx_export import export_onnx
 
     export_onnx(qmodel, path, example_inputs, portable=portable, dynamic_shapes=dynamic_shapes,
                 quantized_residuals=quantized_residuals)
-    return OrtModel(path, threads=threads, custom_ops=not portable)
+    return OrtModel(path, threads=threads, custom_ops=not portable, spinning=spinning)

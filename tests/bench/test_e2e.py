@@ -111,3 +111,21 @@ def test_summary_tables_from_records():
     assert "| qgraph W8A8 compiled | 0.9974 | 23.3 | 8.0 (2.00x) |" in text
     assert "| onnxruntime fp32 | — | — | 16.0 (1.00x) |" in text
     assert "| eager fp32 | — | — | 2000.0 (0.80x) |" in text
+
+
+def test_a_searched_strategy_route_lowers_its_per_layer_choices():
+    """``qgraph_route(strategy=...)``: what the e2e searched row runs — one Linear BCQ-4 on BiQGEMM, one float."""
+    from qgraph.quant.qspec import Annotation, QSpec
+
+    bench = _bench()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 32)).eval()
+    x = torch.randn(8, 64)
+    strategy = {"0": Annotation(weight=QSpec.bcq(4, group_size=32)), "2": Annotation(fallback_float=True)}
+    eager, compiled = bench.qgraph_route("searched", model, (x[:2],), [(x,)], bench.lowering_pipeline(verify_tol=1e-2),
+                                         None, lambda fn: 1.0, strategy=strategy, note="searched in 1 s")
+    assert eager.note.startswith("searched in 1 s; 1/") and "BiQGEMM fast" in eager.note, eager.note
+    with torch.no_grad():
+        ref, out = model(x), eager.fn(x)
+    assert float((out - ref).abs().max() / ref.abs().max()) <= 0.1
+    assert eager.bytes < bench.stored_bytes(model)
