@@ -245,7 +245,6 @@ def _onnxruntime_route(args: argparse.Namespace, q: object, source: object, tmp:
     return route
 
 
-
 def _is_classifier(source) -> bool:
     """Whether the model's output is class / token logits (the report adds top-1 agreement)."""
     return source.kind == "image" or source.name in ("smollm2", "digits-cnn") or \
