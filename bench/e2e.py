@@ -372,8 +372,8 @@ def minilm_suite(quick: bool, tmp: Path, seqs: tuple[int, ...], batches: tuple[i
                                tmp if name in ORT_ROUTES else None)
     if not ONLY_ROUTES or SEARCHED in ONLY_ROUTES:
         strategy, how = searched_strategy("minilm", quick, "bcq4-g128")
-        routes += qgraph_route(SEARCHED, model, calib[0], calib, lowering_pipeline(verify_tol=1e-2), dynamic_shapes(),
-                               quality, strategy=strategy, note=how)
+        routes += qgraph_route(SEARCHED, model, calib[0], calib, lowering_pipeline(verify_tol=1e-2),
+                               dynamic_shapes(), quality, strategy=strategy, note=how)
     cases = []
     texts = eval_texts[:max(batches)]
     for seq in seqs:
@@ -391,9 +391,10 @@ SEARCHED = "searched (<= BCQ-4 g128 bytes)"
 
 def searched_strategy(model_name: str, quick: bool, size_of: str) -> tuple[dict, str]:
     """The strategy qgraph's own search (NSGA-II over Hessian-trace sensitivities, trials scored on the model's
-    search sentences, cached in ~/.cache/qgraph/search/e2e-trials.jsonl) chooses for x86-avx2 within the stored bytes of
-    the uniform strategy ``size_of``: per Linear fp32, W8A8 (int8 kernels), int4 or BCQ-3/4 (BiQGEMM), groups of
-    128, round-to-nearest. Returns its ``strategy=`` annotations and a note of what it chose."""
+    search sentences, cached in ~/.cache/qgraph/search/e2e-trials.jsonl) chooses for x86-avx2 within the stored
+    bytes of the uniform strategy ``size_of``: per Linear fp32, W8A8 (int8 kernels), int8 / int4 weight-only or
+    BCQ-3/4 (BiQGEMM), groups of 128, round-to-nearest. Returns its ``strategy=`` annotations and a note of what
+    it chose."""
     from dataclasses import replace
 
     from qgraph.search import Constraints, SearchOptions, SpaceOptions, Workbench, build_space, run_search
@@ -489,9 +490,10 @@ def mobilenet_pipelines() -> dict[str, str]:
     simulation on the 96 evaluation views: 0.969; A8 MSE 0.896, A8 min-max 0.896, A7 MSE 0.813; A8 MSE on
     the 11 center crops 0.927), and the outputs of the 10 convs that feed residual Adds quantized too, by MSE
     ranges (``residual_outputs``: onnxruntime then runs 51 of the 52 convs as QLinearConv instead of 41;
-    agreement 0.958 in torch, 0.969 in onnxruntime; with percentile ranges there 0.948 / 0.906). Exact on CPUs with VNNI; without VNNI lower-int8 keeps the convs whose int16
-    pair sums could saturate float (bench/lowered_mobilenetv2.py uses 7-bit activations there). BCQ rows lower
-    the classifier only (BiQGEMM has no conv kernel)."""
+    agreement 0.958 in torch, 0.969 in onnxruntime; with percentile ranges there 0.948 / 0.906). Exact on CPUs
+    with VNNI; without VNNI lower-int8 keeps the convs whose int16 pair sums could saturate float
+    (bench/lowered_mobilenetv2.py uses 7-bit activations there). BCQ rows lower the classifier only (BiQGEMM
+    has no conv kernel)."""
     return {
         "W8A8 (int8 convs)": f"{CANONICALIZE},annotate{{act_bits=8,act_observer=percentile,residual_outputs=true}},"
                              "calibrate,quantize-weights,insert-fq,lower-int8,dce",
