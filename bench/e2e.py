@@ -8,9 +8,11 @@ batches 1 and 8. Rows per case:
   calibrated on the calibration photos) for the convnet;
 - qgraph routes, lowered for x86-avx2 and run eagerly and compiled (``torch.compile`` of the lowered graph):
   W8A8 (int8 GEMMs / convs, calibrated activations), BCQ-4 and BCQ-3 (groups of 128, BiQGEMM);
-- MiniLM: the strategy qgraph's own search chooses within BCQ-4 g128's stored bytes (``searched``: per Linear
-  W8A8, int8 / int4 weight-only or BCQ-3/4, round-to-nearest; the search's trials are cached in
-  ~/.cache/qgraph/search/e2e-trials.jsonl), lowered like the others;
+- the strategy qgraph's own search chooses (``searched``; round-to-nearest; its trials are cached in
+  ~/.cache/qgraph/search/e2e-trials.jsonl), lowered like the others: for MiniLM within BCQ-4 g128's stored bytes
+  (per Linear W8A8, int8 / int4 weight-only or BCQ-3/4), for MobileNetV2 within uniform W8A7's (per conv fp32,
+  W8A7, int8 / int4 weight-only or BCQ-3/4; also run by onnxruntime); not for SmolLM2, whose search takes longer
+  than this bench (bench/search.py);
 - qgraph's onnxruntime route for the W8A8 rows (``-> onnxruntime``): the same quantized model written by
   qgraph.export_onnx (QDQ) and run by onnxruntime, which fuses it into its int8 kernels (counted in the note);
   MobileNetV2's quantizes the outputs of the convs that feed residual Adds too (``annotate{residual_outputs}``),
@@ -258,7 +260,9 @@ def qgraph_ort_route(name: str, q: Any, example: tuple, dynamic_shapes: Any, qua
 
 #: qgraph routes that also get an onnxruntime row (their QDQ export fuses into onnxruntime's int8 kernels)
 ORT_ROUTES = ("W8A8 SmoothQuant", "W8A8 (int8 convs)")
-QUANTIZED_RESIDUALS = ("W8A8 (int8 convs)",)
+SEARCHED = "searched (<= BCQ-4 g128 bytes)"
+SEARCHED_CONV = "searched (<= W8A7 bytes)"
+QUANTIZED_RESIDUALS = ("W8A8 (int8 convs)", SEARCHED_CONV)
 
 
 # --- timing ----------------------------------------------------------------------------------------------
@@ -386,7 +390,6 @@ def minilm_suite(quick: bool, tmp: Path, seqs: tuple[int, ...], batches: tuple[i
 
 
 ONLY_ROUTES: tuple[str, ...] = ()  # --routes: the qgraph MiniLM routes to build (default: all)
-SEARCHED = "searched (<= BCQ-4 g128 bytes)"
 
 
 def searched_strategy(model_name: str, quick: bool, size_of: str) -> tuple[dict, str]:
@@ -479,6 +482,9 @@ def mobilenet_suite(quick: bool, tmp: Path, batches: tuple[int, ...]) -> Suite:
     for name, pipe in mobilenet_pipelines().items():
         routes += qgraph_route(name, model, (calib[0][0][:2],), calib, pipe, None, quality,
                                tmp if name in ORT_ROUTES else None)
+    strategy, how = searched_strategy("mobilenetv2", quick, "w8-ch+a7")
+    routes += qgraph_route(SEARCHED_CONV, model, (calib[0][0][:2],), calib, lowering_pipeline(verify_tol=1e-2), None,
+                           quality, tmp, strategy=strategy, note=how)
     x = es.inputs
     cases = [(f"mobilenetv2 b{b}", (torch.cat([x] * (1 + b // x.shape[0]))[:b],)) for b in batches]
     return Suite("mobilenetv2", "agreement", routes, cases,
