@@ -178,3 +178,24 @@ def test_structured_mutations_of_valid_protos(mutation, i):
         g(torch.randn(2, 16))
     except ExportError as e:  # the only exception type a caller ever sees
         assert str(e)
+
+
+@pytest.mark.parametrize("node_name", ["fc1", "fc2"])
+def test_wrap_output_quantizes_every_reader_and_keeps_the_graph_output_name(node_name):
+    """`wrap_output` on an inner node (read by Relu) and on the node producing the graph output ``y``: the readers
+    see the fake-quantized value, and the model's output keeps its name."""
+    g = load_onnx(_mlp_proto())
+    x = torch.randn(5, 16)
+    values, _ = g.node_values((x,))
+    node = next(n for n in g.nodes() if n.name == node_name)
+    out = values[node_name]
+    scale = float(out.abs().max()) / 100
+    g.wrap_output(node, torch.fake_quantize_per_tensor_affine, (scale, 0, -128, 127))
+    assert [v.name for v in g.model.graph.outputs] == ["y"]
+    ref = _torch_twin(_mlp_proto())
+    with torch.no_grad():
+        h = torch.fake_quantize_per_tensor_affine(ref[0](x), scale, 0, -128, 127) if node_name == "fc1" else ref[0](x)
+        y = ref[2](ref[1](h))
+        if node_name == "fc2":
+            y = torch.fake_quantize_per_tensor_affine(y, scale, 0, -128, 127)
+    assert rel_err(g(x), y) <= 1e-5
