@@ -214,7 +214,7 @@ def _onnxruntime_route(args: argparse.Namespace, q: object, source: object, tmp:
     Q/DQ and layout changes no single layer is charged for. What was measured and chosen goes to
     ``q.report["onnxruntime_layers"]``."""
     from qgraph.export.layer_latency import compare_layers, interleaved_ms
-    from qgraph.export.runtime import onnxruntime_model
+    from qgraph.export.runtime import OrtModel, onnxruntime_model
     from qgraph.quant.qspec import Annotation
 
     _say(args, "qgraph: exporting the onnxruntime route")
@@ -237,7 +237,7 @@ def _onnxruntime_route(args: argparse.Namespace, q: object, source: object, tmp:
         choice["all_int8_ms"], choice["with_float_ms"] = interleaved_ms([route, alt], source.example_inputs)
         if choice["with_float_ms"] < choice["all_int8_ms"]:
             alt_path.replace(path)
-            route = type(route)(path, spinning=False)
+            route = OrtModel(path, spinning=False)
             choice["kept_float"] = slower
         else:
             alt_path.unlink()

@@ -86,24 +86,14 @@ def float_twin(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
             value = _dequantized(node)
             if value is None:
                 continue
-            name = node.inputs[0].name
-            replacement = ir.Value(name=f"{name}_float", const_value=ir.tensor(value))
+            replacement = ir.Value(name=f"{node.inputs[0].name}_float", const_value=ir.tensor(value))
             graph.register_initializer(replacement)
-            replacement.name = f"{name}_float"
-        _reroute(graph, node.outputs[0], replacement)
+        ir.convenience.replace_all_uses_with(node.outputs[0], replacement, replace_graph_outputs=True)
     from onnx_ir.passes.common import RemoveUnusedNodesPass
 
     RemoveUnusedNodesPass()(model)
     ir.save(model, str(dst))
     return Path(dst)
-
-
-def _reroute(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
-    for use in list(old.uses()):
-        use.node.replace_input_with(use.idx, new)
-    for i, v in enumerate(graph.outputs):
-        if v is old:
-            graph.outputs[i] = new
 
 
 def _weight_names(path: str | os.PathLike) -> set[str]:
@@ -199,14 +189,7 @@ def compare_layers(qdq_path: str | os.PathLike, inputs: Sequence[torch.Tensor], 
 
 def interleaved_ms(models: Sequence, inputs: Sequence[torch.Tensor], *, rounds: int = 15) -> list[float]:
     """Median ms per call of each model on ``inputs``, timed in interleaved rounds after one warm-up call."""
-    import time
+    from qgraph.execution import interleaved_seconds, medians_ms
 
-    for m in models:
-        m(*inputs)
-    times: list[list[float]] = [[] for _ in models]
-    for _ in range(rounds):
-        for i, m in enumerate(models):
-            t = time.perf_counter()
-            m(*inputs)
-            times[i].append((time.perf_counter() - t) * 1e3)
-    return [statistics.median(t) for t in times]
+    med = medians_ms(interleaved_seconds(dict(enumerate(models)), tuple(inputs), rounds=rounds, warmup=1))
+    return [med[i] for i in range(len(models))]

@@ -28,8 +28,8 @@ from qgraph.search.workbench import (
 
 __all__ = ["METRICS", "QWEIGHT_VERSION", "SEARCH_VERSION", "SPLITS", "TRIAL_PIPELINE", "Analytic", "Constraints",
            "CostTable", "EvalConfig", "Metric", "Trial", "Workbench", "analytic", "cosine_rows", "cost_table",
-           "effective_bits", "eval_plays", "eval_sentences", "first_tensor", "fresh_copy", "make_loss_fn", "make_loss_parts",
-           "optimized_dir", "perplexity_of", "sensitivity_play", "summarize"]
+           "effective_bits", "eval_plays", "eval_sentences", "first_tensor", "fresh_copy", "make_loss_fn",
+           "make_loss_parts", "optimized_dir", "perplexity_of", "sensitivity_play", "summarize"]
 
 
 # --- analytic objectives ---------------------------------------------------------------------------
