@@ -31,9 +31,9 @@ import torch
 
 from qgraph.errors import KernelError
 
-SHIM_VERSION = 2
+SHIM_VERSION = 3
 _CSRC = Path(__file__).resolve().parent / "csrc"
-_SOURCES = ("torch_shim.cpp", "biqgemm.h")
+_SOURCES = ("torch_shim.cpp", "decode_step.cpp", "biqgemm.h", "decode_math.h")
 _lock = threading.Lock()
 _state: dict = {"tried": False, "path": None, "handle": None, "error": None}
 
@@ -60,7 +60,9 @@ def _command(kernel_so: str, out: str) -> list[str]:
     cmd = [_compiler(), "-O2", "-std=c++20", "-fPIC", "-shared", "-fvisibility=hidden", "-w",
            f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
     cmd += [f"-I{p}" for p in cpp_extension.include_paths()]
-    cmd += [f"-I{sysconfig.get_paths()['include']}", f"-I{_CSRC}", str(_CSRC / "torch_shim.cpp"), "-o", out,
+    cmd += [f"-I{sysconfig.get_paths()['include']}", f"-I{_CSRC}"]
+    cmd += [str(_CSRC / n) for n in _SOURCES if n.endswith(".cpp")]
+    cmd += ["-o", out,
             f"-L{torch_lib}", "-lc10", "-ltorch", "-ltorch_cpu", "-ltorch_python", f"-Wl,-rpath,{torch_lib}",
             kernel_so]
     return cmd

@@ -46,6 +46,10 @@ QG_API const char* qg_biqgemm_isa(void);
 QG_API int qg_biqgemm_isa_supported(const char* name);
 /* Threads for later calls (the caller plus pool workers); 0 = std::thread::hardware_concurrency(). */
 QG_API void qg_biqgemm_set_num_threads(int n);
+/* Runs fn(ctx, slot, chunk) for every chunk in [0, nchunks) on the kernel's thread pool (the caller plus up to
+ * threads-1 workers; slot is unique among the threads of this call, < the thread count). For hosts whose work
+ * between kernel calls should share the kernel's threads (the native decode step). */
+QG_API void qg_parallel_for(int64_t nchunks, void (*fn)(void* ctx, int slot, int64_t chunk), void* ctx);
 
 /* Sizes of the packed buffers, in bytes / floats (0 for invalid arguments). */
 QG_API int64_t qg_biqgemm_packed_bytes(int64_t m, int64_t k, int q, int64_t group_size);

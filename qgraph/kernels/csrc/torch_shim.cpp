@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "biqgemm.h"
+#include "decode_math.h"
 
 namespace {
 
@@ -267,70 +268,6 @@ Tensor biqgemm_autograd_cpu(const Tensor& x, const Tensor& packed, const Tensor&
 // row per head, with grouped key/value heads read in place (no repeat_kv copy) and masked key positions skipped.
 // One thread: at decode the whole problem is a few hundred KB, less than an OpenMP team's wake-up costs
 // (torch's flash kernel: 35-90 us per call for SmolLM2's 9 heads x 256 positions, this loop: a few us).
-typedef float v16f __attribute__((vector_size(64)));  // lowered to the widest vectors each clone has
-typedef float v8f __attribute__((vector_size(32)));
-typedef float v4f __attribute__((vector_size(16)));
-
-inline __attribute__((always_inline)) float hsum16(v16f x) {  // a tree, not 16 dependent adds
-  const v8f a = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7) +
-                __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
-  const v4f b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-  return (b[0] + b[2]) + (b[1] + b[3]);
-}
-
-inline v16f load16(const float* p) {
-  v16f x;
-  std::memcpy(&x, p, sizeof(x));
-  return x;
-}
-
-inline __attribute__((always_inline)) float dot_f32(const float* a, const float* b, int64_t n) {
-  v16f acc = {0};
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) acc += load16(a + i) * load16(b + i);
-  float s = 0.f;
-  for (; i < n; ++i) s += a[i] * b[i];
-  return s + hsum16(acc);
-}
-
-inline __attribute__((always_inline)) void axpy_f32(float w, const float* x, float* y, int64_t n) {
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    const v16f r = load16(y + i) + w * load16(x + i);
-    std::memcpy(y + i, &r, sizeof(r));
-  }
-  for (; i < n; ++i) y[i] += w * x[i];
-}
-
-// softmax(q kᵀ sc) v for the rep query heads of one key/value head; og holds zeros on entry
-__attribute__((target_clones("avx512f", "avx2", "default"), optimize("O3")))
-void attend_group(const float* qg, const float* kg, const float* vg, float* og, const bool* mb, int64_t S, int64_t D,
-                  int64_t rep, float sc, float* score, float* mx, float* total) {
-  std::fill(mx, mx + rep, -std::numeric_limits<float>::infinity());
-  std::fill(total, total + rep, 0.f);
-  for (int64_t s = 0; s < S; ++s) {
-    if (mb && !mb[s]) continue;
-    for (int64_t r = 0; r < rep; ++r) {
-      const float x = dot_f32(qg + r * D, kg + s * D, D) * sc;
-      score[r * S + s] = x;
-      mx[r] = std::max(mx[r], x);
-    }
-  }
-  if (mx[0] == -std::numeric_limits<float>::infinity()) return;  // every position masked: zeros
-  for (int64_t s = 0; s < S; ++s) {
-    if (mb && !mb[s]) continue;
-    for (int64_t r = 0; r < rep; ++r) {
-      const float p = std::exp(score[r * S + s] - mx[r]);
-      total[r] += p;
-      axpy_f32(p, vg + s * D, og + r * D, D);
-    }
-  }
-  for (int64_t r = 0; r < rep; ++r) {
-    const float inv = 1.f / total[r];
-    for (int64_t d = 0; d < D; ++d) og[r * D + d] *= inv;
-  }
-}
-
 Tensor decode_attention_cpu(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, const OptTensor& mask_in,
                             double scale) {
   if (q_in.dim() != 4 || k_in.dim() != 4 || v_in.dim() != 4)
@@ -363,7 +300,7 @@ Tensor decode_attention_cpu(const Tensor& q_in, const Tensor& k_in, const Tensor
   float* op = out.data_ptr<float>();
   const int64_t rep = H / KVH;
   const float sc = static_cast<float>(scale);
-  std::vector<float> score(rep * S);
+  std::vector<float> score(rep * ((S + 15) / 16 * 16));
   std::vector<float> mx(rep), total(rep);
   for (int64_t b = 0; b < B; ++b) {
     const bool* mb = mp ? mp + b * mask_b_stride : nullptr;
@@ -389,7 +326,7 @@ TORCH_LIBRARY_IMPL(qgraph, AutogradCPU, m) { m.impl("biqgemm", biqgemm_autograd_
 
 extern "C" {
 // Version of this shim's contract with qgraph/kernels/native.py.
-__attribute__((visibility("default"))) int qg_torch_shim_version(void) { return 2; }
+__attribute__((visibility("default"))) int qg_torch_shim_version(void) { return 3; }
 // 0: "cpu-lut4" calls go to the Python implementation (it was replaced with register_layout(replace=True)).
 __attribute__((visibility("default"))) void qg_torch_shim_set_native_layout(int on) { g_native_layout = on != 0; }
 }
