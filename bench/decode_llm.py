@@ -3,11 +3,12 @@ models (BCQ-3, BCQ-4, uniform W4, each at its better optimizer of gptq / aespa),
 ``llama-cpp-python`` is importable (it is never installed by this script).
 
 Setup: 2 threads, greedy, a 128-token prompt (the start of the evaluation play), 128 new tokens (EOS ignored).
-Per row and per execution (eager ``generate()``, or a static KV cache + ``torch.compile``d decode step):
+Per row and per execution (eager ``generate()``; qgraph's native decode step, one C++ call per token over a
+static KV cache, `qgraph.llm.native_decode`; with ``--compiled`` also a ``torch.compile``d decode step):
 prompt tok/s (prompt tokens / time to the first new token) and decode tok/s (the other new tokens / their
-time), medians over rounds. Eager rows are interleaved in this process; each compiled row runs in a process
-of its own (a process that compiles several models pays every model's guard checks on each step), interleaved
-there with the same model eager, whose ratio is printed too; the model's stored bytes (qgraph: the artifact's tensors, a tied table
+time), medians over rounds. Eager and native rows are interleaved in this process; each compiled row runs in a
+process of its own (a process that compiles several models pays every model's guard checks on each step),
+interleaved there with the same model eager, whose ratio is printed too; the model's stored bytes (qgraph: the artifact's tensors, a tied table
 once; bits per decoder-Linear weight beside it); perplexity on bench/quality_llm.py's held-out windows (4 x 512
 tokens of the evaluation play; fp32 36.68), computed by the row's own model; peak RSS of a fresh process that
 loads the row as it is deployed and generates (qgraph rows load their artifact); and the physical limit: bytes
@@ -27,7 +28,7 @@ vs 15 tok/s; see `qgraph.llm.runtime`). llama.cpp is the opposite: its OpenMP th
 and under ``PASSIVE`` they sleep there (SmolLM2 Q4_0 decoded 37-47 tok/s instead of 115-121 on a quiet machine).
 So each llama.cpp row is timed in a process of its own with the wait policy it ships with (the variable unset).
 
-    python bench/decode_llm.py [--quick] [--json out.json] [--rows ...] [--no-compile] [--requantize]
+    python bench/decode_llm.py [--quick] [--json out.json] [--rows ...] [--compiled] [--requantize]
 """
 from __future__ import annotations
 
@@ -469,7 +470,10 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--eval-windows", type=int, default=4)
-    ap.add_argument("--no-compile", action="store_true", help="eager generate() only")
+    ap.add_argument("--compiled", action="store_true",
+                    help="also time a torch.compile'd decode step per row (each in a process of its own; minutes)")
+    ap.add_argument("--no-compile", action="store_true", help=argparse.SUPPRESS)  # the default now
+    ap.add_argument("--no-native", action="store_true", help="skip the native decode rows")
     ap.add_argument("--no-rss", action="store_true", help="skip the fresh-process peak-RSS runs")
     ap.add_argument("--no-parity", action="store_true")
     ap.add_argument("--no-profile", action="store_true")
@@ -494,7 +498,7 @@ def main(argv=None) -> int:
         args.rows = args.rows or ["hf-fp32", "qgraph-bcq3"]
         args.optimizers = ["gptq"] if args.optimizers == ["gptq", "aespa"] else args.optimizers
         args.new_tokens, args.rounds, args.eval_windows = 32, 2, 1
-        args.no_compile = args.no_rss = args.no_parity = args.no_profile = True
+        args.no_rss = args.no_parity = args.no_profile = True
     have_llama = importlib.util.find_spec("llama_cpp") is not None
     rows = args.rows or list(BASELINES) + list(QGRAPH_ROWS) + (list(LLAMA_ROWS) if have_llama else [])
     unknown = [r for r in rows if r not in BASELINES and r not in QGRAPH_ROWS and r not in LLAMA_ROWS]
@@ -557,8 +561,16 @@ def main(argv=None) -> int:
     print(f"built rows in {time.perf_counter() - t0:.0f} s; perplexity: "
           + ", ".join(f"{k} {v:.2f}" for k, v in ppl.items()), file=sys.stderr, flush=True)
 
-    # --- speed: eager and compiled, interleaved rounds --------------------------------------------
+    # --- speed: eager and native interleaved, compiled in processes of their own ----------------------
     gens = {row + " eager": Generator(model, tok) for row, (model, *_rest) in models.items() if row not in llama_gens}
+    if not args.no_native:
+        for row, (model, *_rest) in models.items():
+            if row.startswith("qgraph"):
+                g = Generator(model, tok, engine="auto")
+                if g.native is None:
+                    print(f"  {row}: no native step ({g.native_error})", file=sys.stderr)
+                else:
+                    gens[row + " native"] = g
     speed = timed_rounds(gens, ids, args.new_tokens, args.rounds)
     for row in llama_gens:
         got = run_llama_child(row, ids, args)
@@ -569,7 +581,7 @@ def main(argv=None) -> int:
     compile_s: dict[str, float | None] = {}
     in_process: dict[str, tuple[float, float]] = {}  # row -> (eager, compiled) decode tok/s in its own process
     compiled_profiles: dict[str, dict] = {}
-    if not args.no_compile:
+    if args.compiled:
         for row, (_m, _b, _bpw, _label, art) in models.items():
             if row in LLAMA_ROWS:
                 continue
@@ -614,7 +626,7 @@ def main(argv=None) -> int:
         per_tok = (gguf_read_per_token(model.path, fp32.config, kv_ctx) if row in LLAMA_ROWS
                    else read_per_token(row, model, stored, kv_ctx))
         limit = read_bw * 1e9 / per_tok
-        for kind in ("eager", "compiled"):
+        for kind in ("eager", "native", "compiled"):
             key = f"{row} {kind}"
             if key not in speed:
                 continue
@@ -668,7 +680,8 @@ def main(argv=None) -> int:
                               "fast: logits rel err"], prow))
     if not args.no_profile:
         prof_rows = []
-        todo = {key: None for key in gens if key.startswith(("hf-fp32", "qgraph-bcq3 ", "qgraph-bcq3-fast"))}
+        todo = {key: None for key in gens if key.startswith(("hf-fp32", "qgraph-bcq3 ", "qgraph-bcq3-fast",
+                                                              "qgraph-w4 native", "qgraph-w4-fast native"))}
         todo.update({k: v for k, v in compiled_profiles.items() if k.startswith(("hf-fp32", "qgraph-bcq3"))})
         for key, got in todo.items():
             p = got or profile_decode(gens[key], ids, steps=16)
@@ -676,7 +689,8 @@ def main(argv=None) -> int:
             prof_rows.append([key] + [f"{p[k]:.2f}" for k in (*parts, "step")])
             for k in parts:
                 records.add(f"smollm2 {key} decode step {k}", "seconds", p[k] / 1e3)
-        print("\nOne decode step, ms (torch.profiler over 16 steps; compiled rows profiled in their own process):\n")
+        print("\nOne decode step, ms (torch.profiler over 16 steps; compiled rows profiled in their own process; "
+              "native rows timed by the step itself):\n")
         print(markdown_table(["model", "kernel", "attention", "other ops", "compiled code", "python",
                               "sampling + loop", "step"], prof_rows))
     records.write(args.json)

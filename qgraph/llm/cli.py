@@ -49,8 +49,12 @@ def add_parsers(subparsers: Any) -> None:
     g.add_argument("--max-new-tokens", type=_tokens, default=64, dest="max_new_tokens")
     g.add_argument("--mode", choices=["exact", "fast"], default="exact",
                    help="BiQGEMM tables: exact (fp32; matches the simulation) or fast (int8)")
+    g.add_argument("--engine", choices=["auto", "native", "compiled", "eager"], default="auto",
+                   help="decode loop: native (one C++ call per token; Llama-family models), compiled (static KV "
+                        "cache + torch.compile of the step), eager (Hugging Face generate()); auto: native where "
+                        "the model qualifies, else eager")
     g.add_argument("--compile", choices=["on", "off"], default="off",
-                   help="static KV cache + torch.compile of the decode step (compiles once per process)")
+                   help="on: the same as --engine compiled (kept for older scripts)")
     g.add_argument("--threads", type=_tokens, help="intra-op threads (default: torch's)")
     g.add_argument("--ignore-eos", action="store_true", dest="ignore_eos",
                    help="always generate --max-new-tokens tokens (for timing)")
@@ -139,7 +143,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if tok is None:
         raise ExportError(f"the artifact {args.artifact} holds no tokenizer/ folder")
     # one model per process: nn-module guards can go (the model does not change under the compiled step)
-    gen = Generator(model, tok, compile=args.compile == "on", skip_module_guards=True)
+    engine = "compiled" if args.compile == "on" else args.engine
+    gen = Generator(model, tok, engine=engine, skip_module_guards=True)
+    if engine == "auto" and gen.native_error:
+        print(f"qgraph: decoding with generate() ({gen.native_error})", file=sys.stderr)
     ids = tok(args.prompt, return_tensors="pt").input_ids
     if not ids.numel():
         raise ExportError("the prompt encodes to no tokens")
@@ -153,7 +160,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     sys.stdout.write("\n")
     print(f"prompt: {res.prompt_tokens} tokens, {res.prompt_tokens_per_s:.1f} tok/s; decode: {res.new_tokens} "
           f"tokens, {res.decode_tokens_per_s:.1f} tok/s ({args.mode} mode"
-          f"{', compiled' if gen.compile else ''}, {torch.get_num_threads()} threads)", file=sys.stderr)
+          f", {gen.engine}, {torch.get_num_threads()} threads)", file=sys.stderr)
     if args.json:
         print(json.dumps(res.summary()))
     return 0

@@ -188,10 +188,22 @@ class NativeDecoder:
         self._cache = cache
 
     def step(self, token: int, position: int) -> int:
-        return int(self.plan.step(int(token), int(position)))
+        """The next greedy token after ``token`` at cache position ``position``."""
+        try:
+            return self.plan.step(int(token), int(position))
+        except RuntimeError as e:
+            raise KernelError(_first_line(e)) from None
 
     def logits(self, token: int, position: int) -> torch.Tensor:
-        return self.plan.logits(int(token), int(position))
+        """The float32 logits [vocab] after ``token`` at ``position`` (the cache gets its key and value)."""
+        try:
+            return self.plan.logits(int(token), int(position))
+        except RuntimeError as e:
+            raise KernelError(_first_line(e)) from None
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [""])[0]
 
 
 def plan_for(model: nn.Module) -> NativeDecoder | str:
@@ -201,4 +213,4 @@ def plan_for(model: nn.Module) -> NativeDecoder | str:
     except Unsupported as e:
         return str(e)
     except RuntimeError as e:  # the plan's own checks (a shape it cannot run)
-        return f"the native step refused the model: {str(e).splitlines()[0]}"
+        return f"the native step refused the model: {_first_line(e)}"

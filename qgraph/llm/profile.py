@@ -10,6 +10,11 @@ Categories (milliseconds per decode step, averaged over the profiled steps):
 - ``sampling + loop``: the loop's own work outside the forward: ``generate()``'s (logits slice, argmax, stopping
   criteria, cache bookkeeping, streaming) when eager, qgraph's static-cache loop's when compiled (its argmax is
   inside the compiled step).
+
+A native decode step (``gen.native``, `qgraph.llm.native_decode`) is timed by the step itself, with the same
+categories: BiQGEMM and float Linears (``kernel``), rotary embedding + cache write + attention (``attention``),
+embedding, norms, SiLU gate and residuals (``other ops``), the argmax (``sampling + loop``, with the loop's own
+Python time), and nothing compiled.
 """
 from __future__ import annotations
 
@@ -32,6 +37,8 @@ def profile_decode(gen: Any, prompt, steps: int = 16) -> dict[str, float]:
     """Per-decode-step milliseconds by category (see the module doc) for a `qgraph.llm.runtime.Generator`,
     over the ``steps`` one-token forwards of a greedy ``generate`` (the prefill forward is left out; the loop
     time is the decode wall time, first to last token, minus those forwards)."""
+    if getattr(gen, "native", None) is not None:
+        return _profile_native(gen, prompt, steps)
     from torch.profiler import ProfilerActivity, profile, record_function
 
     model = gen.model
@@ -67,6 +74,22 @@ def profile_decode(gen: Any, prompt, steps: int = 16) -> dict[str, float]:
     per = {k: v / n / 1e3 for k, v in totals.items()}
     per["step"] = sum(per.values())
     per["steps"] = len(fwd)
+    return per
+
+
+def _profile_native(gen: Any, prompt, steps: int) -> dict[str, float]:
+    plan = gen.native.plan
+    plan.reset_timings()
+    res = gen.generate(prompt, steps + 1, stop_at_eos=False)
+    kernel, attention, other, argmax, n = plan.timings()
+    n = max(1.0, n)
+    ms = {"kernel": kernel, "attention": attention, "other ops": other, "compiled code": 0.0}
+    per = {k: v / n * 1e3 for k, v in ms.items()}
+    per["python"] = 0.0  # the native step has no Python inside; the loop's own time is below
+    loop = res.decode_seconds - (kernel + attention + other + argmax)
+    per["sampling + loop"] = (argmax + max(0.0, loop)) / n * 1e3
+    per["step"] = sum(per.values())
+    per["steps"] = int(n)
     return per
 
 

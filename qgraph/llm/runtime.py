@@ -1,5 +1,10 @@
-"""Greedy generation with a KV cache, timed and streamed: Hugging Face ``generate()`` when eager, qgraph's own
-loop over a static KV cache and a ``torch.compile``d decode step when compiled.
+"""Greedy generation with a KV cache, timed and streamed. Engines:
+
+- ``"eager"``: Hugging Face ``generate()``.
+- ``"native"``: qgraph's own loop over a static KV cache, the prompt eager, then one native call per token
+  (`qgraph.llm.native_decode`: every layer, the head and the argmax in C++). Llama-family models only.
+- ``"compiled"`` (``compile=True``): the same loop with a ``torch.compile``d decode step.
+- ``"auto"``: native where the model qualifies, else eager.
 
 Timing: the prompt time is from the call to the first new token (prefill forward + first argmax); the decode
 rate counts the tokens after the first over the time from the first to the last.
@@ -32,7 +37,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from qgraph.errors import KernelError
+
 CACHE_BUCKET = 256
+ENGINES = ("auto", "native", "compiled", "eager")
 
 
 @dataclass
@@ -96,14 +104,33 @@ class Generator:
     a compiled decode step."""
 
     def __init__(self, model: Any, tokenizer: Any, *, compile: bool = False, bucket: int = CACHE_BUCKET,
-                 backend: Any = "inductor", skip_module_guards: bool = False, decode_attention: bool = True):
+                 backend: Any = "inductor", skip_module_guards: bool = False, decode_attention: bool = True,
+                 engine: str | None = None):
+        if engine is None:
+            engine = "compiled" if compile else "eager"
+        if engine not in ENGINES:
+            raise KernelError(f"engine must be one of {ENGINES}, got {engine!r}")
         self.model, self.tokenizer = model, tokenizer
+        self.native: Any = None
+        self.native_error: str | None = None
+        if engine in ("native", "auto"):
+            from qgraph.llm.native_decode import plan_for
+
+            got = plan_for(model)
+            if isinstance(got, str):
+                if engine == "native":
+                    raise KernelError(f"this model cannot run the native decode step: {got}")
+                self.native_error, engine = got, "eager"
+            else:
+                self.native, engine = got, "native"
+        self.engine = engine
+        compile = engine == "compiled"
         self.compile, self.bucket, self.backend = compile, bucket, backend
         self.skip_module_guards = skip_module_guards
         self.compile_seconds: float | None = None
         self.compile_error: str | None = None
         self.decode_attention = False
-        if decode_attention:
+        if decode_attention and engine != "native":
             from qgraph.llm.attention import use_decode_attention
 
             self.decode_attention = use_decode_attention(model)
@@ -149,24 +176,36 @@ class Generator:
         return self._step
 
     def _static_loop(self, ids, max_new_tokens: int, streamer: _Streamer, eos: set[int]):
-        """Prefill eager into a static cache, then one compiled step per token; returns [1, prompt + new] ids."""
+        """Prefill eager into a static cache, then one compiled or native step per token; returns
+        [1, prompt + new] ids."""
         import torch
 
         n = ids.shape[1]
         cache = self._static_cache(n + max_new_tokens)
-        step = self._compiled_step()
         with torch.no_grad():
             streamer.put(ids)
             logits = self.model(input_ids=ids, cache_position=torch.arange(n), cache=cache, use_cache=True).logits
             token = logits[:, -1].argmax(-1, keepdim=True)
             new = [token]
             streamer.put(token)
-            for i in range(1, max_new_tokens):
-                if eos and int(token) in eos:
-                    break
-                token = step(token, torch.tensor([n + i - 1]), cache)
-                new.append(token)
-                streamer.put(token)
+            if self.native is not None:
+                self.native.bind(cache)
+                step, t = self.native.step, int(token)
+                for i in range(1, max_new_tokens):
+                    if eos and t in eos:
+                        break
+                    t = step(t, n + i - 1)
+                    token = torch.tensor([[t]])
+                    new.append(token)
+                    streamer.put(token)
+            else:
+                step = self._compiled_step()
+                for i in range(1, max_new_tokens):
+                    if eos and int(token) in eos:
+                        break
+                    token = step(token, torch.tensor([n + i - 1]), cache)
+                    new.append(token)
+                    streamer.put(token)
         streamer.end()
         return torch.cat([ids, *new], dim=1)
 
@@ -175,7 +214,7 @@ class Generator:
 
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            if self.compile and ids.shape[0] == 1:  # the static loop is batch 1; batches go to generate()
+            if (self.compile or self.native is not None) and ids.shape[0] == 1:  # the static loop is batch 1
                 eos = set() if kw.get("min_new_tokens") else _eos_ids(self.model)
                 return self._static_loop(ids, max_new_tokens, kw["streamer"], eos)
             return self.model.generate(ids, attention_mask=torch.ones_like(ids), pad_token_id=pad, **kw)
