@@ -30,6 +30,7 @@ bench/decode_llm.py, examples/smollm2_generate.py, and ``qgraph generate`` (whic
 """
 from __future__ import annotations
 
+import gc
 import sys
 import time
 import warnings
@@ -191,13 +192,21 @@ class Generator:
             if self.native is not None:
                 self.native.bind(cache)
                 step, t = self.native.step, int(token)
-                for i in range(1, max_new_tokens):
-                    if eos and t in eos:
-                        break
-                    t = step(t, n + i - 1)
-                    token = torch.tensor([[t]])
-                    new.append(token)
-                    streamer.put(token)
+                # Python's cyclic GC walks every object of the process (the model's modules and tensors) when
+                # it runs: 4% of the native loop's time on SmolLM2 (0.2-0.3 ms a token); the loop makes no cycles
+                paused = gc.isenabled()
+                gc.disable()
+                try:
+                    for i in range(1, max_new_tokens):
+                        if eos and t in eos:
+                            break
+                        t = step(t, n + i - 1)
+                        token = torch.tensor([[t]])
+                        new.append(token)
+                        streamer.put(token)
+                finally:
+                    if paused:
+                        gc.enable()
             else:
                 step = self._compiled_step()
                 for i in range(1, max_new_tokens):
