@@ -187,6 +187,10 @@ class NativeDecoder:
         self._rope(int(layers[0].keys.shape[2]))
         self._cache = cache
 
+    def suppress(self, ids) -> None:
+        """Token ids `step` never returns (empty: none)."""
+        self.plan.set_suppressed([int(i) for i in ids])
+
     def step(self, token: int, position: int) -> int:
         """The next greedy token after ``token`` at cache position ``position``."""
         try:

@@ -138,6 +138,7 @@ class Generator:
         self._cache: Any = None
         self._cache_len = 0
         self._step: Callable | None = None
+        self._suppress: tuple[int, ...] = ()
 
     def compile_options(self) -> dict | None:
         """Options for ``torch.compile`` of the decode step (None: the backend's defaults)."""
@@ -169,28 +170,37 @@ class Generator:
             model = self.model
 
             def step(token, position, cache):
-                logits = model(input_ids=token, cache_position=position, cache=cache, use_cache=True).logits
-                return logits[:, -1].argmax(-1, keepdim=True)
+                logits = model(input_ids=token, cache_position=position, cache=cache, use_cache=True).logits[:, -1]
+                if self._suppress:  # a constant of the compiled graph (a new tuple recompiles once)
+                    logits[:, list(self._suppress)] = float("-inf")
+                return logits.argmax(-1, keepdim=True)
 
             self._step = torch.compile(step, fullgraph=False, dynamic=False, backend=self.backend,
                                        options=self.compile_options())
         return self._step
 
-    def _static_loop(self, ids, max_new_tokens: int, streamer: _Streamer, eos: set[int]):
+    def _static_loop(self, ids, max_new_tokens: int, streamer: _Streamer, eos: set[int],
+                     suppress: tuple[int, ...] = ()):
         """Prefill eager into a static cache, then one compiled or native step per token; returns
-        [1, prompt + new] ids."""
+        [1, prompt + new] ids. ``eos``: ids that end the generation; ``suppress``: ids never chosen (the end
+        tokens when generating a fixed count, as ``generate(min_new_tokens=...)`` does)."""
         import torch
 
         n = ids.shape[1]
         cache = self._static_cache(n + max_new_tokens)
+        self._suppress = suppress
         with torch.no_grad():
             streamer.put(ids)
             logits = self.model(input_ids=ids, cache_position=torch.arange(n), cache=cache, use_cache=True).logits
-            token = logits[:, -1].argmax(-1, keepdim=True)
+            logits = logits[:, -1]
+            if suppress:
+                logits[:, list(suppress)] = float("-inf")
+            token = logits.argmax(-1, keepdim=True)
             new = [token]
             streamer.put(token)
             if self.native is not None:
                 self.native.bind(cache)
+                self.native.suppress(suppress)
                 step, t = self.native.step, int(token)
                 # Python's cyclic GC walks every object of the process (the model's modules and tensors) when
                 # it runs: 4% of the native loop's time on SmolLM2 (0.2-0.3 ms a token); the loop makes no cycles
@@ -224,7 +234,9 @@ class Generator:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if (self.compile or self.native is not None) and ids.shape[0] == 1:  # the static loop is batch 1
-                eos = set() if kw.get("min_new_tokens") else _eos_ids(self.model)
+                eos = _eos_ids(self.model)
+                if kw.get("min_new_tokens"):
+                    return self._static_loop(ids, max_new_tokens, kw["streamer"], set(), tuple(sorted(eos)))
                 return self._static_loop(ids, max_new_tokens, kw["streamer"], eos)
             return self.model.generate(ids, attention_mask=torch.ones_like(ids), pad_token_id=pad, **kw)
 

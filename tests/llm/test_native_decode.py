@@ -80,9 +80,10 @@ def test_native_generation_equals_generate(tiny, prompts, one_thread):
     eager, nat = Generator(model, None), Generator(model, None, engine="native")
     assert nat.engine == "native" and nat.native is not None
     for p in prompts:
-        a, b = eager.generate(p, 16), nat.generate(p, 16)
-        assert torch.equal(a.ids, b.ids)
-        assert b.decode_tokens_per_s > 0
+        for stop in (True, False):  # a fixed-length run never picks an end token, as generate(min_new_tokens=)
+            a, b = eager.generate(p, 16, stop_at_eos=stop), nat.generate(p, 16, stop_at_eos=stop)
+            assert torch.equal(a.ids, b.ids)
+            assert b.decode_tokens_per_s > 0
 
 
 def test_models_it_cannot_run_say_why(tiny):

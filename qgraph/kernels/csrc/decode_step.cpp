@@ -16,6 +16,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -203,12 +204,19 @@ class DecodePlan : public torch::CustomClassHolder {
   int64_t step(int64_t token, int64_t pos) {
     forward(token, pos);
     const auto t0 = now();
+    for (int64_t i : suppressed_) logits_[i] = -std::numeric_limits<float>::infinity();
     int64_t best = 0;
     float bv = logits_[0];
     for (int64_t i = 1; i < vocab_; ++i)
       if (logits_[i] > bv) bv = logits_[i], best = i;  // first maximum, as torch.argmax
     lap(t0, kArgmax);
     return best;
+  }
+
+  // Token ids `step` never returns (their logits count as -inf), e.g. the end tokens for a fixed-length run.
+  void set_suppressed(std::vector<int64_t> ids) {
+    for (int64_t i : ids) check(i >= 0 && i < vocab_, "suppressed token id " + std::to_string(i) + " out of range");
+    suppressed_ = std::move(ids);
   }
 
   // Seconds spent since the last reset in [BiQGEMM / float Linears, attention (incl. rotary and the cache write),
@@ -423,6 +431,7 @@ class DecodePlan : public torch::CustomClassHolder {
   Tensor cos_, sin_, norm_, emb_, emb_alpha_, emb_offset_;
   std::string emb_kind_;
   int64_t emb_gs_ = 0, emb_q_ = 0, head_ = -1;
+  std::vector<int64_t> suppressed_;
   static constexpr int64_t kParts = 2;  // position ranges per kv head in `attention`
   std::vector<float> x_, h_, qkv_, att_, gu_, act_, logits_;
   std::vector<float> part_out_, part_m_, part_l_, part_score_;
@@ -444,6 +453,7 @@ TORCH_LIBRARY_FRAGMENT(qgraph, m) {
       .def("bind_cache", &DecodePlan::bind_cache)
       .def("logits", &DecodePlan::logits)
       .def("step", &DecodePlan::step)
+      .def("set_suppressed", &DecodePlan::set_suppressed)
       .def("num_layers", &DecodePlan::num_layers)
       .def("timings", &DecodePlan::timings)
       .def("reset_timings", &DecodePlan::reset_timings);
