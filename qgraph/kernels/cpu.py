@@ -99,6 +99,8 @@ def _lib() -> ctypes.CDLL:
         "qg_biqgemm_gemm_int8": (_int, [_int]),
         "qg_biqgemm_gemm_buffers": (_int, [_i64, _i64, _i64, _int, _i64, _int, _ptr]),
         "qg_biqgemm_lut_max_rows": (_i64, [_int]),
+        "qg_biqgemm_lut_tiles": (_int, [_ptr, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _int, _i64, _int, _i64, _i64,
+                                        _ptr]),
     }
     for name, (res, args) in sigs.items():
         fn = getattr(lib, name)

@@ -339,3 +339,36 @@ def test_concurrent_callers_and_fork():
 
 def _child_check(p, x, ref):
     sys.exit(0 if rel_err(cpu.biqgemm(x, p), ref) <= EXACT_TOL else 1)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 200), st.integers(1, 130), st.integers(1, 4), st.sampled_from([None, 16, 33, 64]),
+       st.booleans(), st.sampled_from(["exact", "fast"]), st.integers(0, 2**16))
+def test_lut_tiles_split_anywhere_gives_the_whole_product(m, k, q, gs, offset, mode, seed):
+    """qg_biqgemm_lut_tiles (one row, a range of row tiles, the calling thread) over [0, cut) and [cut, tiles)
+    writes exactly what qg_biqgemm_f32_path's LUT path writes for the whole matrix, bias included."""
+    gs = min(gs or k, k)
+    w = random_bcq(m, k, q, gs, offset, seed)
+    p = cpu.pack(w)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, k, generator=g)
+    bias = torch.randn(m, generator=g) if seed % 2 else None
+    lib = cpu._lib()
+    mode_id = 1 if mode == "fast" else 0
+    ptr = ctypes.c_void_p
+
+    def args(t):
+        return ptr(t.data_ptr()) if t is not None else None
+
+    whole = torch.empty(1, m)
+    assert lib.qg_biqgemm_f32_path(args(x), 1, k, args(p.packed), args(p.alpha), args(p.offset), args(bias), m, q,
+                                   gs, mode_id, 1, args(whole)) == 0
+    tiles = -(-m // 32)
+    cut = seed % (tiles + 1)
+    split = torch.full((m,), float("nan"))
+    for t0, t1 in ((0, cut), (cut, tiles)):
+        assert lib.qg_biqgemm_lut_tiles(args(x), k, args(p.packed), args(p.alpha), args(p.offset), args(bias), m, q,
+                                        gs, mode_id, t0, t1, args(split)) == 0
+    assert torch.equal(split, whole[0])
+    assert lib.qg_biqgemm_lut_tiles(args(x), k, args(p.packed), args(p.alpha), args(p.offset), args(bias), m, q, gs,
+                                    mode_id, 0, tiles + 1, args(split)) == -1  # past the last tile: EINVAL

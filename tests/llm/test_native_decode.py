@@ -49,14 +49,23 @@ def _worst_step_error(model, prompt, steps=6):
     return worst
 
 
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def threads(request):
+    """Intra-op threads for the test (the native step splits each Linear's row tiles between its team)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(old)
+
+
 @pytest.mark.parametrize("fuse", [True, False])
 @pytest.mark.parametrize("tied", [True, False])
-def test_native_logits_match_hugging_face(fuse, tied, one_thread):
+def test_native_logits_match_hugging_face(fuse, tied, threads):
     model = _quantized(tiny_llama(tied=tied), fuse=fuse)
     assert _worst_step_error(model, torch.tensor([[5, 9, 33, 7]])) < REL
 
 
-def test_float_model_and_a_one_token_prompt(tiny, one_thread):
+def test_float_model_and_a_one_token_prompt(tiny, threads):
     # float Linears run through aten::mm, the float embedding is copied by row; position 0 is a one-entry cache
     assert _worst_step_error(tiny, torch.tensor([[17]])) < REL
 

@@ -628,6 +628,21 @@ void pack_tile(void* ctx, int, int64_t t) {
   }
 }
 
+// The LUT path's tile kernel and table builders for an ISA and mode.
+void lut_kernels(int isa, bool fast, TileFn* tile, BuildExactFn* build_exact, BuildFastFn* build_fast) {
+  *tile = fast ? tile_fast_scalar : tile_exact_scalar;
+  *build_exact = build_exact_scalar;
+  *build_fast = build_fast_scalar;
+#ifdef QG_X86
+  if (isa >= ISA_AVX2) {
+    *build_exact = build_exact_avx2;
+    *build_fast = build_fast_avx2;
+    *tile = fast ? tile_fast_avx2 : tile_exact_avx2;
+  }
+  if (isa == ISA_AVX512) *tile = fast ? tile_fast_avx512 : tile_exact_avx512;
+#endif
+}
+
 constexpr int64_t kBuildChunk = 64;  // table blocks / group sums per chunk of the shared build
 
 // Everything one call's chunks need; slot s of the pool owns prep region s (private tables) and ybuf s.
@@ -1360,10 +1375,6 @@ QG_API int qg_biqgemm_isa_supported(const char* name) {
 
 QG_API void qg_biqgemm_set_num_threads(int n) { g_threads = n > 0 ? std::min(n, kMaxThreads) : 0; }
 
-QG_API void qg_parallel_for(int64_t nchunks, void (*fn)(void*, int, int64_t), void* ctx) {
-  if (!fn || nchunks <= 0) return;
-  qg::ThreadPool::instance().run(num_threads(), nchunks, fn, ctx);
-}
 
 QG_API int64_t qg_biqgemm_packed_bytes(int64_t m, int64_t k, int q, int64_t group_size) {
   Geometry g;
@@ -1472,17 +1483,10 @@ QG_API int qg_biqgemm_f32_path(const float* x, int64_t n, int64_t k, const void*
   if (path == QG_PATH_AUTO) path = n > g_lut_max_rows[mode].load(std::memory_order_relaxed) ? QG_PATH_GEMM : QG_PATH_LUT;
   if (path == QG_PATH_GEMM)
     return run_gemm(g, isa, fast, x, n, static_cast<const uint8_t*>(packed), alpha, offset, bias, y);
-  TileFn tile = fast ? tile_fast_scalar : tile_exact_scalar;
-  BuildExactFn build_exact = build_exact_scalar;
-  BuildFastFn build_fast = build_fast_scalar;
-#ifdef QG_X86
-  if (isa >= ISA_AVX2) {
-    build_exact = build_exact_avx2;
-    build_fast = build_fast_avx2;
-    tile = fast ? tile_fast_avx2 : tile_exact_avx2;
-  }
-  if (isa == ISA_AVX512) tile = fast ? tile_fast_avx512 : tile_exact_avx512;
-#endif
+  TileFn tile;
+  BuildExactFn build_exact;
+  BuildFastFn build_fast;
+  lut_kernels(isa, fast, &tile, &build_exact, &build_fast);
 
   const int nt = static_cast<int>(std::min<int64_t>(num_threads(), g.mt));
   const int64_t slab = std::min(n, kBatchSlab);
@@ -1533,6 +1537,47 @@ QG_API int qg_biqgemm_f32_path(const float* x, int64_t n, int64_t k, const void*
   return QG_OK;
 }
 
+
+QG_API int qg_biqgemm_lut_tiles(const float* x, int64_t k, const void* packed, const float* alpha, const float* offset,
+                                const float* bias, int64_t m, int q, int64_t group_size, int mode, int64_t tile_begin,
+                                int64_t tile_end, float* y) {
+  Geometry g;
+  if (!x || !packed || !alpha || !y || !make_geometry(m, k, q, group_size, &g)) return QG_EINVAL;
+  if (mode != QG_MODE_EXACT && mode != QG_MODE_FAST) return QG_EINVAL;
+  if (tile_begin < 0 || tile_end > g.mt || tile_begin > tile_end) return QG_EINVAL;
+  if (tile_begin == tile_end) return QG_OK;
+  const bool fast = mode == QG_MODE_FAST;
+  TileFn tile;
+  BuildExactFn build_exact;
+  BuildFastFn build_fast;
+  lut_kernels(resolve_isa(), fast, &tile, &build_exact, &build_fast);
+  const size_t table_bytes = align64(g.nb * kTable * (fast ? 1 : sizeof(float)));
+  const size_t scale_bytes = fast ? align64(g.nb * sizeof(float)) : 0;
+  const size_t gsum_bytes = offset ? align64(g.g * sizeof(float)) : 0;
+  char* base = static_cast<char*>(t_scratch.get(table_bytes + scale_bytes + gsum_bytes + kRows * sizeof(float)));
+  if (!base) return QG_ENOMEM;
+  Ctx c;
+  c.g = g;
+  c.packed = static_cast<const uint8_t*>(packed);
+  c.alpha = alpha;
+  c.offset = offset;
+  c.bias = bias;
+  c.n = 1;
+  c.blocks_per_step = std::max<int64_t>(1, std::min<int64_t>(kMaxBlocksPerStep, kStepTableBytes /
+                                                                                      (kTable * (fast ? 1 : 4))));
+  c.tf = fast ? nullptr : reinterpret_cast<float*>(base);
+  c.tq = fast ? reinterpret_cast<int8_t*>(base) : nullptr;
+  c.ts = fast ? reinterpret_cast<float*>(base + table_bytes) : nullptr;
+  c.gsum = offset ? reinterpret_cast<float*>(base + table_bytes + scale_bytes) : nullptr;
+  float* ybuf = reinterpret_cast<float*>(base + table_bytes + scale_bytes + gsum_bytes);
+  build_tables(c, Builders{fast, build_exact, build_fast}, x, 0, g.nb);
+  if (offset) group_sums(c, x, 0, g.g);
+  for (int64_t t = tile_begin; t < tile_end; ++t) {
+    tile(c, t, ybuf);
+    finish_tile(c, t, ybuf, y);
+  }
+  return QG_OK;
+}
 }  // extern "C"
 
 // Join the pool's workers when the library is unloaded (dlclose), so none runs unmapped code.

@@ -46,11 +46,6 @@ QG_API const char* qg_biqgemm_isa(void);
 QG_API int qg_biqgemm_isa_supported(const char* name);
 /* Threads for later calls (the caller plus pool workers); 0 = std::thread::hardware_concurrency(). */
 QG_API void qg_biqgemm_set_num_threads(int n);
-/* Runs fn(ctx, slot, chunk) for every chunk in [0, nchunks) on the kernel's thread pool (the caller plus up to
- * threads-1 workers; slot is unique among the threads of this call, < the thread count). For hosts whose work
- * between kernel calls should share the kernel's threads (the native decode step). */
-QG_API void qg_parallel_for(int64_t nchunks, void (*fn)(void* ctx, int slot, int64_t chunk), void* ctx);
-
 /* Sizes of the packed buffers, in bytes / floats (0 for invalid arguments). */
 QG_API int64_t qg_biqgemm_packed_bytes(int64_t m, int64_t k, int q, int64_t group_size);
 QG_API int64_t qg_biqgemm_alpha_floats(int64_t m, int64_t k, int q, int64_t group_size);
@@ -77,6 +72,12 @@ QG_API int qg_biqgemm_f32(const float* x, int64_t n, int64_t k, const void* pack
 QG_API int qg_biqgemm_f32_path(const float* x, int64_t n, int64_t k, const void* packed, const float* alpha,
                                const float* offset, const float* bias, int64_t m, int q, int64_t group_size,
                                int mode, int path, float* y);
+/* One input row (x[k]) on the LUT path, on the calling thread only, for row tiles [tile_begin, tile_end) (tiles of
+ * QG_TILE_ROWS rows): writes y[r] for those rows (y is the whole [m] output). For hosts that split one product
+ * between threads of their own (the native decode step); same arguments and results as qg_biqgemm_f32 otherwise. */
+QG_API int qg_biqgemm_lut_tiles(const float* x, int64_t k, const void* packed, const float* alpha, const float* offset,
+                                const float* bias, int64_t m, int q, int64_t group_size, int mode, int64_t tile_begin,
+                                int64_t tile_end, float* y);
 /* Buffers the GEMM path of an n-row call would use: out[0] = decoded weight chunk + its scales, per thread;
  * out[1] = activation panels (one slab of <= 256 rows, shared); out[2] = accumulators per thread; out[3] = threads.
  * The kernel keeps them (per calling thread) for later calls. */

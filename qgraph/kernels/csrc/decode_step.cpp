@@ -12,8 +12,15 @@
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
+#include <unistd.h>
+
 #include <algorithm>
+#include <atomic>
 #include <chrono>
+#include <condition_variable>
+#include <functional>
+#include <mutex>
+#include <thread>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -72,6 +79,128 @@ void rope(float* x, int64_t heads, int64_t d, const float* cs, const float* sn) 
   }
 }
 
+// A fork-join team for one decode step: the caller is thread 0, helpers are started once and spin briefly between
+// steps (then sleep), and `barrier` is a sense-reversing spin barrier. One parallel region per token replaces a
+// pool hand-off per kernel call (121 a token on SmolLM2) and lets each thread stream a contiguous share of every
+// weight. A thread that is not scheduled stalls the others at the next barrier, as in llama.cpp's graph runner;
+// spinning waiters yield their core after a while so that it can run, and a step in which some wait came to that
+// (the cores are oversubscribed) makes the next kBackoffSteps steps run on the caller alone.
+class Team {
+ public:
+  ~Team() {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      stop_ = true;
+      gen_.fetch_add(1, std::memory_order_release);
+    }
+    cv_.notify_all();
+    for (auto& t : helpers_)
+      if (t.joinable()) (getpid() == pid_ ? t.join() : t.detach());
+  }
+
+  template <class F>
+  void run(int nt, F&& f) {
+    if (nt <= 1 || getpid() != pid_ || backoff_ > 0) {  // one thread, a forked child (no helpers), backing off
+      backoff_ = std::max(0, backoff_ - 1);
+      nt_ = 1;
+      f(0, 1);
+      return;
+    }
+    stalled_.store(false, std::memory_order_relaxed);
+    while (static_cast<int>(helpers_.size()) < nt - 1) {
+      const int tid = static_cast<int>(helpers_.size()) + 1;
+      helpers_.emplace_back([this, tid] { helper_main(tid); });
+    }
+    std::function<void(int, int)> fn(std::forward<F>(f));
+    fn_ = &fn;
+    nt_ = nt;
+    done_.store(0, std::memory_order_relaxed);
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      gen_.fetch_add(1, std::memory_order_release);
+    }
+    if (sleeping_.load(std::memory_order_acquire) > 0) cv_.notify_all();
+    fn(0, nt);
+    wait_until([&] { return done_.load(std::memory_order_acquire) == nt - 1; });
+    if (stalled_.load(std::memory_order_relaxed)) backoff_ = kBackoffSteps;
+  }
+
+  // Steps left to run on one thread after a stalled one.
+  int backoff() const { return backoff_; }
+
+  void barrier() {
+    if (nt_ <= 1) return;
+    const uint64_t g = bar_gen_.load(std::memory_order_acquire);
+    if (arrived_.fetch_add(1, std::memory_order_acq_rel) == nt_ - 1) {
+      arrived_.store(0, std::memory_order_relaxed);
+      bar_gen_.fetch_add(1, std::memory_order_release);
+      return;
+    }
+    wait_until([&] { return bar_gen_.load(std::memory_order_acquire) != g; });
+  }
+
+ private:
+  template <class P>
+  void wait_until(P ready) {
+    if (ready()) return;
+    const auto start = std::chrono::steady_clock::now();
+    bool yielding = false;
+    for (int spins = 1; !ready(); ++spins) {
+      if (yielding) {
+        std::this_thread::yield();
+      } else {
+        pause();
+        if ((spins & 1023) == 0 && std::chrono::steady_clock::now() - start > kStall) {
+          stalled_.store(true, std::memory_order_relaxed);
+          yielding = true;
+        }
+      }
+    }
+  }
+
+  static void pause() {
+#if defined(__x86_64__)
+    __builtin_ia32_pause();
+#else
+    std::this_thread::yield();
+#endif
+  }
+
+  void helper_main(int tid) {
+    uint64_t seen = 0;
+    for (;;) {
+      // spin through the Python loop's gap between two tokens, then sleep until the next step
+      for (int spins = 0; gen_.load(std::memory_order_acquire) == seen && spins < 200000; ++spins) pause();
+      if (gen_.load(std::memory_order_acquire) == seen) {
+        std::unique_lock<std::mutex> lk(mu_);
+        sleeping_.fetch_add(1, std::memory_order_acq_rel);
+        cv_.wait(lk, [&] { return gen_.load(std::memory_order_acquire) != seen; });
+        sleeping_.fetch_sub(1, std::memory_order_acq_rel);
+      }
+      if (stop_) return;
+      seen = gen_.load(std::memory_order_acquire);
+      if (tid < nt_) {
+        (*fn_)(tid, nt_);
+        done_.fetch_add(1, std::memory_order_release);
+      }
+    }
+  }
+
+  std::vector<std::thread> helpers_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::atomic<uint64_t> gen_{0}, bar_gen_{0};
+  std::atomic<int> arrived_{0}, done_{0}, sleeping_{0};
+  std::function<void(int, int)>* fn_ = nullptr;
+  int nt_ = 1;
+  bool stop_ = false;
+  int backoff_ = 0;
+  std::atomic<bool> stalled_{false};
+  static constexpr std::chrono::microseconds kStall{1000};  // a wait this long: the other thread is not running
+  static constexpr int kBackoffSteps = 32;
+  const pid_t pid_ = getpid();
+};
+
 class DecodePlan : public torch::CustomClassHolder {
  public:
   // dims = [hidden, heads, kv_heads, head_dim, intermediate, vocab]
@@ -81,12 +210,10 @@ class DecodePlan : public torch::CustomClassHolder {
     for (int64_t v : dims) check(v > 0, "every dimension must be positive");
     check(heads_ % kvh_ == 0, "heads must be a multiple of kv_heads");
     check(hd_ % 2 == 0, "head_dim must be even (rotary halves)");
-    x_.resize(hidden_);
-    h_.resize(hidden_);
     qkv_.resize((heads_ + 2 * kvh_) * hd_);
-    att_.resize(heads_ * hd_);
     gu_.resize(2 * inter_);
-    act_.resize(inter_);
+    out_.resize(hidden_);
+    out2_.resize(hidden_);
     logits_.resize(vocab_);
   }
 
@@ -250,77 +377,66 @@ class DecodePlan : public torch::CustomClassHolder {
     return n;
   }
 
-  void linear(int64_t id, const float* x, float* y) {
+  // Rows of Linear `id` that thread tid of nt computes: whole tiles of QG_TILE_ROWS, contiguous, so each thread
+  // streams one run of the packed weight.
+  void linear(int64_t id, const float* x, float* y, int tid, int nt) {
     const Lin& l = lins_[id];
+    const int64_t tiles = (l.m + QG_TILE_ROWS - 1) / QG_TILE_ROWS;
+    const int64_t t0 = tiles * tid / nt, t1 = tiles * (tid + 1) / nt;
     if (l.bcq) {
-      const int rc = qg_biqgemm_f32_path(x, 1, l.k, l.packed.data_ptr(), l.alpha.data_ptr<float>(),
-                                         l.offset.defined() ? l.offset.data_ptr<float>() : nullptr,
-                                         l.bias.defined() ? l.bias.data_ptr<float>() : nullptr, l.m, l.q, l.gs,
-                                         l.mode, QG_PATH_LUT, y);
-      check(rc == QG_OK, "BiQGEMM failed with code " + std::to_string(rc));
+      const int rc = qg_biqgemm_lut_tiles(x, l.k, l.packed.data_ptr(), l.alpha.data_ptr<float>(),
+                                          l.offset.defined() ? l.offset.data_ptr<float>() : nullptr,
+                                          l.bias.defined() ? l.bias.data_ptr<float>() : nullptr, l.m, l.q, l.gs,
+                                          l.mode, t0, t1, y);
+      if (rc != QG_OK) failed_.store(rc, std::memory_order_relaxed);
       return;
     }
-    Tensor xt = at::from_blob(const_cast<float*>(x), {1, l.k}, at::kFloat);
-    Tensor yt = at::from_blob(y, {1, l.m}, at::kFloat);
-    if (l.bias.defined())
-      at::addmm_out(yt, l.bias.unsqueeze(0), xt, l.weight.t());
-    else
-      at::mm_out(yt, xt, l.weight.t());
+    const float* w = l.weight.data_ptr<float>();
+    const float* b = l.bias.defined() ? l.bias.data_ptr<float>() : nullptr;
+    for (int64_t r = t0 * QG_TILE_ROWS; r < std::min(l.m, t1 * QG_TILE_ROWS); ++r)
+      y[r] = dot_f32(w + r * l.k, x, l.k) + (b ? b[r] : 0.f);
   }
 
-  void linears(const std::vector<int64_t>& ids, const float* x, float* y) {
+  void linears(const std::vector<int64_t>& ids, const float* x, float* y, int tid, int nt) {
     for (int64_t id : ids) {
-      linear(id, x, y);
+      linear(id, x, y, tid, nt);
       y += lins_[id].m;
     }
   }
 
-  // One work item of `attention`: the rep query heads of kv head g over positions [s0, s1).
-  struct AttnCtx {
-    DecodePlan* self;
-    const float *kc, *vc;
-    int64_t S, n, per_part;
-  };
-
-  static void attend_item(void* vctx, int, int64_t item) {
-    const AttnCtx& a = *static_cast<const AttnCtx*>(vctx);
-    DecodePlan& p = *a.self;
-    const int64_t D = p.hd_, rep = p.heads_ / p.kvh_, g = item / kParts, part = item % kParts;
-    const int64_t s0 = std::min(a.n, part * a.per_part), s1 = std::min(a.n, s0 + a.per_part);
-    float* o = p.part_out_.data() + item * rep * D;
-    float* mx = p.part_m_.data() + item * rep;
-    float* tot = p.part_l_.data() + item * rep;
+  // Attention item `item` (kv head g, position range `part`): the unnormalized sums of its rep query heads.
+  void attend_item(int64_t item, const float* kc, const float* vc, int64_t S, int64_t n) {
+    const int64_t D = hd_, rep = heads_ / kvh_, g = item / kParts, part = item % kParts;
+    const int64_t per = (n + kParts - 1) / kParts;
+    const int64_t s0 = std::min(n, part * per), s1 = std::min(n, s0 + per);
+    float* o = part_out_.data() + item * rep * D;
+    float* mx = part_m_.data() + item * rep;
+    float* tot = part_l_.data() + item * rep;
     std::fill(o, o + rep * D, 0.f);
     std::fill(mx, mx + rep, -std::numeric_limits<float>::infinity());
     std::fill(tot, tot + rep, 0.f);
     if (s1 <= s0) return;
-    float* score = p.part_score_.data() + item * rep * ((a.per_part + 15) / 16 * 16);
-    attend_partial(p.qkv_.data() + g * rep * D, a.kc + (g * a.S + s0) * D, a.vc + (g * a.S + s0) * D, o, nullptr,
-                   s1 - s0, D, rep, static_cast<float>(p.scale_), score, mx, tot);
+    float* score = part_score_.data() + item * rep * ((per + 15) / 16 * 16);
+    attend_partial(qkv_.data() + g * rep * D, kc + (g * S + s0) * D, vc + (g * S + s0) * D, o, nullptr, s1 - s0, D,
+                   rep, static_cast<float>(scale_), score, mx, tot);
   }
 
-  // att_ = softmax(q kᵀ scale) v over cache positions [0, n) of every query head: kv heads x kParts position
-  // ranges on the kernel's threads (flash-decoding's split), then the ranges' partial sums merged per head.
-  void attention(const float* kc, const float* vc, int64_t S, int64_t n) {
-    const int64_t D = hd_, rep = heads_ / kvh_, items = kvh_ * kParts;
-    AttnCtx a{this, kc, vc, S, n, (n + kParts - 1) / kParts};
-    part_out_.resize(items * rep * D);
-    part_m_.resize(items * rep);
-    part_l_.resize(items * rep);
-    part_score_.resize(items * rep * ((a.per_part + 15) / 16 * 16));
-    qg_parallel_for(items, attend_item, &a);
+  // softmax(q kᵀ scale) v of every query head from the items' partial sums (flash-decoding's merge).
+  void merge_attention(float* att) const {
+    const int64_t D = hd_, rep = heads_ / kvh_;
+    constexpr float kNegInf = -std::numeric_limits<float>::infinity();
     for (int64_t g = 0; g < kvh_; ++g)
       for (int64_t r = 0; r < rep; ++r) {
-        float m = -std::numeric_limits<float>::infinity();
+        float m = kNegInf;
         for (int64_t part = 0; part < kParts; ++part) m = std::max(m, part_m_[(g * kParts + part) * rep + r]);
-        float* out = att_.data() + (g * rep + r) * D;
+        float* out = att + (g * rep + r) * D;
         std::fill(out, out + D, 0.f);
-        if (m == -std::numeric_limits<float>::infinity()) continue;
+        if (m == kNegInf) continue;
         float total = 0.f;
         for (int64_t part = 0; part < kParts; ++part) {
           const int64_t item = g * kParts + part;
           const float pm = part_m_[item * rep + r];
-          if (pm == -std::numeric_limits<float>::infinity()) continue;
+          if (pm == kNegInf) continue;
           const float w = std::exp(pm - m);
           total += w * part_l_[item * rep + r];
           axpy_f32(w, part_out_.data() + (item * rep + r) * D, out, D);
@@ -372,56 +488,89 @@ class DecodePlan : public torch::CustomClassHolder {
 
   void forward(int64_t token, int64_t pos) {
     check(head_ >= 0 && emb_.defined() && cos_.defined(), "set_embedding, set_rope and set_head first");
-    check(token >= 0 && token < vocab_, "token id " + std::to_string(token) + " out of range");
-    check(pos >= 0 && pos < cos_.size(0), "position " + std::to_string(pos) + " past the rotary table");
+    if (token < 0 || token >= vocab_) check(false, "token id " + std::to_string(token) + " out of range");
+    if (pos < 0 || pos >= cos_.size(0)) check(false, "position " + std::to_string(pos) + " past the rotary table");
     for (const Layer& L : layers_)
-      check(L.kc.defined() && pos < L.kc.size(2), "position " + std::to_string(pos) + " past the bound KV cache");
-    qg_biqgemm_set_num_threads(at::get_num_threads());
-    const int64_t H = hidden_, D = hd_, NQ = heads_ * D, NK = kvh_ * D, S = layers_.empty() ? 0 : layers_[0].kc.size(2);
-    const float* cs = cos_.data_ptr<float>() + pos * D;
-    const float* sn = sin_.data_ptr<float>() + pos * D;
-    const float eps = static_cast<float>(eps_);
+      if (!L.kc.defined() || pos >= L.kc.size(2))
+        check(false, "position " + std::to_string(pos) + " past the bound KV cache");
+    const int64_t n = pos + 1, rep = heads_ / kvh_, per = (n + kParts - 1) / kParts;
+    part_out_.resize(kvh_ * kParts * rep * hd_);
+    part_m_.resize(kvh_ * kParts * rep);
+    part_l_.resize(kvh_ * kParts * rep);
+    part_score_.resize(kvh_ * kParts * rep * ((per + 15) / 16 * 16));
+    const int nt = std::max(1, std::min(at::get_num_threads(), kMaxThreads));
+    if (static_cast<int>(bufs_.size()) < nt) bufs_.resize(nt);
+    for (ThreadBufs& b : bufs_) b.resize(hidden_, heads_ * hd_, inter_);
     ++steps_;
+    failed_.store(QG_OK, std::memory_order_relaxed);
+    team_.run(nt, [&](int tid, int nthreads) { forward_thread(token, pos, tid, nthreads); });
+    lap(last_, kKernel);
+    const int rc = failed_.load(std::memory_order_relaxed);
+    check(rc == QG_OK, "BiQGEMM failed with code " + std::to_string(rc));
+  }
+
+  // One token on thread tid of nt: every thread keeps its own residual stream and normed inputs (cheap to
+  // compute twice), splits each Linear's rows and the attention items with the others, and meets them at a
+  // barrier wherever it reads what they wrote. Thread 0 keeps the step's timers.
+  void forward_thread(int64_t token, int64_t pos, int tid, int nt) {
+    ThreadBufs& B = bufs_[tid];
+    const bool timer = tid == 0;
     auto t = now();
-    float* x = x_.data();
+    auto mark = [&](int bucket) {
+      if (timer) t = lap(t, bucket);
+    };
+    const int64_t H = hidden_, D = hd_, NQ = heads_ * D, NK = kvh_ * D, S = layers_[0].kc.size(2), n = pos + 1;
+    const float eps = static_cast<float>(eps_);
+    float* x = B.x.data();
+    float* h = B.h.data();
     embed(token, x);
     for (const Layer& L : layers_) {
-      rmsnorm(x, L.in_norm.data_ptr<float>(), h_.data(), H, eps);
-      t = lap(t, kOther);
-      linears(L.qkv, h_.data(), qkv_.data());
-      t = lap(t, kKernel);
-      float* qv = qkv_.data();
-      float* kv = qv + NQ;
-      float* vv = kv + NK;
-      rope(qv, heads_, D, cs, sn);
-      rope(kv, kvh_, D, cs, sn);
+      rmsnorm(x, L.in_norm.data_ptr<float>(), h, H, eps);
+      mark(kOther);
+      linears(L.qkv, h, qkv_.data(), tid, nt);
+      team_.barrier();
+      mark(kKernel);
       float* kc = L.kc.data_ptr<float>();
       float* vc = L.vc.data_ptr<float>();
-      for (int64_t g = 0; g < kvh_; ++g) {
-        std::memcpy(kc + (g * S + pos) * D, kv + g * D, D * sizeof(float));
-        std::memcpy(vc + (g * S + pos) * D, vv + g * D, D * sizeof(float));
+      if (tid == 0) {
+        const float* cs = cos_.data_ptr<float>() + pos * D;
+        const float* sn = sin_.data_ptr<float>() + pos * D;
+        float* kv = qkv_.data() + NQ;
+        rope(qkv_.data(), heads_, D, cs, sn);
+        rope(kv, kvh_, D, cs, sn);
+        for (int64_t g = 0; g < kvh_; ++g) {
+          std::memcpy(kc + (g * S + pos) * D, kv + g * D, D * sizeof(float));
+          std::memcpy(vc + (g * S + pos) * D, kv + NK + g * D, D * sizeof(float));
+        }
       }
-      attention(kc, vc, S, pos + 1);
-      t = lap(t, kAttention);
-      linear(L.o, att_.data(), h_.data());
-      t = lap(t, kKernel);
-      for (int64_t i = 0; i < H; ++i) x[i] += h_[i];
-      rmsnorm(x, L.post_norm.data_ptr<float>(), h_.data(), H, eps);
-      t = lap(t, kOther);
-      linears(L.gate_up, h_.data(), gu_.data());
-      t = lap(t, kKernel);
-      const float* gate = gu_.data();
-      const float* up = gate + inter_;
-      silu_mul(gate, up, act_.data(), inter_);
-      t = lap(t, kOther);
-      linear(L.down, act_.data(), h_.data());
-      t = lap(t, kKernel);
-      for (int64_t i = 0; i < H; ++i) x[i] += h_[i];
+      team_.barrier();
+      for (int64_t item = tid; item < kvh_ * kParts; item += nt) attend_item(item, kc, vc, S, n);
+      team_.barrier();
+      merge_attention(B.att.data());
+      mark(kAttention);
+      linear(L.o, B.att.data(), out_.data(), tid, nt);
+      team_.barrier();
+      mark(kKernel);
+      for (int64_t i = 0; i < H; ++i) x[i] += out_[i];
+      rmsnorm(x, L.post_norm.data_ptr<float>(), h, H, eps);
+      mark(kOther);
+      linears(L.gate_up, h, gu_.data(), tid, nt);
+      team_.barrier();
+      mark(kKernel);
+      silu_mul(gu_.data(), gu_.data() + inter_, B.act.data(), inter_);
+      mark(kOther);
+      linear(L.down, B.act.data(), out2_.data(), tid, nt);
+      team_.barrier();
+      mark(kKernel);
+      for (int64_t i = 0; i < H; ++i) x[i] += out2_[i];
     }
-    rmsnorm(x, norm_.data_ptr<float>(), h_.data(), H, eps);
-    t = lap(t, kOther);
-    linear(head_, h_.data(), logits_.data());
-    lap(t, kKernel);
+    rmsnorm(x, norm_.data_ptr<float>(), h, H, eps);
+    mark(kOther);
+    linear(head_, h, logits_.data(), tid, nt);
+    if (timer) {
+      lap(t, kKernel);
+      last_ = now();  // the team's join, after this, is kernel time too (see forward)
+    }
   }
 
   double eps_, scale_;
@@ -432,9 +581,23 @@ class DecodePlan : public torch::CustomClassHolder {
   std::string emb_kind_;
   int64_t emb_gs_ = 0, emb_q_ = 0, head_ = -1;
   std::vector<int64_t> suppressed_;
-  static constexpr int64_t kParts = 2;  // position ranges per kv head in `attention`
-  std::vector<float> x_, h_, qkv_, att_, gu_, act_, logits_;
+  static constexpr int64_t kParts = 2;  // position ranges per kv head in the attention items
+  static constexpr int kMaxThreads = 16;
+  struct ThreadBufs {
+    std::vector<float> x, h, att, act;  // residual stream, normed input, attention output, gated MLP input
+    void resize(int64_t hidden, int64_t q_width, int64_t inter) {
+      x.resize(hidden);
+      h.resize(hidden);
+      att.resize(q_width);
+      act.resize(inter);
+    }
+  };
+  std::vector<ThreadBufs> bufs_;
+  std::vector<float> qkv_, gu_, out_, out2_, logits_;  // shared: each thread writes its rows
   std::vector<float> part_out_, part_m_, part_l_, part_score_;
+  std::atomic<int> failed_{QG_OK};
+  Team team_;
+  std::chrono::steady_clock::time_point last_;
   double secs_[4] = {0, 0, 0, 0};
   int64_t steps_ = 0;
 };
