@@ -1,7 +1,8 @@
 """Quantize SmolLM2-135M to BCQ for BiQGEMM, save it as an artifact, reload it and generate text with it.
 
     python examples/smollm2_generate.py [--bits 3] [--optimizer rtn|gptq|aespa] [--out smollm2-bcq3]
-                                        [--prompt "..."] [--max-new-tokens 64] [--mode exact|fast] [--compile]
+                                        [--prompt "..."] [--max-new-tokens 64] [--mode exact|fast]
+                                        [--engine auto|native|compiled|eager]
 
 The artifact folder is made once (``--optimizer gptq`` takes a few minutes on 2 cores; ``rtn`` about one) and
 reused on later runs; ``qgraph generate smollm2 --artifact DIR --prompt ...`` runs the same folder, and
@@ -36,7 +37,9 @@ def main() -> None:
     ap.add_argument("--prompt", default="The old king looked at his three daughters and said,")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--mode", choices=["exact", "fast"], default="exact")
-    ap.add_argument("--compile", action="store_true", help="static KV cache + compiled decode step")
+    ap.add_argument("--engine", choices=["auto", "native", "compiled", "eager"], default="auto",
+                    help="decode loop (qgraph.llm.runtime): auto runs the native step where the model qualifies")
+    ap.add_argument("--compile", action="store_true", help="the same as --engine compiled")
     args = ap.parse_args()
     torch.set_num_threads(2)
 
@@ -55,12 +58,13 @@ def main() -> None:
     b = manifest["bytes"]
     print(f"loaded {out}: {b['total'] / 1e6:.1f} MB stored, decoder linears at "
           f"{b['decoder_linears'] * 8 / b['decoder_linear_weights']:.2f} bits/weight")
-    gen = Generator(model, tok, compile=args.compile, skip_module_guards=True)  # one model in this process
+    engine = "compiled" if args.compile else args.engine
+    gen = Generator(model, tok, engine=engine, skip_module_guards=True)  # one model in this process
     print(args.prompt, end="", flush=True)
     res = gen.generate(args.prompt, args.max_new_tokens, on_text=lambda t: print(t, end="", flush=True))
     print(f"\n\nprompt {res.prompt_tokens} tokens at {res.prompt_tokens_per_s:.0f} tok/s; decode "
           f"{res.new_tokens} tokens at {res.decode_tokens_per_s:.1f} tok/s ({args.mode} mode"
-          f"{', compiled' if gen.compile else ''})", file=sys.stderr)
+          f", {gen.engine})", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -87,6 +87,12 @@ void rope(float* x, int64_t heads, int64_t d, const float* cs, const float* sn) 
 // (the cores are oversubscribed) makes the next kBackoffSteps steps run on the caller alone.
 class Team {
  public:
+  // The process's team: every plan shares it, so the helpers of one model never spin while another decodes.
+  static Team& shared() {
+    static Team* team = new Team();  // never destroyed: its helpers sleep until the process ends
+    return *team;
+  }
+
   ~Team() {
     {
       std::lock_guard<std::mutex> lk(mu_);
@@ -100,9 +106,14 @@ class Team {
 
   template <class F>
   void run(int nt, F&& f) {
-    if (nt <= 1 || getpid() != pid_ || backoff_ > 0) {  // one thread, a forked child (no helpers), backing off
-      backoff_ = std::max(0, backoff_ - 1);
-      nt_ = 1;
+    std::unique_lock<std::mutex> busy(run_mu_, std::try_to_lock);
+    // one thread, a concurrent step (another Python thread), a forked child (no helpers), or backing off
+    if (nt <= 1 || !busy.owns_lock() || getpid() != pid_ || backoff_ > 0) {
+      if (busy.owns_lock()) {
+        backoff_ = std::max(0, backoff_ - 1);
+        nt_ = 1;
+      }
+      Solo solo;
       f(0, 1);
       return;
     }
@@ -129,7 +140,7 @@ class Team {
   int backoff() const { return backoff_; }
 
   void barrier() {
-    if (nt_ <= 1) return;
+    if (nt_ <= 1 || Solo::active) return;
     const uint64_t g = bar_gen_.load(std::memory_order_acquire);
     if (arrived_.fetch_add(1, std::memory_order_acq_rel) == nt_ - 1) {
       arrived_.store(0, std::memory_order_relaxed);
@@ -169,8 +180,12 @@ class Team {
   void helper_main(int tid) {
     uint64_t seen = 0;
     for (;;) {
-      // spin through the Python loop's gap between two tokens, then sleep until the next step
-      for (int spins = 0; gen_.load(std::memory_order_acquire) == seen && spins < 200000; ++spins) pause();
+      // spin through the Python loop's gap between two tokens (kLinger), then sleep until the next step
+      const auto start = std::chrono::steady_clock::now();
+      for (int spins = 1; gen_.load(std::memory_order_acquire) == seen; ++spins) {
+        pause();
+        if ((spins & 255) == 0 && std::chrono::steady_clock::now() - start > kLinger) break;
+      }
       if (gen_.load(std::memory_order_acquire) == seen) {
         std::unique_lock<std::mutex> lk(mu_);
         sleeping_.fetch_add(1, std::memory_order_acq_rel);
@@ -186,7 +201,16 @@ class Team {
     }
   }
 
+  // Set on a thread that runs a step alone (its barriers are no-ops whatever the team does meanwhile).
+  struct Solo {
+    static thread_local bool active;
+    bool was = active;
+    Solo() { active = true; }
+    ~Solo() { active = was; }
+  };
+
   std::vector<std::thread> helpers_;
+  std::mutex run_mu_;
   std::mutex mu_;
   std::condition_variable cv_;
   std::atomic<uint64_t> gen_{0}, bar_gen_{0};
@@ -198,8 +222,11 @@ class Team {
   std::atomic<bool> stalled_{false};
   static constexpr std::chrono::microseconds kStall{1000};  // a wait this long: the other thread is not running
   static constexpr int kBackoffSteps = 32;
+  static constexpr std::chrono::microseconds kLinger{300};
   const pid_t pid_ = getpid();
 };
+
+thread_local bool Team::Solo::active = false;
 
 class DecodePlan : public torch::CustomClassHolder {
  public:
@@ -503,7 +530,7 @@ class DecodePlan : public torch::CustomClassHolder {
     for (ThreadBufs& b : bufs_) b.resize(hidden_, heads_ * hd_, inter_);
     ++steps_;
     failed_.store(QG_OK, std::memory_order_relaxed);
-    team_.run(nt, [&](int tid, int nthreads) { forward_thread(token, pos, tid, nthreads); });
+    Team::shared().run(nt, [&](int tid, int nthreads) { forward_thread(token, pos, tid, nthreads); });
     lap(last_, kKernel);
     const int rc = failed_.load(std::memory_order_relaxed);
     check(rc == QG_OK, "BiQGEMM failed with code " + std::to_string(rc));
@@ -528,7 +555,7 @@ class DecodePlan : public torch::CustomClassHolder {
       rmsnorm(x, L.in_norm.data_ptr<float>(), h, H, eps);
       mark(kOther);
       linears(L.qkv, h, qkv_.data(), tid, nt);
-      team_.barrier();
+      Team::shared().barrier();
       mark(kKernel);
       float* kc = L.kc.data_ptr<float>();
       float* vc = L.vc.data_ptr<float>();
@@ -543,24 +570,24 @@ class DecodePlan : public torch::CustomClassHolder {
           std::memcpy(vc + (g * S + pos) * D, kv + NK + g * D, D * sizeof(float));
         }
       }
-      team_.barrier();
+      Team::shared().barrier();
       for (int64_t item = tid; item < kvh_ * kParts; item += nt) attend_item(item, kc, vc, S, n);
-      team_.barrier();
+      Team::shared().barrier();
       merge_attention(B.att.data());
       mark(kAttention);
       linear(L.o, B.att.data(), out_.data(), tid, nt);
-      team_.barrier();
+      Team::shared().barrier();
       mark(kKernel);
       for (int64_t i = 0; i < H; ++i) x[i] += out_[i];
       rmsnorm(x, L.post_norm.data_ptr<float>(), h, H, eps);
       mark(kOther);
       linears(L.gate_up, h, gu_.data(), tid, nt);
-      team_.barrier();
+      Team::shared().barrier();
       mark(kKernel);
       silu_mul(gu_.data(), gu_.data() + inter_, B.act.data(), inter_);
       mark(kOther);
       linear(L.down, B.act.data(), out2_.data(), tid, nt);
-      team_.barrier();
+      Team::shared().barrier();
       mark(kKernel);
       for (int64_t i = 0; i < H; ++i) x[i] += out2_[i];
     }
@@ -596,7 +623,6 @@ class DecodePlan : public torch::CustomClassHolder {
   std::vector<float> qkv_, gu_, out_, out2_, logits_;  // shared: each thread writes its rows
   std::vector<float> part_out_, part_m_, part_l_, part_score_;
   std::atomic<int> failed_{QG_OK};
-  Team team_;
   std::chrono::steady_clock::time_point last_;
   double secs_[4] = {0, 0, 0, 0};
   int64_t steps_ = 0;
