@@ -101,8 +101,7 @@ class _Streamer:
 
 
 class Generator:
-    """Greedy generation for one model + tokenizer, eager (``generate()``) or with qgraph's static-cache loop and
-    a compiled decode step."""
+    """Greedy generation for one model + tokenizer on one of `ENGINES` (see the module doc)."""
 
     def __init__(self, model: Any, tokenizer: Any, *, compile: bool = False, bucket: int = CACHE_BUCKET,
                  backend: Any = "inductor", skip_module_guards: bool = False, decode_attention: bool = True,
@@ -202,8 +201,8 @@ class Generator:
                 self.native.bind(cache)
                 self.native.suppress(suppress)
                 step, t = self.native.step, int(token)
-                # Python's cyclic GC walks every object of the process (the model's modules and tensors) when
-                # it runs: 4% of the native loop's time on SmolLM2 (0.2-0.3 ms a token); the loop makes no cycles
+                # a cyclic-GC pass walks every object of the process (the model's modules and tensors; 4% of a
+                # perf profile of this loop); the loop makes no cycles, so collection waits until it ends
                 paused = gc.isenabled()
                 gc.disable()
                 try:

@@ -66,8 +66,23 @@ def test_native_logits_match_hugging_face(fuse, tied, threads):
 
 
 def test_float_model_and_a_one_token_prompt(tiny, threads):
-    # float Linears run through aten::mm, the float embedding is copied by row; position 0 is a one-entry cache
+    # float Linears and the float embedding; position 0 is a one-entry cache
     assert _worst_step_error(tiny, torch.tensor([[17]])) < REL
+
+
+def test_qwen2_layout_with_q_k_v_biases(one_thread):
+    torch.manual_seed(3)
+    cfg = transformers.Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                   initializer_range=0.1, tie_word_embeddings=True)
+    model = transformers.Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:  # the init leaves them zero: make them count
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.5)
+    assert model.model.layers[0].self_attn.q_proj.bias is not None
+    assert _worst_step_error(model, torch.tensor([[5, 9, 33]])) < REL
+    assert _worst_step_error(_quantized(model), torch.tensor([[5, 9, 33]])) < REL
 
 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
