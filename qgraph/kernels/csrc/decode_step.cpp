@@ -221,7 +221,7 @@ class Team {
   int backoff_ = 0;
   std::atomic<bool> stalled_{false};
   static constexpr std::chrono::microseconds kStall{1000};  // a wait this long: the other thread is not running
-  static constexpr int kBackoffSteps = 32;
+  static constexpr int kBackoffSteps = 4;  // measured: 4 steps beat 32 by ~10% of decode tok/s on this shared VM
   static constexpr std::chrono::microseconds kLinger{300};
   const pid_t pid_ = getpid();
 };
