@@ -5,7 +5,7 @@
 //
 // Why not torch.compile: on SmolLM2-135M BCQ-3 the compiled step spent 1.7 ms in Inductor's wrapper (~500 kernel
 // calls) and 1.4 ms in dynamo's guards of a 9.5 ms step, around 5.3 ms of kernels. Here a step is one call from
-// Python. qgraph/llm/native_decode.py builds the plan from a transformers model and says which models qualify;
+// Python, run by a thread team (`Team`) that splits every Linear's rows and the attention between its threads. qgraph/llm/native_decode.py builds the plan from a transformers model and says which models qualify;
 // every check on shapes is made there and again here (bad plans raise, they never read out of bounds).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -17,14 +17,14 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
-#include <condition_variable>
-#include <functional>
-#include <mutex>
-#include <thread>
 #include <cmath>
+#include <condition_variable>
 #include <cstdint>
+#include <functional>
 #include <limits>
+#include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "biqgemm.h"
@@ -303,35 +303,36 @@ class DecodePlan : public torch::CustomClassHolder {
     cos_ = cos, sin_ = sin;
   }
 
-  // kind "float": table [vocab, hidden]; "cpu-lut4": a BiQGEMM weight (a tied head); "planes": canonical BCQ
-  void set_embedding(std::string kind, Tensor table, OptTensor alpha, OptTensor offset, int64_t gs) {
-    emb_kind_ = kind;
-    emb_ = table;
-    emb_gs_ = gs;
-    emb_alpha_ = alpha.has_value() ? *alpha : Tensor();
-    emb_offset_ = offset.has_value() ? *offset : Tensor();
+  // kind "float": table [vocab, hidden]; "cpu-lut4": a BiQGEMM weight (a tied head); "planes": canonical BCQ.
+  // Nothing changes unless every check passes.
+  void set_embedding(std::string kind, Tensor table, OptTensor alpha_in, OptTensor offset_in, int64_t gs) {
+    const Tensor alpha = alpha_in.has_value() ? *alpha_in : Tensor();
+    const Tensor offset = offset_in.has_value() ? *offset_in : Tensor();
+    int64_t q = 0;
     if (kind == "float") {
       check_f32(table, vocab_ * hidden_, "embedding table");
-      return;
-    }
-    check(kind == "cpu-lut4" || kind == "planes", "embedding kind must be 'float', 'cpu-lut4' or 'planes'");
-    check(emb_alpha_.defined() && table.scalar_type() == at::kByte && table.is_contiguous(),
-          "a BCQ embedding needs uint8 codes and alpha");
-    check(gs >= 1 && gs <= hidden_, "embedding group size out of range");
-    const int64_t g = (hidden_ + gs - 1) / gs;
-    if (kind == "cpu-lut4") {
-      check(emb_alpha_.dim() == 4, "cpu-lut4 alpha must be [Mt, G, q, 32]");
-      emb_q_ = emb_alpha_.size(2);
-      check(qg_biqgemm_packed_bytes(vocab_, hidden_, emb_q_, gs) == table.numel(), "embedding codes do not fit");
-      check_f32(emb_alpha_, qg_biqgemm_alpha_floats(vocab_, hidden_, emb_q_, gs), "embedding alpha");
-      if (emb_offset_.defined()) check_f32(emb_offset_, qg_biqgemm_offset_floats(vocab_, hidden_, gs), "offset");
     } else {
-      check(emb_alpha_.dim() == 3, "planes alpha must be [q, vocab, G]");
-      emb_q_ = emb_alpha_.size(0);
-      check(table.numel() == emb_q_ * vocab_ * ((hidden_ + 7) / 8), "embedding planes do not fit");
-      check_f32(emb_alpha_, emb_q_ * vocab_ * g, "embedding alpha");
-      if (emb_offset_.defined()) check_f32(emb_offset_, vocab_ * g, "embedding offset");
+      check(kind == "cpu-lut4" || kind == "planes", "embedding kind must be 'float', 'cpu-lut4' or 'planes'");
+      check(alpha.defined() && table.is_cpu() && table.scalar_type() == at::kByte && table.is_contiguous(),
+            "a BCQ embedding needs contiguous uint8 CPU codes and alpha");
+      check(gs >= 1 && gs <= hidden_, "embedding group size out of range");
+      const int64_t g = (hidden_ + gs - 1) / gs;
+      if (kind == "cpu-lut4") {
+        check(alpha.dim() == 4, "cpu-lut4 alpha must be [Mt, G, q, 32]");
+        q = alpha.size(2);
+        check(q >= 1 && q <= 8 && qg_biqgemm_packed_bytes(vocab_, hidden_, q, gs) == table.numel(),
+              "embedding codes do not fit");
+        check_f32(alpha, qg_biqgemm_alpha_floats(vocab_, hidden_, q, gs), "embedding alpha");
+        if (offset.defined()) check_f32(offset, qg_biqgemm_offset_floats(vocab_, hidden_, gs), "embedding offset");
+      } else {
+        check(alpha.dim() == 3, "planes alpha must be [q, vocab, G]");
+        q = alpha.size(0);
+        check(q >= 1 && q <= 8 && table.numel() == q * vocab_ * ((hidden_ + 7) / 8), "embedding planes do not fit");
+        check_f32(alpha, q * vocab_ * g, "embedding alpha");
+        if (offset.defined()) check_f32(offset, vocab_ * g, "embedding offset");
+      }
     }
+    emb_kind_ = kind, emb_ = table, emb_gs_ = gs, emb_q_ = q, emb_alpha_ = alpha, emb_offset_ = offset;
   }
 
   void set_head(int64_t lin, Tensor norm) {
@@ -517,9 +518,12 @@ class DecodePlan : public torch::CustomClassHolder {
     check(head_ >= 0 && emb_.defined() && cos_.defined(), "set_embedding, set_rope and set_head first");
     if (token < 0 || token >= vocab_) check(false, "token id " + std::to_string(token) + " out of range");
     if (pos < 0 || pos >= cos_.size(0)) check(false, "position " + std::to_string(pos) + " past the rotary table");
-    for (const Layer& L : layers_)
+    check(!layers_.empty(), "add_layer first");
+    for (const Layer& L : layers_) {
       if (!L.kc.defined() || pos >= L.kc.size(2))
         check(false, "position " + std::to_string(pos) + " past the bound KV cache");
+      if (L.kc.size(2) != layers_[0].kc.size(2)) check(false, "every layer's KV cache must hold as many positions");
+    }
     const int64_t n = pos + 1, rep = heads_ / kvh_, per = (n + kParts - 1) / kParts;
     part_out_.resize(kvh_ * kParts * rep * hd_);
     part_m_.resize(kvh_ * kParts * rep);
