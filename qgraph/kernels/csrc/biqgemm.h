@@ -46,6 +46,7 @@ QG_API const char* qg_biqgemm_isa(void);
 QG_API int qg_biqgemm_isa_supported(const char* name);
 /* Threads for later calls (the caller plus pool workers); 0 = std::thread::hardware_concurrency(). */
 QG_API void qg_biqgemm_set_num_threads(int n);
+
 /* Sizes of the packed buffers, in bytes / floats (0 for invalid arguments). */
 QG_API int64_t qg_biqgemm_packed_bytes(int64_t m, int64_t k, int q, int64_t group_size);
 QG_API int64_t qg_biqgemm_alpha_floats(int64_t m, int64_t k, int q, int64_t group_size);
