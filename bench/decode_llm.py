@@ -68,7 +68,8 @@ BASELINES = ("hf-fp32", "torch-int8-dynamic")
 # row -> {optimizer: recipe}; the row keeps the optimizer with the lower perplexity
 # row -> its recipe; the row is quantized with each optimizer asked for and keeps the lower perplexity
 QGRAPH_ROWS = {
-    "qgraph-bcq3": LMRecipe(bits=3, group_size=GROUP),
+    # offsets z: perplexity 53.56 against 57.67 without (aespa), for 3.67 instead of 3.50 bits and the same speed
+    "qgraph-bcq3": LMRecipe(bits=3, group_size=GROUP, offset=True),
     "qgraph-bcq4": LMRecipe(bits=4, group_size=None),
     "qgraph-w4": LMRecipe(scheme="uniform", bits=4, group_size=GROUP),
     "qgraph-w4-g96": LMRecipe(scheme="uniform", bits=4, group_size=96),  # 4.46 bits, the table once
