@@ -115,7 +115,7 @@ def _check_layout(model: nn.Module) -> tuple[Any, Any]:
 def _eps(norm: nn.Module, name: str) -> float:
     w = getattr(norm, "weight", None)
     eps = getattr(norm, "variance_epsilon", None)
-    if eps is None or w is None or w.dtype != torch.float32 or type(norm).__name__.endswith("LayerNorm"):
+    if eps is None or w is None or w.dtype != torch.float32:  # variance_epsilon: transformers' RMSNorm modules
         raise Unsupported(f"{name} is not a float32 RMSNorm")
     return float(eps)
 

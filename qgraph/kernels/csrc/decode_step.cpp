@@ -382,8 +382,6 @@ class DecodePlan : public torch::CustomClassHolder {
     steps_ = 0;
   }
 
-  int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
-
  private:
   void check_rows(const std::vector<int64_t>& ids, int64_t k, int64_t m, const char* what) const {
     int64_t rows = 0;
@@ -530,8 +528,10 @@ class DecodePlan : public torch::CustomClassHolder {
     part_l_.resize(kvh_ * kParts * rep);
     part_score_.resize(kvh_ * kParts * rep * ((per + 15) / 16 * 16));
     const int nt = std::max(1, std::min(at::get_num_threads(), kMaxThreads));
-    if (static_cast<int>(bufs_.size()) < nt) bufs_.resize(nt);
-    for (ThreadBufs& b : bufs_) b.resize(hidden_, heads_ * hd_, inter_);
+    while (static_cast<int>(bufs_.size()) < nt) {  // per-thread buffers, sized once
+      bufs_.emplace_back();
+      bufs_.back().resize(hidden_, heads_ * hd_, inter_);
+    }
     ++steps_;
     failed_.store(QG_OK, std::memory_order_relaxed);
     Team::shared().run(nt, [&](int tid, int nthreads) { forward_thread(token, pos, tid, nthreads); });
@@ -647,7 +647,6 @@ TORCH_LIBRARY_FRAGMENT(qgraph, m) {
       .def("logits", &DecodePlan::logits)
       .def("step", &DecodePlan::step)
       .def("set_suppressed", &DecodePlan::set_suppressed)
-      .def("num_layers", &DecodePlan::num_layers)
       .def("timings", &DecodePlan::timings)
       .def("reset_timings", &DecodePlan::reset_timings);
 }
