@@ -67,7 +67,10 @@ def test_rounds_never_increase_the_objective(case, method):
         assert b <= a + tol
     imp = bcq_importance(w, gs) if method == "weighted" else None
     final = bcq_objective(w, bq, imp)
-    assert final <= min(hist) * (1 + 1e-5) + 1e-9
+    # recomputing the objective in fp32 moves it by ~2|r|·eps·|w| (r the residual): at a near-exact fit that is
+    # more than 1e-5 relative (CI found 4.2e-5 on a 4x5 matrix at 4 bits with z, objective 3.2e-5)
+    fp32_noise = 4 * torch.finfo(torch.float32).eps * (final * float(w.double().pow(2).mean())) ** 0.5
+    assert final <= min(hist) * (1 + 1e-5) + 1e-9 + fp32_noise
 
 
 @settings(max_examples=50, deadline=None)
