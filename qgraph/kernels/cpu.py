@@ -59,11 +59,15 @@ import torch
 
 from qgraph.errors import KernelError
 from qgraph.quant.bcq_weight import BCQWeight, pack_signs, unpack_signs
+from qgraph.quant.block_scaled import BlockScaledWeight
 
 LAYOUT = "cpu-lut4"
+LAYOUT_K = "cpu-lut4k"  # uniform codes with block scales (qgraph.quant.block_scaled): the alpha slot holds its codes
+MODE_KSCALES = 0x10
+K_HEAD, K_GROUP = 128, 48
 TILE_ROWS = 32
 BLOCK_K = 32
-ABI_VERSION = 2
+ABI_VERSION = 3
 ISAS = ("scalar", "avx2", "avx512vbmi")
 MODES = {"exact": 0, "fast": 1}
 PATHS = {"auto": 0, "lut": 1, "gemm": 2}
@@ -204,11 +208,11 @@ class CpuPackedWeight:
 
     @property
     def bits(self) -> int:
-        return int(self.alpha.shape[2])
+        return int(self.packed.shape[2])
 
     @property
     def nbytes(self) -> int:
-        n = self.packed.numel() + self.alpha.numel() * 4
+        n = self.packed.numel() + self.alpha.numel() * self.alpha.element_size()
         return n + (0 if self.offset is None else self.offset.numel() * 4)
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -261,6 +265,74 @@ def unpack(p: CpuPackedWeight) -> BCQWeight:
                      None if offset is None else offset.contiguous(), (m, k), p.group_size)
 
 
+def pack_block_scaled(w: BlockScaledWeight) -> CpuPackedWeight:
+    """Repack a `BlockScaledWeight` into the ``cpu-lut4k`` layout: the code's bit-planes as in ``cpu-lut4``, and its
+    scale codes and row scales as one uint8 buffer ``[Mt, 128 + 48 G]`` (``csrc/biqgemm.h``)."""
+    if not isinstance(w, BlockScaledWeight):
+        raise KernelError(f"pack_block_scaled() takes a BlockScaledWeight, got {type(w).__name__}")
+    if w.spec.scale_bits > 6:
+        raise KernelError(f"the CPU block-scale layout holds scale codes of up to 6 bits, got {w.spec}; "
+                          "use scale_bits <= 6 or run the weight's BCQ form (BlockScaledWeight.to_bcq())")
+    lib = _lib()
+    m, k = w.shape
+    q, gs = w.bits, w.group_size
+    geo = Geometry(m, k, gs)
+    planes = w.tensors()["codes"].contiguous()
+    packed = torch.empty(geo.packed_shape(q), dtype=torch.uint8)
+    if lib.qg_biqgemm_pack(planes.data_ptr(), m, k, q, gs, packed.data_ptr()) != 0:
+        raise KernelError(f"packing a {m}x{k} q={q} group_size={gs} block-scaled weight failed")
+    mt, g, mp = geo.tiles, geo.groups, geo.tiles * TILE_ROWS
+
+    def pad(t: torch.Tensor) -> torch.Tensor:
+        return torch.cat([t.cpu(), t.new_zeros((mp - m, *t.shape[1:]))]) if mp > m else t.cpu()
+
+    sc, mc = pad(w.scale_codes).to(torch.int32), pad(w.min_codes).to(torch.int32)
+    head = torch.cat([pad(w.super_scale).view(mt, TILE_ROWS), pad(w.super_min).view(mt, TILE_ROWS)], 1)
+    lo = ((sc & 15) | ((mc & 15) << 4)).view(mt, TILE_ROWS, g).permute(0, 2, 1)  # [Mt, G, 32]
+    hi = ((sc >> 4) | ((mc >> 4) << 2)).view(mt, TILE_ROWS, g).permute(0, 2, 1)
+    hi = hi[:, :, :16] | (hi[:, :, 16:] << 4)  # [Mt, G, 16]
+    groups = torch.cat([lo, hi], 2).to(torch.uint8).reshape(mt, g * K_GROUP)
+    kscales = torch.cat([head.contiguous().view(torch.uint8), groups], 1).contiguous()
+    return CpuPackedWeight(packed, kscales, None, (m, k), gs, LAYOUT_K)
+
+
+def kscale_rows(kscales: torch.Tensor, rows: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``d``, ``m`` ``[N, G]`` (fp32, the kernel's arithmetic) of matrix ``rows`` from a ``cpu-lut4k`` buffer."""
+    t, r = rows // TILE_ROWS, rows % TILE_ROWS
+    head = kscales[:, :K_HEAD].contiguous().view(torch.float16).view(-1, 2, TILE_ROWS)  # [Mt, 2, 32]
+    sup_d, sup_m = head[t, 0, r].float(), head[t, 1, r].float()
+    gb = kscales[t, K_HEAD:].view(-1, groups, K_GROUP).to(torch.int32)  # [N, G, 48]
+    lo = gb.gather(2, r.view(-1, 1, 1).expand(-1, groups, 1)).squeeze(2)
+    hb = gb.gather(2, (TILE_ROWS + r % 16).view(-1, 1, 1).expand(-1, groups, 1)).squeeze(2)
+    h = (hb >> (4 * (r // 16)).view(-1, 1)) & 15
+    sc = (lo & 15) | ((h & 3) << 4)
+    mc = (lo >> 4) | ((h >> 2) << 4)
+    return sup_d[:, None] * sc.float(), sup_m[:, None] * mc.float()
+
+
+def unpack_block_scaled(p: CpuPackedWeight) -> BlockScaledWeight:
+    """Inverse of `pack_block_scaled` for 4-bit-or-less codes (pure torch; scale_bits read back as 6)."""
+    from qgraph.quant.qspec import QSpec
+
+    m, k = p.shape
+    geo, q = Geometry(m, k, p.group_size), p.bits
+    mp = geo.tiles * TILE_ROWS
+    by = p.packed.reshape(geo.tiles, geo.blocks, q, 4, TILE_ROWS).permute(2, 0, 4, 1, 3).reshape(q, mp, -1)
+    bits = (unpack_signs(by, geo.blocks * BLOCK_K)[:, :m][:, :, _real_columns(geo)] > 0).to(torch.int32)
+    codes = sum(bits[i] << i for i in range(q)).to(torch.uint8)
+    g = geo.groups
+    gb = p.alpha[:, K_HEAD:].view(geo.tiles, g, K_GROUP).to(torch.int32)
+    lo = gb[:, :, :TILE_ROWS].permute(0, 2, 1).reshape(mp, g)
+    hb = gb[:, :, TILE_ROWS:].permute(0, 2, 1)  # [Mt, 16, G]
+    h = torch.cat([hb & 15, hb >> 4], 1).reshape(mp, g)
+    sc, mc = (lo & 15) | ((h & 3) << 4), (lo >> 4) | ((h >> 2) << 4)
+    head = p.alpha[:, :K_HEAD].contiguous().view(torch.float16).view(geo.tiles, 2, TILE_ROWS)
+    spec = QSpec.uniform(q, signed=False, symmetric=False, granularity="group", group_size=p.group_size,
+                         scale_bits=6)
+    return BlockScaledWeight(codes, sc[:m].to(torch.uint8).contiguous(), mc[:m].to(torch.uint8).contiguous(),
+                             head[:, 0].reshape(-1)[:m].contiguous(), head[:, 1].reshape(-1)[:m].contiguous(), spec)
+
+
 # ------------------------------------------------------------------------------------------ checks
 # Messages are only formatted on failure: these checks run on every call.
 def check_activation(x: torch.Tensor, in_features: int, device: str | None = None) -> None:
@@ -301,6 +373,8 @@ def check_packed(
         raise KernelError(f"group_size must be in 1..in_features={in_features}, got {group_size}")
     _check_tensor("packed", packed)
     _check_tensor("alpha", alpha)
+    if alpha.dtype == torch.uint8:
+        return _check_packed_k(packed, alpha, offset, out_features, in_features, group_size)
     if alpha.dtype != torch.float32 or alpha.dim() != 4:
         raise KernelError(f"cpu-lut4 alpha must be float32 [Mt, G, q, 32], got {alpha.dtype} {tuple(alpha.shape)}")
     q = alpha.shape[2]
@@ -322,6 +396,21 @@ def check_packed(
             raise KernelError(f"cpu-lut4 offset must be float32 {(tiles, groups, TILE_ROWS)} for this matrix, got "
                               f"{offset.dtype} {tuple(offset.shape)}")
     return q
+
+
+def _check_packed_k(packed, kscales, offset, out_features, in_features, group_size) -> int:
+    geo = Geometry(out_features, in_features, group_size)
+    if offset is not None:
+        raise KernelError("cpu-lut4k weights carry their offsets in the block-scale buffer; pass offset=None")
+    want = (geo.tiles, K_HEAD + K_GROUP * geo.groups)
+    if kscales.dim() != 2 or tuple(kscales.shape) != want:
+        raise KernelError(f"cpu-lut4k block scales must be uint8 {want} for a {out_features}x{in_features} matrix "
+                          f"with group_size={group_size}, got {tuple(kscales.shape)}")
+    if packed.dtype != torch.uint8 or packed.dim() != 4 or packed.shape[:2] != (geo.tiles, geo.blocks) \
+            or packed.shape[3] != 4 * TILE_ROWS or not 1 <= packed.shape[2] <= 8:
+        raise KernelError(f"cpu-lut4k packed must be uint8 {(geo.tiles, geo.blocks, 'q', 4 * TILE_ROWS)} with q in "
+                          f"1..8 for a {out_features}x{in_features} matrix, got {packed.dtype} {tuple(packed.shape)}")
+    return int(packed.shape[2])
 
 
 def check_bias(bias: torch.Tensor | None, out_features: int, device: torch.device) -> None:
@@ -450,7 +539,8 @@ def biqgemm_cpu(
         rc = lib.qg_biqgemm_f32_path(
             x2.data_ptr(), n, in_features, packed.data_ptr(), alpha.data_ptr(),
             None if offset is None else offset.data_ptr(), None if bias is None else bias.data_ptr(),
-            out_features, q, group_size, mode_id, path_id, y.data_ptr(),
+            out_features, q, group_size, mode_id | (MODE_KSCALES if alpha.dtype == torch.uint8 else 0), path_id,
+            y.data_ptr(),
         )
         if rc != 0:
             raise KernelError(f"BiQGEMM CPU kernel failed with code {rc} (n={n}, {out_features}x{in_features}, q={q})")

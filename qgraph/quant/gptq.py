@@ -30,7 +30,7 @@ import torch
 
 from qgraph.errors import CalibrationError, SpecError
 from qgraph.pass_base import NON_NEGATIVE, POSITIVE, POSITIVE_INT, optional, validate
-from qgraph.quant import uniform
+from qgraph.quant import block_scaled, uniform
 from qgraph.quant.bcq import quantize_bcq, quantize_bcq_spec
 from qgraph.quant.bcq_weight import BCQWeight
 from qgraph.quant.qspec import QSpec
@@ -157,8 +157,15 @@ def gptq(
     h64 = h.detach().to(device="cpu", dtype=torch.float64)
     w64 = w.detach().to(device="cpu", dtype=torch.float64)
     hdiag = torch.diagonal(h64).clone()
-    quant = (_UniformColumns(spec, m, k, clip_search, p) if spec.scheme == "uniform"
-             else _BCQColumns(spec, m, k, bcq_importance))
+    if spec.scale_bits is not None:
+        if clip_search:
+            raise SpecError("gptq: clip_search does not apply to block-scaled specs (scale_bits); their grid is "
+                            "fitted once, before the sweep")
+        quant = _GridColumns(block_scaled.fit_grid(w64, spec, hdiag), m, k)
+    elif spec.scheme == "uniform":
+        quant = _UniformColumns(spec, m, k, clip_search, p)
+    else:
+        quant = _BCQColumns(spec, m, k, bcq_importance)
 
     perm = torch.argsort(hdiag, descending=True, stable=True) if act_order else torch.arange(k)
     pos_of = torch.empty_like(perm)
@@ -207,6 +214,8 @@ def _sweep(wt: torch.Tensor, u: torch.Tensor, perm: torch.Tensor, pos_of: torch.
 
 def round_to_nearest(w: torch.Tensor, spec: QSpec) -> UniformWeight | BCQWeight:
     """Plain round-to-nearest (uniform min/max, or BCQ by the spec's method)."""
+    if spec.scale_bits is not None:
+        return block_scaled.quantize(w, spec)
     if spec.scheme == "uniform":
         codes, scale, zp = uniform.quantize_weight(w.detach().float(), spec)
         return UniformWeight(codes, scale, zp, spec)
@@ -313,6 +322,36 @@ class _UniformColumns:
         else:
             scale, zp = self.scale.contiguous(), self.zp.contiguous()
         return UniformWeight(self.codes_t.T.contiguous(), scale, zp, self.spec)
+
+
+class _GridColumns:
+    """Block-scaled codes on a grid fitted once from the whole weight (its row scales need every group)."""
+
+    def __init__(self, grid: block_scaled.BlockGrid, m: int, k: int):
+        self.grid, self.g = grid, grid.spec.group_size
+        d, mn = grid.scales()
+        self.d, self.mn = d.to(torch.float64), mn.to(torch.float64)
+        self.qmax = grid.spec.qmax
+        self.codes_t = torch.zeros(k, m, dtype=torch.uint8)
+
+    def group_of(self, col: int) -> int:
+        return col // self.g
+
+    def group_cols(self, group: int) -> torch.Tensor:
+        return torch.arange(group * self.g, (group + 1) * self.g)
+
+    def fitted(self, group: int) -> bool:
+        return True
+
+    def round(self, col: int, w: torch.Tensor) -> torch.Tensor:
+        d, mn = self.d[:, col // self.g], self.mn[:, col // self.g]
+        safe = torch.where(d > 0, d, torch.ones_like(d))
+        q = torch.where(d > 0, ((w + mn) / safe).round_().clamp_(0, self.qmax), torch.zeros_like(d))
+        self.codes_t[col] = q.to(torch.uint8)
+        return q * d - mn
+
+    def result(self) -> block_scaled.BlockScaledWeight:
+        return self.grid.weight(self.codes_t.T.contiguous())
 
 
 class _BCQColumns:

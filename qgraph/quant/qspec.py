@@ -47,7 +47,9 @@ class QSpec:
     (e=0 is plain alternating BCQ; the default e=1 weighs an error by the magnitude of the weight it
     hits, the paper's "magnitude is importance" in its simplest form), ``importance_clip_quantile``
     (clamp m at this per-group quantile so a few huge weights cannot own the fit), and ``bcq_offset``
-    (a per-group offset z: w ≈ z + Σ α_i b_i).
+    (a per-group offset z: w ≈ z + Σ α_i b_i). ``scale_bits`` (uniform, unsigned asymmetric, per group only):
+    block scales in the K-quant way, ``w = d·c − m`` with ``d, m ≥ 0`` per group stored as ``scale_bits``-bit
+    codes of two fp16 scales per row (see `qgraph.quant.block_scaled`); None: fp32 scale + integer zero point.
     ``dynamic`` (uniform activations only): scales from each tensor at run time, per ``token`` or per
     ``tensor``; the observer is not used.
     """
@@ -67,6 +69,7 @@ class QSpec:
     importance_clip_quantile: float | None = None
     bcq_offset: bool = False
     dynamic: bool = False
+    scale_bits: int | None = None
 
     def __post_init__(self) -> None:
         _check_type("bits", self.bits, int)
@@ -118,6 +121,13 @@ class QSpec:
             raise SpecError(f"uniform QSpec.bits must be in 2..8, got {self.bits}")
         if self.bcq_offset:
             raise SpecError("bcq_offset only applies to scheme='bcq'; a uniform spec uses symmetric=False")
+        sb = self.scale_bits
+        if sb is not None:
+            if isinstance(sb, bool) or not isinstance(sb, int) or not 2 <= sb <= 8:
+                raise SpecError(f"QSpec.scale_bits must be None or an int in 2..8, got {sb!r}")
+            if self.granularity != "group" or self.symmetric or self.signed or self.axis != 0 or self.dynamic:
+                raise SpecError("scale_bits (block scales w = d·c − m) needs an unsigned asymmetric per-group weight "
+                                "spec along axis 0, e.g. 'uint4/g32/asym/sb=6'")
         default = QSpec.__dataclass_fields__
         for name in ("bcq_method", "bcq_rounds", "importance_exp", "importance_clip_quantile"):
             if getattr(self, name) != default[name].default:
@@ -133,6 +143,8 @@ class QSpec:
             )
         if self.pow2_scale:
             raise SpecError("pow2_scale applies to uniform specs only; bcq scales (alpha) are free floats")
+        if self.scale_bits is not None:
+            raise SpecError("scale_bits applies to uniform specs only; bcq scales (alpha) are free floats")
         if self.granularity == "tensor":
             raise SpecError(
                 "bcq scales (alpha) are per row or per row-group: use granularity='channel' (per row) "
@@ -291,6 +303,7 @@ _EXTRA_KEYS = {
     "bcq_rounds": "rounds",
     "importance_exp": "e",
     "importance_clip_quantile": "clipq",
+    "scale_bits": "sb",
 }
 
 
@@ -298,6 +311,8 @@ def _parse_value(name: str, v: str, text: str) -> Any:
     try:
         if name in ("axis", "bcq_rounds"):
             return int(v)
+        if name == "scale_bits":
+            return None if v == "None" else int(v)
         if name == "importance_exp":
             return float(v)
         if name == "importance_clip_quantile":

@@ -14,6 +14,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <thread>
+#include <vector>
 
 #include "threadpool.h"
 
@@ -74,6 +75,7 @@ struct Ctx {
   Geometry g;
   const uint8_t* packed;
   const float* alpha;
+  const uint8_t* kscales;  // block-scale layout (QG_MODE_KSCALES): alpha is NULL, offsets come from here
   const float* offset;
   const float* bias;
   int64_t n;        // rows in this slab
@@ -82,6 +84,72 @@ struct Ctx {
   int8_t* tq;       // fast tables  [nb][n][128]
   float* ts;        // fast scales  [nb][n]
   float* gsum;      // [n][G] sums of x per group (only with offset)
+};
+
+
+// ---------------------------------------------------------------- block scales (layout "cpu-lut4k")
+// Per row tile: fp16 D[32], fp16 M[32], then per group 48 bytes: [32] (sc & 15) | (mc & 15) << 4 for row r,
+// [16] byte j: row j's (sc >> 4) | (mc >> 4) << 2 in its low nibble, row j + 16's in its high nibble.
+// d = D * sc, m = M * mc (fp32); alpha_i = d * 2^(i-1), offset z = d * (2^q - 1) / 2 - m (see block_scaled.py).
+constexpr int64_t kKHead = 128, kKGroup = 48;
+
+inline int64_t kscale_tile_bytes(const Geometry& g) { return kKHead + kKGroup * g.g; }
+
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, mant = h & 0x3ffu;
+  if (e == 0) {
+    const float f = std::ldexp(static_cast<float>(mant), -24);
+    return sign ? -f : f;
+  }
+  const uint32_t bits = sign | (e == 31 ? 0x7f800000u | (mant << 13) : ((e + 112) << 23) | (mant << 13));
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// fp32 alpha [q][32] and z [32] of one (tile, group) from its 48 code bytes; inlined into each ISA's tile code.
+__attribute__((always_inline)) inline void expand_kscales(const uint8_t* gb, int q, const float* dsup,
+                                                          const float* msup, float* alpha, float* z) {
+  alignas(64) float d[kRows], mn[kRows];
+  const uint8_t* hb = gb + kRows;
+  for (int r = 0; r < kRows; ++r) {
+    const int h = (hb[r & 15] >> (4 * (r >> 4))) & 15;
+    d[r] = dsup[r] * static_cast<float>((gb[r] & 15) | ((h & 3) << 4));
+    mn[r] = msup[r] * static_cast<float>((gb[r] >> 4) | ((h >> 2) << 4));
+  }
+  const float hq = static_cast<float>((1 << q) - 1) * 0.5f;
+  for (int r = 0; r < kRows; ++r) z[r] = d[r] * hq - mn[r];
+  for (int i = 0; i < q; ++i) {
+    const float p = 0.5f * static_cast<float>(1 << i);
+    for (int r = 0; r < kRows; ++r) alpha[i * kRows + r] = d[r] * p;
+  }
+}
+
+// The alpha of each group of one row tile: a pointer into the fp32 layout, or expanded from block-scale codes.
+struct TileAlpha {
+  const float* at = nullptr;
+  const uint8_t* kt = nullptr;
+  int q;
+  int64_t cur = -1;
+  alignas(64) float dsup[kRows], msup[kRows], buf[8 * kRows], z[kRows];
+
+  __attribute__((always_inline)) TileAlpha(const Ctx& c, int64_t t) : q(c.g.q) {
+    if (c.kscales) {
+      kt = c.kscales + t * kscale_tile_bytes(c.g);
+      const uint16_t* h = reinterpret_cast<const uint16_t*>(kt);
+      for (int r = 0; r < kRows; ++r) dsup[r] = half_to_float(h[r]), msup[r] = half_to_float(h[kRows + r]);
+    } else {
+      at = c.alpha + t * c.g.g * q * kRows;
+    }
+  }
+  __attribute__((always_inline)) const float* get(int64_t grp) {
+    if (!kt) return at + grp * q * kRows;
+    if (grp != cur) {
+      expand_kscales(kt + kKHead + grp * kKGroup, q, dsup, msup, buf, z);
+      cur = grp;
+    }
+    return buf;
+  }
 };
 
 // ---------------------------------------------------------------- table construction (portable)
@@ -122,7 +190,7 @@ float build_fast_scalar(const float* xs, int8_t* tq) {
 void tile_exact_scalar(const Ctx& c, int64_t t, float* ybuf) {
   const Geometry& g = c.g;
   const uint8_t* wt = c.packed + t * g.nb * g.q * kBlockBytes;
-  const float* at = c.alpha + t * g.g * g.q * kRows;
+  TileAlpha at(c, t);
   std::memset(ybuf, 0, sizeof(float) * c.n * kRows);
   for (int64_t n = 0; n < c.n; ++n) {
     float* yb = ybuf + n * kRows;
@@ -131,7 +199,7 @@ void tile_exact_scalar(const Ctx& c, int64_t t, float* ybuf) {
       const int64_t grp = b / g.bpg;
       for (int i = 0; i < g.q; ++i) {
         const uint8_t* kp = wt + (b * g.q + i) * kBlockBytes;
-        const float* al = at + (grp * g.q + i) * kRows;
+        const float* al = at.get(grp) + i * kRows;
         for (int r = 0; r < kRows; ++r) {
           float s = 0.f;
           for (int p = 0; p < 4; ++p) {
@@ -148,7 +216,7 @@ void tile_exact_scalar(const Ctx& c, int64_t t, float* ybuf) {
 void tile_fast_scalar(const Ctx& c, int64_t t, float* ybuf) {
   const Geometry& g = c.g;
   const uint8_t* wt = c.packed + t * g.nb * g.q * kBlockBytes;
-  const float* at = c.alpha + t * g.g * g.q * kRows;
+  TileAlpha at(c, t);
   std::memset(ybuf, 0, sizeof(float) * c.n * kRows);
   for (int64_t n = 0; n < c.n; ++n) {
     float* yb = ybuf + n * kRows;
@@ -159,7 +227,7 @@ void tile_fast_scalar(const Ctx& c, int64_t t, float* ybuf) {
       float z[kRows] = {0.f};
       for (int i = 0; i < g.q; ++i) {
         const uint8_t* kp = wt + (b * g.q + i) * kBlockBytes;
-        const float* al = at + (grp * g.q + i) * kRows;
+        const float* al = at.get(grp) + i * kRows;
         for (int r = 0; r < kRows; ++r) {
           int s = 0;
           for (int p = 0; p < 4; ++p) {
@@ -222,7 +290,7 @@ QG_AVX2 void tile_exact_avx2(const Ctx& c, int64_t t, float* ybuf) {
   const Geometry& g = c.g;
   const int q = g.q;
   const uint8_t* wt = c.packed + t * g.nb * q * kBlockBytes;
-  const float* at = c.alpha + t * g.g * q * kRows;
+  TileAlpha at(c, t);
   std::memset(ybuf, 0, sizeof(float) * c.n * kRows);
   for (int64_t kb0 = 0; kb0 < g.nb; kb0 += c.blocks_per_step) {
     const int64_t kb1 = std::min<int64_t>(g.nb, kb0 + c.blocks_per_step);
@@ -235,7 +303,7 @@ QG_AVX2 void tile_exact_avx2(const Ctx& c, int64_t t, float* ybuf) {
         const int64_t grp = b / g.bpg;
         for (int i = 0; i < q; ++i) {
           const uint8_t* kp = wt + (b * q + i) * kBlockBytes;
-          const float* al = at + (grp * q + i) * kRows;
+          const float* al = at.get(grp) + i * kRows;
           __m256 acc[4];
 #pragma GCC unroll 4
           for (int s = 0; s < 4; ++s) {
@@ -308,7 +376,7 @@ QG_AVX2 void tile_fast_avx2(const Ctx& c, int64_t t, float* ybuf) {
   const Geometry& g = c.g;
   const int q = g.q;
   const uint8_t* wt = c.packed + t * g.nb * q * kBlockBytes;
-  const float* at = c.alpha + t * g.g * q * kRows;
+  TileAlpha at(c, t);
   std::memset(ybuf, 0, sizeof(float) * c.n * kRows);
   for (int64_t kb0 = 0; kb0 < g.nb; kb0 += c.blocks_per_step) {
     const int64_t kb1 = std::min<int64_t>(g.nb, kb0 + c.blocks_per_step);
@@ -327,7 +395,7 @@ QG_AVX2 void tile_fast_avx2(const Ctx& c, int64_t t, float* ybuf) {
           lookup_block_avx2(wt + (b * q + i) * kBlockBytes, tab, &a, &bb);
           __m256 f[4];
           int16_rows_to_f32(a, bb, f);
-          const float* al = at + (grp * q + i) * kRows;
+          const float* al = at.get(grp) + i * kRows;
           z0 = _mm256_fmadd_ps(_mm256_loadu_ps(al), f[0], z0);
           z1 = _mm256_fmadd_ps(_mm256_loadu_ps(al + 8), f[1], z1);
           z2 = _mm256_fmadd_ps(_mm256_loadu_ps(al + 16), f[2], z2);
@@ -358,7 +426,7 @@ QG_AVX512 void tile_exact_avx512(const Ctx& c, int64_t t, float* ybuf) {
   const Geometry& g = c.g;
   const int q = g.q;
   const uint8_t* wt = c.packed + t * g.nb * q * kBlockBytes;
-  const float* at = c.alpha + t * g.g * q * kRows;
+  TileAlpha at(c, t);
   std::memset(ybuf, 0, sizeof(float) * c.n * kRows);
   for (int64_t kb0 = 0; kb0 < g.nb; kb0 += c.blocks_per_step) {
     const int64_t kb1 = std::min<int64_t>(g.nb, kb0 + c.blocks_per_step);
@@ -372,7 +440,7 @@ QG_AVX512 void tile_exact_avx512(const Ctx& c, int64_t t, float* ybuf) {
           const uint8_t* kp = wt + (b * q + i) * kBlockBytes;
           _mm_prefetch(reinterpret_cast<const char*>(kp + kPrefetchBytes), _MM_HINT_T0);
           _mm_prefetch(reinterpret_cast<const char*>(kp + kPrefetchBytes + 64), _MM_HINT_T0);
-          const float* al = at + (grp * q + i) * kRows;
+          const float* al = at.get(grp) + i * kRows;
           __m512 acc[2];
 #pragma GCC unroll 2
           for (int h = 0; h < 2; ++h) {
@@ -402,7 +470,7 @@ QG_AVX512 void tile_fast_avx512(const Ctx& c, int64_t t, float* ybuf) {
   const Geometry& g = c.g;
   const int q = g.q;
   const uint8_t* wt = c.packed + t * g.nb * q * kBlockBytes;
-  const float* at = c.alpha + t * g.g * q * kRows;
+  TileAlpha at(c, t);
   const __m512i m0f = _mm512_set1_epi8(0x0f);
   const __m512i ones = _mm512_set1_epi8(1);
   // Byte offsets that point each 32-byte half of a key vector at its table inside a 64-byte register
@@ -448,7 +516,7 @@ QG_AVX512 void tile_fast_avx512(const Ctx& c, int64_t t, float* ybuf) {
           f[1] = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(bb)));
           f[2] = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(a, 1)));
           f[3] = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(bb, 1)));
-          const float* al = at + (grp * q + i) * kRows;
+          const float* al = at.get(grp) + i * kRows;
           z0 = _mm256_fmadd_ps(_mm256_loadu_ps(al), f[0], z0);
           z1 = _mm256_fmadd_ps(_mm256_loadu_ps(al + 8), f[1], z1);
           z2 = _mm256_fmadd_ps(_mm256_loadu_ps(al + 16), f[2], z2);
@@ -579,6 +647,13 @@ void finish_tile(const Ctx& c, int64_t t, float* ybuf, float* y0) {
         const float s = c.gsum[r * g.g + grp];
         for (int j = 0; j < kRows; ++j) yb[j] += zt[grp * kRows + j] * s;
       }
+    } else if (c.kscales) {
+      TileAlpha ta(c, t);
+      for (int64_t grp = 0; grp < g.g; ++grp) {
+        ta.get(grp);
+        const float s = c.gsum[r * g.g + grp];
+        for (int j = 0; j < kRows; ++j) yb[j] += ta.z[j] * s;
+      }
     }
     float* yr = y0 + r * g.m + t * kRows;
     if (c.bias) {
@@ -669,7 +744,7 @@ struct CallCtx {
     s.tf = bld.fast ? nullptr : reinterpret_cast<float*>(p);
     s.tq = bld.fast ? reinterpret_cast<int8_t*>(p) : nullptr;
     s.ts = bld.fast ? reinterpret_cast<float*>(p + table_bytes) : nullptr;
-    s.gsum = c.offset ? reinterpret_cast<float*>(p + table_bytes + scale_bytes) : nullptr;
+    s.gsum = c.offset || c.kscales ? reinterpret_cast<float*>(p + table_bytes + scale_bytes) : nullptr;
     return s;
   }
 };
@@ -688,7 +763,7 @@ void tile_chunk(void* ctx, int slot, int64_t chunk) {
   const Ctx c = cc.for_slot(slot);
   if (cc.private_tables && !cc.prepared[slot]) {
     build_tables(c, cc.bld, cc.xs0, 0, c.n * c.g.nb);
-    if (c.offset) group_sums(c, cc.xs0, 0, c.n * c.g.g);
+    if (c.gsum) group_sums(c, cc.xs0, 0, c.n * c.g.g);
     cc.prepared[slot] = true;
   }
   float* ybuf = reinterpret_cast<float*>(cc.ybufs + cc.ybuf_bytes * slot);
@@ -1362,6 +1437,42 @@ int run_gemm(const Geometry& g, int isa, bool fast, const float* x, int64_t n, c
   return QG_OK;
 }
 
+// mode | QG_MODE_KSCALES: `alpha` points at the block-scale layout (and offset must be NULL).
+bool split_mode(int* mode, const float** alpha, const uint8_t** kscales, const float* offset) {
+  if (*mode & QG_MODE_KSCALES) {
+    if (offset) return false;
+    *kscales = reinterpret_cast<const uint8_t*>(*alpha);
+    *alpha = nullptr;
+    *mode &= ~QG_MODE_KSCALES;
+  }
+  return *mode == QG_MODE_EXACT || *mode == QG_MODE_FAST;
+}
+
+struct ExpandedScales {
+  float* get(const Geometry& g) {
+    const size_t need = static_cast<size_t>(g.mt * g.g * (g.q + 1) * kRows);
+    if (buf.size() < need) buf.resize(need);
+    return buf.data();
+  }
+  std::vector<float> buf;
+};
+thread_local ExpandedScales t_kscale_expanded;
+
+// fp32 alpha [Mt][G][q][32] and offset [Mt][G][32] of a whole block-scaled matrix.
+void expand_all_kscales(const Geometry& g, const uint8_t* kscales, float* alpha, float* offset) {
+  Ctx c{};
+  c.g = g;
+  c.kscales = kscales;
+  for (int64_t t = 0; t < g.mt; ++t) {
+    TileAlpha ta(c, t);
+    for (int64_t grp = 0; grp < g.g; ++grp) {
+      const float* a = ta.get(grp);
+      std::memcpy(alpha + (t * g.g + grp) * g.q * kRows, a, sizeof(float) * g.q * kRows);
+      std::memcpy(offset + (t * g.g + grp) * kRows, ta.z, sizeof(float) * kRows);
+    }
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -1470,20 +1581,31 @@ QG_API int qg_biqgemm_f32(const float* x, int64_t n, int64_t k, const void* pack
   return qg_biqgemm_f32_path(x, n, k, packed, alpha, offset, bias, m, q, group_size, mode, QG_PATH_AUTO, y);
 }
 
-QG_API int qg_biqgemm_f32_path(const float* x, int64_t n, int64_t k, const void* packed, const float* alpha,
+QG_API int qg_biqgemm_f32_path(const float* x, int64_t n, int64_t k, const void* packed, const float* alpha_in,
                                const float* offset, const float* bias, int64_t m, int q, int64_t group_size,
-                               int mode, int path, float* y) {
+                               int mode_in, int path, float* y) {
   Geometry g;
-  if (!x || !packed || !alpha || !y || n < 0 || !make_geometry(m, k, q, group_size, &g)) return QG_EINVAL;
-  if (mode != QG_MODE_EXACT && mode != QG_MODE_FAST) return QG_EINVAL;
+  const uint8_t* kscales = nullptr;
+  const float* alpha = alpha_in;
+  int mode = mode_in;
+  if (!split_mode(&mode, &alpha, &kscales, offset)) return QG_EINVAL;
+  if (!x || !packed || !(alpha || kscales) || !y || n < 0 || !make_geometry(m, k, q, group_size, &g)) return QG_EINVAL;
   if (path != QG_PATH_AUTO && path != QG_PATH_LUT && path != QG_PATH_GEMM) return QG_EINVAL;
   if (n == 0) return QG_OK;
 
   const int isa = resolve_isa();
   const bool fast = mode == QG_MODE_FAST;
   if (path == QG_PATH_AUTO) path = n > g_lut_max_rows[mode].load(std::memory_order_relaxed) ? QG_PATH_GEMM : QG_PATH_LUT;
-  if (path == QG_PATH_GEMM)
+  if (path == QG_PATH_GEMM) {
+    if (kscales) {  // the GEMM path decodes whole tiles: expand the block scales to fp32 alpha / z once per call
+      float* ex = t_kscale_expanded.get(g);
+      if (!ex) return QG_ENOMEM;
+      expand_all_kscales(g, kscales, ex, ex + g.mt * g.g * q * kRows);
+      return run_gemm(g, isa, fast, x, n, static_cast<const uint8_t*>(packed), ex, ex + g.mt * g.g * q * kRows,
+                      bias, y);
+    }
     return run_gemm(g, isa, fast, x, n, static_cast<const uint8_t*>(packed), alpha, offset, bias, y);
+  }
   TileFn tile;
   BuildExactFn build_exact;
   BuildFastFn build_fast;
@@ -1496,7 +1618,7 @@ QG_API int qg_biqgemm_f32_path(const float* x, int64_t n, int64_t k, const void*
   const bool private_tables = slab <= kPrivateTableRows;
   const size_t table_bytes = align64(slab * g.nb * kTable * (fast ? 1 : sizeof(float)));
   const size_t scale_bytes = fast ? align64(slab * g.nb * sizeof(float)) : 0;
-  const size_t gsum_bytes = offset ? align64(slab * g.g * sizeof(float)) : 0;
+  const size_t gsum_bytes = offset || kscales ? align64(slab * g.g * sizeof(float)) : 0;
   const size_t prep_bytes = table_bytes + scale_bytes + gsum_bytes;
   const size_t ybuf_bytes = align64(slab * kRows * sizeof(float));
   const int nprep = private_tables ? nt : 1;
@@ -1518,6 +1640,7 @@ QG_API int qg_biqgemm_f32_path(const float* x, int64_t n, int64_t k, const void*
   cc.c.g = g;
   cc.c.packed = static_cast<const uint8_t*>(packed);
   cc.c.alpha = alpha;
+  cc.c.kscales = kscales;
   cc.c.offset = offset;
   cc.c.bias = bias;
   qg::ThreadPool& pool = qg::ThreadPool::instance();
@@ -1530,7 +1653,7 @@ QG_API int qg_biqgemm_f32_path(const float* x, int64_t n, int64_t k, const void*
     cc.y0 = y + n0 * m;
     std::fill(cc.prepared, cc.prepared + nt, false);
     if (!private_tables) {
-      cc.build_items = cc.c.n * g.nb + (offset ? cc.c.n * g.g : 0);
+      cc.build_items = cc.c.n * g.nb + (offset || kscales ? cc.c.n * g.g : 0);
       pool.run(nt, (cc.build_items + kBuildChunk - 1) / kBuildChunk, build_chunk, &cc);
     }
     pool.run(nt, (g.mt + cc.tiles_per_chunk - 1) / cc.tiles_per_chunk, tile_chunk, &cc);
@@ -1538,12 +1661,15 @@ QG_API int qg_biqgemm_f32_path(const float* x, int64_t n, int64_t k, const void*
   return QG_OK;
 }
 
-QG_API int qg_biqgemm_lut_tiles(const float* x, int64_t k, const void* packed, const float* alpha, const float* offset,
-                                const float* bias, int64_t m, int q, int64_t group_size, int mode, int64_t tile_begin,
-                                int64_t tile_end, float* y) {
+QG_API int qg_biqgemm_lut_tiles(const float* x, int64_t k, const void* packed, const float* alpha_in,
+                                const float* offset, const float* bias, int64_t m, int q, int64_t group_size,
+                                int mode_in, int64_t tile_begin, int64_t tile_end, float* y) {
   Geometry g;
-  if (!x || !packed || !alpha || !y || !make_geometry(m, k, q, group_size, &g)) return QG_EINVAL;
-  if (mode != QG_MODE_EXACT && mode != QG_MODE_FAST) return QG_EINVAL;
+  const uint8_t* kscales = nullptr;
+  const float* alpha = alpha_in;
+  int mode = mode_in;
+  if (!split_mode(&mode, &alpha, &kscales, offset)) return QG_EINVAL;
+  if (!x || !packed || !(alpha || kscales) || !y || !make_geometry(m, k, q, group_size, &g)) return QG_EINVAL;
   if (tile_begin < 0 || tile_end > g.mt || tile_begin > tile_end) return QG_EINVAL;
   if (tile_begin == tile_end) return QG_OK;
   const bool fast = mode == QG_MODE_FAST;
@@ -1553,13 +1679,14 @@ QG_API int qg_biqgemm_lut_tiles(const float* x, int64_t k, const void* packed, c
   lut_kernels(resolve_isa(), fast, &tile, &build_exact, &build_fast);
   const size_t table_bytes = align64(g.nb * kTable * (fast ? 1 : sizeof(float)));
   const size_t scale_bytes = fast ? align64(g.nb * sizeof(float)) : 0;
-  const size_t gsum_bytes = offset ? align64(g.g * sizeof(float)) : 0;
+  const size_t gsum_bytes = offset || kscales ? align64(g.g * sizeof(float)) : 0;
   char* base = static_cast<char*>(t_scratch.get(table_bytes + scale_bytes + gsum_bytes + kRows * sizeof(float)));
   if (!base) return QG_ENOMEM;
   Ctx c;
   c.g = g;
   c.packed = static_cast<const uint8_t*>(packed);
   c.alpha = alpha;
+  c.kscales = kscales;
   c.offset = offset;
   c.bias = bias;
   c.n = 1;
@@ -1568,10 +1695,10 @@ QG_API int qg_biqgemm_lut_tiles(const float* x, int64_t k, const void* packed, c
   c.tf = fast ? nullptr : reinterpret_cast<float*>(base);
   c.tq = fast ? reinterpret_cast<int8_t*>(base) : nullptr;
   c.ts = fast ? reinterpret_cast<float*>(base + table_bytes) : nullptr;
-  c.gsum = offset ? reinterpret_cast<float*>(base + table_bytes + scale_bytes) : nullptr;
+  c.gsum = offset || kscales ? reinterpret_cast<float*>(base + table_bytes + scale_bytes) : nullptr;
   float* ybuf = reinterpret_cast<float*>(base + table_bytes + scale_bytes + gsum_bytes);
   build_tables(c, Builders{fast, build_exact, build_fast}, x, 0, g.nb);
-  if (offset) group_sums(c, x, 0, g.g);
+  if (c.gsum) group_sums(c, x, 0, g.g);
   for (int64_t t = tile_begin; t < tile_end; ++t) {
     tile(c, t, ybuf);
     finish_tile(c, t, ybuf, y);

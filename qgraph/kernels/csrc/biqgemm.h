@@ -12,6 +12,12 @@
  *     low nibble = columns 8p..8p+3 of block b, high nibble = columns 8p+4..8p+7 (bit s <-> column +s,
  *     1 <-> +1). Padding rows/columns are 0 (their activations are 0, so they add nothing).
  *   alpha  f32 [Mt][G][q][32], offset f32 [Mt][G][32] (0 in padding rows).
+ *
+ * Layout "cpu-lut4k" (uniform codes with block scales, w = d c - m; qgraph.quant.block_scaled): the same packed
+ * bit-planes (bit i of code c), and instead of alpha/offset one uint8 buffer [Mt][128 + 48 G]: per tile fp16 D[32],
+ * fp16 M[32], then per group 48 bytes: byte r (0..31) = (sc & 15) | (mc & 15) << 4 of row r, byte 32 + j (0..15) =
+ * row j's (sc >> 4) | (mc >> 4) << 2 in its low nibble and row j + 16's in its high nibble (6-bit codes at most).
+ * d = D * sc and m = M * mc in fp32; the kernel runs alpha_i = d 2^(i-1), z = d (2^q - 1) / 2 - m.
  */
 #ifndef QG_BIQGEMM_H
 #define QG_BIQGEMM_H
@@ -28,11 +34,13 @@
 extern "C" {
 #endif
 
-#define QG_BIQGEMM_ABI 2
+#define QG_BIQGEMM_ABI 3
 #define QG_TILE_ROWS 32
 #define QG_BLOCK_K 32
 
 enum { QG_MODE_EXACT = 0, QG_MODE_FAST = 1 };
+/* Or'ed into a mode: `alpha` points at the block-scale layout "cpu-lut4k" (see above) and offset is NULL. */
+#define QG_MODE_KSCALES 0x10
 enum { QG_PATH_AUTO = 0, QG_PATH_LUT = 1, QG_PATH_GEMM = 2 };
 #define QG_DEFAULT_LUT_MAX_ROWS_EXACT 4
 #define QG_DEFAULT_LUT_MAX_ROWS_FAST 4
