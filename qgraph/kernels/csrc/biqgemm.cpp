@@ -76,6 +76,7 @@ struct Ctx {
   const uint8_t* packed;
   const float* alpha;
   const uint8_t* kscales;  // block-scale layout (QG_MODE_KSCALES): alpha is NULL, offsets come from here
+  bool z_in_tile;          // the tile kernel adds z * sum(x) itself (block-scale AVX-512 kernels)
   const float* offset;
   const float* bias;
   int64_t n;        // rows in this slab
@@ -534,6 +535,177 @@ QG_AVX512 void tile_fast_avx512(const Ctx& c, int64_t t, float* ybuf) {
     }
   }
 }
+
+// ---- block-scale layout (cpu-lut4k), AVX-512: d and z of 32 rows are decoded in registers once per group and the
+// planes of a block are combined with their constant weights 2^(i-1), so no alpha is read or expanded.
+QG_AVX512 inline void kscale_dz_avx512(const uint8_t* gb, __m512 ds0, __m512 ds1, __m512 ms0, __m512 ms1, __m512 hq,
+                                      __m512* d0, __m512* d1, __m512* z0, __m512* z1) {
+  const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(gb));
+  const __m512i h8 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(gb + kRows)));
+  const __m512i m15 = _mm512_set1_epi32(15), m3 = _mm512_set1_epi32(3);
+  const __m512i h[2] = {_mm512_and_si512(h8, m15), _mm512_srli_epi32(h8, 4)};
+  const __m512i l[2] = {_mm512_cvtepu8_epi32(_mm256_castsi256_si128(lo)),
+                        _mm512_cvtepu8_epi32(_mm256_extracti128_si256(lo, 1))};
+  const __m512 ds[2] = {ds0, ds1}, ms[2] = {ms0, ms1};
+  __m512 d[2], mn[2];
+  for (int j = 0; j < 2; ++j) {
+    const __m512i sc = _mm512_or_si512(_mm512_and_si512(l[j], m15), _mm512_slli_epi32(_mm512_and_si512(h[j], m3), 4));
+    const __m512i mc = _mm512_or_si512(_mm512_srli_epi32(l[j], 4), _mm512_slli_epi32(_mm512_srli_epi32(h[j], 2), 4));
+    d[j] = _mm512_mul_ps(_mm512_cvtepi32_ps(sc), ds[j]);
+    mn[j] = _mm512_mul_ps(_mm512_cvtepi32_ps(mc), ms[j]);
+  }
+  *d0 = d[0], *d1 = d[1];
+  *z0 = _mm512_sub_ps(_mm512_mul_ps(d[0], hq), mn[0]);
+  *z1 = _mm512_sub_ps(_mm512_mul_ps(d[1], hq), mn[1]);
+}
+
+struct KTileAvx512 {
+  __m512 ds0, ds1, ms0, ms1, hq;
+};
+
+QG_AVX512 inline KTileAvx512 ktile_avx512(const Ctx& c, int64_t t) {
+  const uint8_t* kt = c.kscales + t * kscale_tile_bytes(c.g);
+  KTileAvx512 k;
+  k.ds0 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(kt)));
+  k.ds1 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(kt + 32)));
+  k.ms0 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(kt + 64)));
+  k.ms1 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(kt + 96)));
+  k.hq = _mm512_set1_ps(static_cast<float>((1 << c.g.q) - 1) * 0.5f);
+  return k;
+}
+
+// Adds z * sum(x) itself (finish_tile skips it for these kernels).
+QG_AVX512 void tile_exact_k_avx512(const Ctx& c, int64_t t, float* ybuf) {
+  const Geometry& g = c.g;
+  const int q = g.q;
+  const uint8_t* wt = c.packed + t * g.nb * q * kBlockBytes;
+  const uint8_t* kg = c.kscales + t * kscale_tile_bytes(g) + kKHead;
+  const KTileAvx512 kt = ktile_avx512(c, t);
+  std::memset(ybuf, 0, sizeof(float) * c.n * kRows);
+  for (int64_t kb0 = 0; kb0 < g.nb; kb0 += c.blocks_per_step) {
+    const int64_t kb1 = std::min<int64_t>(g.nb, kb0 + c.blocks_per_step);
+    for (int64_t n = 0; n < c.n; ++n) {
+      float* yb = ybuf + n * kRows;
+      __m512 y0 = _mm512_load_ps(yb), y1 = _mm512_load_ps(yb + 16);
+      __m512 d0 = _mm512_setzero_ps(), d1 = d0, z0 = d0, z1 = d0;
+      int64_t cur = -1;
+      for (int64_t b = kb0; b < kb1; ++b) {
+        const int64_t grp = b / g.bpg;
+        if (grp != cur) {
+          kscale_dz_avx512(kg + grp * kKGroup, kt.ds0, kt.ds1, kt.ms0, kt.ms1, kt.hq, &d0, &d1, &z0, &z1);
+          cur = grp;
+        }
+        if (b % g.bpg == 0) {
+          const __m512 gs = _mm512_set1_ps(c.gsum[n * g.g + grp]);
+          y0 = _mm512_fmadd_ps(z0, gs, y0);
+          y1 = _mm512_fmadd_ps(z1, gs, y1);
+        }
+        const float* tab = c.tf + (b * c.n + n) * kTable;
+        __m512 c0 = _mm512_setzero_ps(), c1 = _mm512_setzero_ps();
+        for (int i = 0; i < q; ++i) {
+          const uint8_t* kp = wt + (b * q + i) * kBlockBytes;
+          _mm_prefetch(reinterpret_cast<const char*>(kp + kPrefetchBytes), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(kp + kPrefetchBytes + 64), _MM_HINT_T0);
+          __m512 acc[2];
+#pragma GCC unroll 2
+          for (int h = 0; h < 2; ++h) {
+            __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+#pragma GCC unroll 4
+            for (int p = 0; p < 4; ++p) {
+              const __m512i v = _mm512_cvtepu8_epi32(
+                  _mm_loadu_si128(reinterpret_cast<const __m128i*>(kp + p * kRows + h * 16)));
+              a0 = _mm512_add_ps(a0, _mm512_permutexvar_ps(v, _mm512_load_ps(tab + 32 * p)));
+              a1 = _mm512_add_ps(a1, _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4),
+                                                            _mm512_load_ps(tab + 32 * p + 16)));
+            }
+            acc[h] = _mm512_add_ps(a0, a1);
+          }
+          const __m512 pw = _mm512_set1_ps(0.5f * static_cast<float>(1 << i));
+          c0 = _mm512_fmadd_ps(pw, acc[0], c0);
+          c1 = _mm512_fmadd_ps(pw, acc[1], c1);
+        }
+        y0 = _mm512_fmadd_ps(d0, c0, y0);
+        y1 = _mm512_fmadd_ps(d1, c1, y1);
+      }
+      _mm512_store_ps(yb, y0);
+      _mm512_store_ps(yb + 16, y1);
+    }
+  }
+}
+
+// Fast mode, q <= 4: the planes' int16 sums are combined as sum_i 2^i s_i (|.| <= 15 * 8 * 127, no overflow).
+QG_AVX512 void tile_fast_k_avx512(const Ctx& c, int64_t t, float* ybuf) {
+  const Geometry& g = c.g;
+  const int q = g.q;
+  const uint8_t* wt = c.packed + t * g.nb * q * kBlockBytes;
+  const uint8_t* kg = c.kscales + t * kscale_tile_bytes(g) + kKHead;
+  const KTileAvx512 kt = ktile_avx512(c, t);
+  const __m512i m0f = _mm512_set1_epi8(0x0f);
+  const __m512i ones = _mm512_set1_epi8(1);
+  const __m512i off_lo = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi8(32), 1);
+  const __m512i off_hi = _mm512_inserti64x4(_mm512_set1_epi8(16), _mm256_set1_epi8(48), 1);
+  std::memset(ybuf, 0, sizeof(float) * c.n * kRows);
+  alignas(64) float dh[kRows], zz[kRows];
+  for (int64_t kb0 = 0; kb0 < g.nb; kb0 += c.blocks_per_step) {
+    const int64_t kb1 = std::min<int64_t>(g.nb, kb0 + c.blocks_per_step);
+    for (int64_t n = 0; n < c.n; ++n) {
+      float* yb = ybuf + n * kRows;
+      __m256 y[4] = {_mm256_load_ps(yb), _mm256_load_ps(yb + 8), _mm256_load_ps(yb + 16), _mm256_load_ps(yb + 24)};
+      int64_t cur = -1;
+      for (int64_t b = kb0; b < kb1; ++b) {
+        const int64_t grp = b / g.bpg;
+        if (grp != cur) {
+          __m512 d0, d1, z0, z1;
+          kscale_dz_avx512(kg + grp * kKGroup, kt.ds0, kt.ds1, kt.ms0, kt.ms1, kt.hq, &d0, &d1, &z0, &z1);
+          const __m512 half = _mm512_set1_ps(0.5f);
+          _mm512_store_ps(dh, _mm512_mul_ps(d0, half));
+          _mm512_store_ps(dh + 16, _mm512_mul_ps(d1, half));
+          _mm512_store_ps(zz, z0);
+          _mm512_store_ps(zz + 16, z1);
+          cur = grp;
+        }
+        if (b % g.bpg == 0) {
+          const __m256 gs = _mm256_set1_ps(c.gsum[n * g.g + grp]);
+          for (int j = 0; j < 4; ++j) y[j] = _mm256_fmadd_ps(_mm256_load_ps(zz + 8 * j), gs, y[j]);
+        }
+        const int8_t* tab = c.tq + (b * c.n + n) * kTable;
+        const __m512i ta = _mm512_load_si512(tab);
+        const __m512i tb = _mm512_load_si512(tab + 64);
+        __m256i A = _mm256_setzero_si256(), B = _mm256_setzero_si256();
+        for (int i = 0; i < q; ++i) {
+          const uint8_t* kp = wt + (b * q + i) * kBlockBytes;
+          _mm_prefetch(reinterpret_cast<const char*>(kp + kPrefetchBytes), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(kp + kPrefetchBytes + 64), _MM_HINT_T0);
+          __m512i sa = _mm512_setzero_si512(), sb = _mm512_setzero_si512();
+#pragma GCC unroll 2
+          for (int h = 0; h < 2; ++h) {
+            const __m512i kv = _mm512_loadu_si512(kp + 64 * h);
+            const __m512i lo = _mm512_or_si512(_mm512_and_si512(kv, m0f), off_lo);
+            const __m512i hi = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(kv, 4), m0f), off_hi);
+            const __m512i tt = h ? tb : ta;
+            const __m512i r0 = _mm512_permutexvar_epi8(lo, tt);
+            const __m512i r1 = _mm512_permutexvar_epi8(hi, tt);
+            sa = _mm512_add_epi16(sa, _mm512_maddubs_epi16(ones, _mm512_unpacklo_epi8(r0, r1)));
+            sb = _mm512_add_epi16(sb, _mm512_maddubs_epi16(ones, _mm512_unpackhi_epi8(r0, r1)));
+          }
+          const __m256i a = _mm256_add_epi16(_mm512_castsi512_si256(sa), _mm512_extracti64x4_epi64(sa, 1));
+          const __m256i bb = _mm256_add_epi16(_mm512_castsi512_si256(sb), _mm512_extracti64x4_epi64(sb, 1));
+          A = _mm256_add_epi16(A, _mm256_sll_epi16(a, _mm_cvtsi32_si128(i)));
+          B = _mm256_add_epi16(B, _mm256_sll_epi16(bb, _mm_cvtsi32_si128(i)));
+        }
+        const __m256 ts = _mm256_set1_ps(c.ts[b * c.n + n]);
+        __m256 f[4];
+        f[0] = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(A)));
+        f[1] = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(B)));
+        f[2] = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(A, 1)));
+        f[3] = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(B, 1)));
+        for (int j = 0; j < 4; ++j)
+          y[j] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_load_ps(dh + 8 * j), ts), f[j], y[j]);
+      }
+      for (int j = 0; j < 4; ++j) _mm256_store_ps(yb + 8 * j, y[j]);
+    }
+  }
+}
 #pragma GCC diagnostic pop
 #endif  // QG_X86
 
@@ -647,7 +819,7 @@ void finish_tile(const Ctx& c, int64_t t, float* ybuf, float* y0) {
         const float s = c.gsum[r * g.g + grp];
         for (int j = 0; j < kRows; ++j) yb[j] += zt[grp * kRows + j] * s;
       }
-    } else if (c.kscales) {
+    } else if (c.kscales && !c.z_in_tile) {
       TileAlpha ta(c, t);
       for (int64_t grp = 0; grp < g.g; ++grp) {
         ta.get(grp);
@@ -706,7 +878,9 @@ void pack_tile(void* ctx, int, int64_t t) {
 }
 
 // The LUT path's tile kernel and table builders for an ISA and mode.
-void lut_kernels(int isa, bool fast, TileFn* tile, BuildExactFn* build_exact, BuildFastFn* build_fast) {
+// Returns whether the tile kernel adds z * sum(x) itself (else finish_tile does).
+bool lut_kernels(int isa, bool fast, int q, bool kscales, TileFn* tile, BuildExactFn* build_exact,
+                 BuildFastFn* build_fast) {
   *tile = fast ? tile_fast_scalar : tile_exact_scalar;
   *build_exact = build_exact_scalar;
   *build_fast = build_fast_scalar;
@@ -716,8 +890,19 @@ void lut_kernels(int isa, bool fast, TileFn* tile, BuildExactFn* build_exact, Bu
     *build_fast = build_fast_avx2;
     *tile = fast ? tile_fast_avx2 : tile_exact_avx2;
   }
-  if (isa == ISA_AVX512) *tile = fast ? tile_fast_avx512 : tile_exact_avx512;
+  if (isa == ISA_AVX512) {
+    if (kscales && (!fast || q <= 4)) {
+      *tile = fast ? tile_fast_k_avx512 : tile_exact_k_avx512;
+      return true;
+    }
+    *tile = fast ? tile_fast_avx512 : tile_exact_avx512;
+  }
+#else
+  (void)isa;
+  (void)q;
+  (void)kscales;
 #endif
+  return false;
 }
 
 constexpr int64_t kBuildChunk = 64;  // table blocks / group sums per chunk of the shared build
@@ -1609,7 +1794,7 @@ QG_API int qg_biqgemm_f32_path(const float* x, int64_t n, int64_t k, const void*
   TileFn tile;
   BuildExactFn build_exact;
   BuildFastFn build_fast;
-  lut_kernels(isa, fast, &tile, &build_exact, &build_fast);
+  const bool z_in_tile = lut_kernels(isa, fast, q, kscales != nullptr, &tile, &build_exact, &build_fast);
 
   const int nt = static_cast<int>(std::min<int64_t>(num_threads(), g.mt));
   const int64_t slab = std::min(n, kBatchSlab);
@@ -1641,6 +1826,7 @@ QG_API int qg_biqgemm_f32_path(const float* x, int64_t n, int64_t k, const void*
   cc.c.packed = static_cast<const uint8_t*>(packed);
   cc.c.alpha = alpha;
   cc.c.kscales = kscales;
+  cc.c.z_in_tile = z_in_tile;
   cc.c.offset = offset;
   cc.c.bias = bias;
   qg::ThreadPool& pool = qg::ThreadPool::instance();
@@ -1676,7 +1862,7 @@ QG_API int qg_biqgemm_lut_tiles(const float* x, int64_t k, const void* packed, c
   TileFn tile;
   BuildExactFn build_exact;
   BuildFastFn build_fast;
-  lut_kernels(resolve_isa(), fast, &tile, &build_exact, &build_fast);
+  const bool z_in_tile = lut_kernels(resolve_isa(), fast, q, kscales != nullptr, &tile, &build_exact, &build_fast);
   const size_t table_bytes = align64(g.nb * kTable * (fast ? 1 : sizeof(float)));
   const size_t scale_bytes = fast ? align64(g.nb * sizeof(float)) : 0;
   const size_t gsum_bytes = offset || kscales ? align64(g.g * sizeof(float)) : 0;
@@ -1687,6 +1873,7 @@ QG_API int qg_biqgemm_lut_tiles(const float* x, int64_t k, const void* packed, c
   c.packed = static_cast<const uint8_t*>(packed);
   c.alpha = alpha;
   c.kscales = kscales;
+  c.z_in_tile = z_in_tile;
   c.offset = offset;
   c.bias = bias;
   c.n = 1;
