@@ -33,6 +33,7 @@ from qgraph.quant import uniform
 from qgraph.quant.bcq import quantize_bcq_spec
 from qgraph.quant.importance import ChannelMoments, activation_importance, output_errors
 from qgraph.quant.qspec import QSpec
+from qgraph.quant import block_scaled
 from qgraph.quant.qtensor import UniformWeight
 from qgraph.registry import register_pass
 
@@ -172,6 +173,10 @@ def quantize_tensor(w: torch.Tensor, spec, *, clip_search: bool = False, p: floa
     per-element importance over ``w`` viewed as ``[out, -1]``; None: the spec's own)."""
     if spec.scheme == "bcq":
         return quantize_bcq_spec(w.detach().float(), spec, importance=importance)
+    if spec.scale_bits is not None:
+        if clip_search:
+            raise SpecError(f"clip_search does not apply to block-scaled specs ({spec}); their grid is fitted once")
+        return block_scaled.quantize(w.detach().float().reshape(w.shape[0], -1), spec)
     codes, scale, zp = uniform.quantize_weight(w.detach().float(), spec, clip_search=clip_search, p=p)
     return UniformWeight(codes, scale, zp, spec)
 

@@ -11,6 +11,7 @@ from qgraph.errors import KernelError
 from qgraph.kernels import cpu
 from qgraph.kernels.op import get_layout
 from qgraph.quant.bcq_weight import BCQWeight
+from qgraph.quant.block_scaled import BlockScaledWeight
 
 _PREFERRED = {"cpu": (cpu.LAYOUT,), "cuda": ("cuda-lut8",)}
 
@@ -27,10 +28,24 @@ class PackedWeight:
     group_size: int
 
 
-def pack(w: BCQWeight, layout: str | None = None) -> PackedWeight:
-    """Repack ``w`` for ``layout`` (default: the fastest layout for w's device that can take it, else "planes")."""
+def pack(w: BCQWeight | BlockScaledWeight, layout: str | None = None) -> PackedWeight:
+    """Repack ``w`` for ``layout`` (default: the fastest layout for w's device that can take it, else "planes").
+
+    A `BlockScaledWeight` on CPU takes ``cpu-lut4k`` (its scale codes as they are stored); elsewhere, or for another
+    layout, its exact BCQ form."""
+    if isinstance(w, BlockScaledWeight):
+        if layout in (None, cpu.LAYOUT_K) and w.codes.device.type == "cpu":
+            try:
+                packed, alpha, offset = get_layout(cpu.LAYOUT_K).pack(w)
+                return PackedWeight(cpu.LAYOUT_K, packed, alpha, offset, w.shape, w.group_size)
+            except KernelError:
+                if layout:
+                    raise
+        if layout == cpu.LAYOUT_K:
+            raise KernelError(f"layout {cpu.LAYOUT_K!r} needs a CPU BlockScaledWeight")
+        w = w.to_bcq()
     if not isinstance(w, BCQWeight):
-        raise KernelError(f"pack() takes a BCQWeight, got {type(w).__name__}")
+        raise KernelError(f"pack() takes a BCQWeight or a BlockScaledWeight, got {type(w).__name__}")
     names = (layout,) if layout else _PREFERRED.get(w.alpha.device.type, ()) + ("planes",)
     last: KernelError | None = None
     for name in names:
@@ -64,7 +79,7 @@ def biqgemm(x: torch.Tensor, w, bias: torch.Tensor | None = None, mode: str = "e
     ``w`` is a `BCQWeight` (packed for its device on first use and cached while w lives), a `PackedWeight`,
     or a `qgraph.kernels.cpu.CpuPackedWeight`.
     """
-    if isinstance(w, BCQWeight):
+    if isinstance(w, (BCQWeight, BlockScaledWeight)):
         w = _cached_pack(w)
     if not all(hasattr(w, a) for a in ("layout", "packed", "alpha", "offset", "shape", "group_size")):
         raise KernelError(f"w must be a BCQWeight or a packed BCQ weight, got {type(w).__name__}")
@@ -84,7 +99,7 @@ class BCQLinear(nn.Module):
     """
 
     def __init__(
-        self, weight: BCQWeight, bias: torch.Tensor | None = None, *, layout: str | None = None,
+        self, weight: BCQWeight | BlockScaledWeight, bias: torch.Tensor | None = None, *, layout: str | None = None,
         mode: str = "exact",
     ) -> None:
         super().__init__()
@@ -96,7 +111,7 @@ class BCQLinear(nn.Module):
         if bias is not None and tuple(bias.shape) != (self.out_features,):
             raise KernelError(f"bias must have shape [{self.out_features}], got {tuple(bias.shape)}")
         self._set_packed(pack(weight, layout))
-        b = None if bias is None else bias.detach().to(device=self.alpha.device, dtype=torch.float32).clone()
+        b = None if bias is None else bias.detach().to(device=self.packed.device, dtype=torch.float32).clone()
         self.register_buffer("bias", b)
 
     def _set_packed(self, p: PackedWeight) -> None:
@@ -107,7 +122,7 @@ class BCQLinear(nn.Module):
         self.register_buffer("offset", None if p.offset is None else p.offset.contiguous())
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, w: BCQWeight, **kwargs) -> BCQLinear:
+    def from_linear(cls, linear: nn.Linear, w: BCQWeight | BlockScaledWeight, **kwargs) -> BCQLinear:
         """Replace ``linear`` (its bias is kept) by the BCQ code ``w`` of its weight."""
         if tuple(linear.weight.shape) != tuple(w.shape):
             raise KernelError(

@@ -31,7 +31,7 @@ import torch
 
 from qgraph.errors import KernelError
 
-SHIM_VERSION = 3
+SHIM_VERSION = 4
 _CSRC = Path(__file__).resolve().parent / "csrc"
 _SOURCES = ("torch_shim.cpp", "decode_step.cpp", "biqgemm.h", "decode_math.h")
 _lock = threading.Lock()

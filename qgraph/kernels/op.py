@@ -13,6 +13,8 @@ Layouts are pluggable: each registers an implementation (and optionally a packer
   rows, decode + GEMM above a measured row threshold). On the first CPU call the native shim
   (`qgraph.kernels.native`) is built or loaded; from then on CPU calls dispatch to its C++ kernels (a few µs per
   call instead of ~15 µs of Python validation + ctypes), which validate the same way and raise `KernelError`.
+- ``"cpu-lut4k"``: a `BlockScaledWeight` (uniform codes, K-quant-style block scales) for the same kernel: the
+  same packed bit-planes, and in the ``alpha`` slot its scale codes (uint8, `qgraph.kernels.cpu.pack_block_scaled`).
 - ``"cuda-lut8"`` / ``"cuda-lut8-h"`` (fp32 / fp16 scales): registered by ``qgraph.kernels.triton_biqgemm``,
   imported on first use of either name.
 The fake (meta) kernel gives ``x.shape[:-1] + (out_features,)`` in x's dtype, so graphs that call the op
@@ -33,6 +35,7 @@ from qgraph.errors import KernelError, SpecError
 from qgraph.kernels import cpu, native
 from qgraph.kernels.reference import biqgemm_reference
 from qgraph.quant.bcq_weight import BCQWeight
+from qgraph.quant.block_scaled import BlockScaledWeight
 
 Tensors = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
 # impl(x, packed, alpha, offset, bias, out_features, in_features, group_size, mode) -> y
@@ -173,6 +176,23 @@ register_layout(
     unpack=_cpu_unpack,
     device="cpu",
 )
+
+
+def _cpu_k_pack(w):
+    if not isinstance(w, BlockScaledWeight):
+        raise KernelError(f"layout {cpu.LAYOUT_K!r} packs a BlockScaledWeight, got {type(w).__name__}")
+    return cpu.pack_block_scaled(w).tensors()
+
+
+def _cpu_k_unpack(packed, alpha, offset, out_features, in_features, group_size) -> BCQWeight:
+    packed, alpha = packed.cpu().contiguous(), alpha.cpu().contiguous()
+    cpu.check_packed(packed, alpha, offset, out_features, in_features, group_size)
+    p = cpu.CpuPackedWeight(packed, alpha, None, (out_features, in_features), group_size, cpu.LAYOUT_K)
+    return cpu.unpack_block_scaled(p).to_bcq()
+
+
+# cpu-lut4k: uniform codes with block scales (qgraph.quant.block_scaled); alpha holds the scale codes (uint8)
+register_layout(cpu.LAYOUT_K, _cpu_impl, pack=_cpu_k_pack, unpack=_cpu_k_unpack, device="cpu")
 
 
 # ------------------------------------------------------------------------------------------ autograd

@@ -33,6 +33,7 @@ from qgraph.llm.modules import fuse_shared_inputs
 from qgraph.llm.quantize import LMWeights, module_names
 from qgraph.llm.recipe import LMRecipe
 from qgraph.quant.bcq_weight import BCQWeight, pack_signs, unpack_signs
+from qgraph.quant.block_scaled import BlockScaledWeight
 from qgraph.quant.qspec import QSpec
 from qgraph.quant.qtensor import UniformWeight
 
@@ -126,6 +127,9 @@ def save_lm(folder: str | Path, model: nn.Module, lw: LMWeights, tokenizer: Any 
         elif isinstance(q, UniformWeight):
             modules[name] = {"kind": "uniform", "shape": list(q.shape), "spec": q.spec.to_dict()}
             tensors.update(_uniform_tensors(q, prefix))
+        elif isinstance(q, BlockScaledWeight):
+            modules[name] = {"kind": "block_scaled", "shape": list(q.shape), "spec": q.spec.to_dict()}
+            tensors.update(q.tensors(prefix))
         else:
             raise ExportError(f"cannot store a {type(q).__name__} for {name}")
     first: dict[int, str] = {}
@@ -279,11 +283,15 @@ def lm_weights_from(manifest: dict, tensors: dict[str, torch.Tensor], *, kernel_
                 q = BCQWeight.from_parts(entry, tensors, prefix=name + ".")
             elif entry.get("kind") == "uniform":
                 q = (_uniform_as_bcq if kernel_form else _uniform_from)(entry, tensors, name + ".")
+            elif entry.get("kind") == "block_scaled":
+                q = BlockScaledWeight.from_tensors(QSpec.from_dict(entry["spec"]), tuple(entry["shape"]), tensors,
+                                                   name + ".")
             else:
                 raise ExportError(f"manifest module {name!r} has unknown kind {entry.get('kind')!r}")
         except (SpecError, KeyError, TypeError, ValueError) as e:
             raise ExportError(f"artifact module {name!r} is malformed: {e}") from None
-        for t in (getattr(q, "alpha", None), getattr(q, "offset", None), getattr(q, "scale", None)):
+        for t in (getattr(q, "alpha", None), getattr(q, "offset", None), getattr(q, "scale", None),
+                  getattr(q, "super_scale", None), getattr(q, "super_min", None)):
             if t is not None and not torch.isfinite(t).all():
                 raise ExportError(f"artifact module {name!r} has non-finite scales")
         weights[name] = q

@@ -17,6 +17,7 @@ from qgraph.errors import KernelError
 from qgraph.kernels import cpu
 from qgraph.kernels.linear import BCQLinear
 from qgraph.quant.bcq_weight import BCQWeight
+from qgraph.quant.block_scaled import BlockScaledWeight
 from qgraph.quant.qtensor import UniformWeight
 from qgraph.quant.uniform_bcq import uniform_to_bcq
 
@@ -24,12 +25,19 @@ _SHIFTS = torch.arange(8, dtype=torch.uint8)
 
 
 def as_bcq(q) -> BCQWeight:
-    """A `BCQWeight` for a `BCQWeight` (itself) or a `UniformWeight` (its exact BCQ form)."""
+    """A `BCQWeight` for a `BCQWeight` (itself), a `UniformWeight` or a `BlockScaledWeight` (their exact BCQ form)."""
     if isinstance(q, BCQWeight):
         return q
     if isinstance(q, UniformWeight):
         return uniform_to_bcq(q)
+    if isinstance(q, BlockScaledWeight):
+        return q.to_bcq()
     raise KernelError(f"no BiQGEMM form for a {type(q).__name__}")
+
+
+def kernel_weight(q) -> BCQWeight | BlockScaledWeight:
+    """What a `BCQLinear` packs: a `BlockScaledWeight` as it is (layout ``cpu-lut4k`` on CPU), else `as_bcq`."""
+    return q if isinstance(q, BlockScaledWeight) else as_bcq(q)
 
 
 def _expand(t: torch.Tensor, group_size: int, k: int) -> torch.Tensor:
@@ -44,7 +52,7 @@ class BCQEmbedding(nn.Module):
         if (weight is None) == (head is None):
             raise KernelError("BCQEmbedding takes a BCQWeight or a BCQLinear head to share, not both / neither")
         if head is not None:
-            if head.layout not in ("planes", cpu.LAYOUT):
+            if head.layout not in ("planes", cpu.LAYOUT, cpu.LAYOUT_K):
                 raise KernelError(f"BCQEmbedding cannot read rows from BiQGEMM layout {head.layout!r}")
             self.layout, self.num_embeddings, self.dim = head.layout, head.out_features, head.in_features
             self.group_size, self.bits = head.group_size, head.bits
@@ -58,7 +66,7 @@ class BCQEmbedding(nn.Module):
             self.register_buffer("packed", weight.planes.contiguous())
             self.register_buffer("alpha", weight.alpha.contiguous())
             self.register_buffer("offset", None if weight.offset is None else weight.offset.contiguous())
-        if self.layout == cpu.LAYOUT:
+        if self.layout in (cpu.LAYOUT, cpu.LAYOUT_K):
             geo = cpu.Geometry(self.num_embeddings, self.dim, self.group_size)
             col = torch.arange(self.dim)
             cols = (col // geo.group_size) * geo.group_padded + col % geo.group_size
@@ -83,8 +91,21 @@ class BCQEmbedding(nn.Module):
         offset = None if self.offset is None else self.offset[t, :, r]  # [N, G]
         return signs, alpha, offset
 
+    def _block_scaled_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``d·c − m`` of a ``cpu-lut4k`` table (the arithmetic of `BlockScaledWeight.dequantize`)."""
+        t, r = ids // cpu.TILE_ROWS, ids % cpu.TILE_ROWS
+        mt, nb, q, _ = self.packed.shape
+        by = self.packed.view(mt, nb, q, 4, cpu.TILE_ROWS)[t, :, :, :, r]  # [N, NB, q, 4]
+        bits = ((by.unsqueeze(-1) >> _SHIFTS.to(by.device)) & 1).to(torch.int32)  # [N, NB, q, 4, 8]
+        bits = bits.permute(2, 0, 1, 3, 4).reshape(q, ids.shape[0], nb * 32)[:, :, self.cols]  # [q, N, K]
+        codes = sum(bits[i] << i for i in range(q)).to(torch.float32)
+        d, mn = cpu.kscale_rows(self.alpha, ids, self.dim // self.group_size)
+        return _expand(d, self.group_size, self.dim) * codes - _expand(mn, self.group_size, self.dim)
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
+        if self.layout == cpu.LAYOUT_K:
+            return self._block_scaled_rows(flat).reshape(*ids.shape, self.dim)
         signs, alpha, offset = self._signs_alpha_offset(flat)
         rows = (_expand(alpha, self.group_size, self.dim) * (signs.to(torch.float32) * 2 - 1)).sum(dim=0)
         if offset is not None:
@@ -134,7 +155,8 @@ class FusedBCQLinear(BCQLinear):
         self.register_buffer("offset", torch.cat([p.offset for p in parts]) if first.has_offset else None)
         bias = None
         if any(p.bias is not None for p in parts):
-            bias = torch.cat([p.bias if p.bias is not None else p.alpha.new_zeros(p.out_features) for p in parts])
+            bias = torch.cat([p.bias if p.bias is not None else p.packed.new_zeros(p.out_features, dtype=torch.float32)
+                              for p in parts])
         self.register_buffer("bias", bias)
 
 
@@ -146,8 +168,9 @@ def _unfusable(parts: list[BCQLinear]) -> str:
     for key in ("in_features", "group_size", "bits", "mode", "layout", "has_offset"):
         if len({getattr(p, key) for p in parts}) != 1:
             return f"their {key} differ"
-    if first.layout != cpu.LAYOUT or any(p.out_features % cpu.TILE_ROWS for p in parts):
-        return f"only {cpu.LAYOUT} weights with out_features a multiple of {cpu.TILE_ROWS} stack row-wise"
+    if first.layout not in (cpu.LAYOUT, cpu.LAYOUT_K) or any(p.out_features % cpu.TILE_ROWS for p in parts):
+        return (f"only {cpu.LAYOUT} / {cpu.LAYOUT_K} weights with out_features a multiple of {cpu.TILE_ROWS} stack "
+                "row-wise")
     if len({(p.packed.device, p.alpha.device) for p in parts}) != 1:
         return "their buffers live on different devices"
     return ""

@@ -53,8 +53,8 @@ class _Builder:
         if key in self.ids:
             return self.ids[key]
         if isinstance(mod, (BCQLinear, FusedBCQLinear)):
-            if mod.layout != cpu.LAYOUT:
-                raise Unsupported(f"{name} is on BiQGEMM layout {mod.layout!r}, not {cpu.LAYOUT!r}")
+            if mod.layout not in (cpu.LAYOUT, cpu.LAYOUT_K):
+                raise Unsupported(f"{name} is on BiQGEMM layout {mod.layout!r}, not {cpu.LAYOUT!r} / {cpu.LAYOUT_K!r}")
             if mod.alpha.device.type != "cpu":
                 raise Unsupported(f"{name} is on {mod.alpha.device}")
             bias = None if mod.bias is None else mod.bias.detach().float().contiguous()
@@ -155,7 +155,7 @@ class NativeDecoder:
         from qgraph.llm.modules import BCQEmbedding
 
         if isinstance(emb, BCQEmbedding):
-            if emb.layout not in (cpu.LAYOUT, "planes"):
+            if emb.layout not in (cpu.LAYOUT, cpu.LAYOUT_K, "planes"):
                 raise Unsupported(f"embedding layout {emb.layout!r}")
             plan.set_embedding(emb.layout, emb.packed, emb.alpha, emb.offset, emb.group_size)
         elif type(emb) is nn.Embedding and emb.weight.dtype == torch.float32:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from qgraph.errors import CalibrationError, ModelLoadError, QGraphError
-from qgraph.llm.modules import BCQEmbedding, as_bcq
+from qgraph.llm.modules import BCQEmbedding, as_bcq, kernel_weight
 from qgraph.llm.recipe import LMRecipe
 from qgraph.quant.qspec import Annotation
 
@@ -150,7 +150,7 @@ def apply_weights(model: nn.Module, lw: LMWeights, *, mode: str = "exact", head_
         if not isinstance(old, nn.Linear):
             raise QGraphError(f"module {name} is a {type(old).__name__}, not an nn.Linear")
         m = head_mode or mode if name == head_name else mode
-        _set_module(model, name, BCQLinear.from_linear(old, as_bcq(q), mode=m))
+        _set_module(model, name, BCQLinear.from_linear(old, kernel_weight(q), mode=m))
     for emb, head in lw.tied.items():
         _set_module(model, emb, BCQEmbedding(head=model.get_submodule(head)))
     if lw.tied and hasattr(model.config, "tie_word_embeddings"):

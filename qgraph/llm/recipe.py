@@ -23,7 +23,9 @@ class LMRecipe:
     Hessians, act-order; BCQ with the
     Hessian diagonal as importance). ``head_bits``: bits of the LM head (and, tied or not, the embedding
     table); None: same as ``bits``; 0: keep both float. Default: uniform 4-bit asymmetric, groups of 64, by
-    the recipe's optimizer. ``head_scheme`` / ``head_group_size`` (0: per row):
+    the recipe's optimizer. ``scale_bits`` (uniform only): block scales, ``w = d·c − m`` per group with ``d`` and
+    ``m`` as ``scale_bits``-bit codes of two fp16 scales per row (`qgraph.quant.block_scaled`), for the Linears and a
+    uniform head alike. ``head_scheme`` / ``head_group_size`` (0: per row):
     None means the same as the Linears'. ``head_optimizer``: ``rtn`` or ``same`` (the head also goes through
     ``optimizer``; a tied table then follows the head's objective). Measured on SmolLM2 with BCQ-3 g192 gptq
     Linears (perplexity, float head 56.5): head uniform 4-bit g64 by gptq 58.3 (16.4 MB), 8-bit per row 56.7
@@ -42,8 +44,11 @@ class LMRecipe:
     head_optimizer: str = "same"
     calib_windows: int = 16
     window: int = 512
+    scale_bits: int | None = None
 
     def __post_init__(self) -> None:
+        if self.scale_bits is not None and self.scheme != "uniform":
+            raise SpecError("LMRecipe.scale_bits applies to scheme='uniform' (block scales of uniform codes)")
         if self.scheme not in SCHEMES:
             raise SpecError(f"LMRecipe.scheme must be one of {SCHEMES}, got {self.scheme!r}")
         if self.optimizer not in OPTIMIZERS:
@@ -75,6 +80,10 @@ class LMRecipe:
         if scheme == "bcq":
             return QSpec.bcq(bits, group_size=gs, method="alternating" if optimized else "weighted",
                              bcq_offset=offset)
+        if self.scale_bits is not None:
+            if not gs:
+                raise SpecError("LMRecipe.scale_bits needs groups (a group_size, and head_group_size for the head)")
+            return QSpec.uniform(bits, signed=False, symmetric=False, scale_bits=self.scale_bits, **gran)
         return QSpec.uniform(bits, symmetric=not offset, **gran)
 
     def head_spec(self) -> QSpec | None:
@@ -98,6 +107,7 @@ class LMRecipe:
         z = "z" if self.scheme == "bcq" and self.has_offset else ""
         z += "sym" if self.scheme == "uniform" and not self.has_offset else ""
         g = f"g{self.group_size}" if self.group_size else "row"
+        g += f"-sb{self.scale_bits}" if self.scale_bits is not None else ""
         head = ""
         if self.head_spec() != _DEFAULT_HEAD.head_spec() or self.head_optimizer != _DEFAULT_HEAD.head_optimizer:
             h = self.head_spec()

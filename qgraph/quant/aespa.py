@@ -47,6 +47,7 @@ import torch
 
 from qgraph.errors import SpecError
 from qgraph.quant.bcq_weight import BCQWeight
+from qgraph.quant.block_scaled import BlockScaledWeight
 from qgraph.quant.gptq import gptq
 from qgraph.quant.qspec import QSpec
 from qgraph.quant.qtensor import UniformWeight
@@ -71,6 +72,7 @@ class LevelGrid:
     alpha: torch.Tensor | None = None  # bcq: [q, M, G]
     offset: torch.Tensor | None = None  # bcq: [M, G] or None
     perm: torch.Tensor | None = None  # bcq: [M, G, 2^q] code of each sorted level
+    block: BlockScaledWeight | None = None  # block-scaled: the weight whose codes the ranks replace
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -90,7 +92,7 @@ class LevelGrid:
             return (None if t is None else t[idx])
         return LevelGrid(self.levels[idx], self.rank[idx], self.group_size, self.kind, self.spec, pick(self.scale),
                          pick(self.zero_point), None if self.alpha is None else self.alpha[:, idx], pick(self.offset),
-                         pick(self.perm))
+                         pick(self.perm), None if self.block is None else self.block.rows(idx))
 
     @staticmethod
     def cat(parts: list[LevelGrid]) -> LevelGrid:
@@ -103,11 +105,14 @@ class LevelGrid:
             ts = [getattr(p, name) for p in parts]
             return None if ts[0] is None else torch.cat(ts, dim)
 
+        block = None if p0.block is None else BlockScaledWeight.cat([p.block for p in parts])
         return LevelGrid(cat("levels"), cat("rank"), p0.group_size, p0.kind, p0.spec, cat("scale"),
-                         cat("zero_point"), cat("alpha", 1), cat("offset"), cat("perm"))
+                         cat("zero_point"), cat("alpha", 1), cat("offset"), cat("perm"), block)
 
     def to_qweight(self, rank: torch.Tensor | None = None) -> UniformWeight | BCQWeight:
         r = self.rank if rank is None else rank
+        if self.kind == "block":
+            return self.block.with_codes(r)
         if self.kind == "uniform":
             spec = self.spec
             codes = (r + spec.qmin).to(torch.int8 if spec.signed else torch.uint8)
@@ -124,8 +129,13 @@ class LevelGrid:
         return BCQWeight.from_signs(signs, self.alpha, self.offset, group_size=self.group_size)
 
 
-def level_grid(qweight: UniformWeight | BCQWeight) -> LevelGrid:
-    """The `LevelGrid` of a per-channel / per-group uniform weight (axis 0) or a BCQ weight."""
+def level_grid(qweight: UniformWeight | BCQWeight | BlockScaledWeight) -> LevelGrid:
+    """The `LevelGrid` of a per-channel / per-group uniform weight (axis 0), a BCQ or a block-scaled weight."""
+    if isinstance(qweight, BlockScaledWeight):
+        d, mn = qweight.scales()
+        c = torch.arange(qweight.spec.qmax + 1, dtype=torch.float64)
+        levels = d.double()[:, :, None] * c - mn.double()[:, :, None]  # ascending: d >= 0
+        return LevelGrid(levels, qweight.codes.long(), qweight.group_size, "block", spec=qweight.spec, block=qweight)
     if isinstance(qweight, BCQWeight):
         m, k = qweight.shape
         bits, g = qweight.bits, qweight.group_size

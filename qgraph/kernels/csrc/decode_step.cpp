@@ -41,6 +41,7 @@ struct Lin {
   Tensor packed, alpha, offset, bias, weight;
   int64_t m = 0, k = 0, gs = 0;
   int q = 0, mode = QG_MODE_EXACT;
+  bool kscales = false;  // layout cpu-lut4k
 };
 
 struct Layer {
@@ -249,10 +250,20 @@ class DecodePlan : public torch::CustomClassHolder {
     Lin l;
     l.packed = packed, l.alpha = alpha, l.m = m, l.k = k, l.gs = gs;
     check(packed.is_cpu() && packed.is_contiguous() && packed.scalar_type() == at::kByte, "packed must be uint8");
-    check(alpha.dim() == 4, "alpha must be [Mt, G, q, 32]");
-    l.q = static_cast<int>(alpha.size(2));
-    check(qg_biqgemm_alpha_floats(m, k, l.q, gs) == alpha.numel(), "alpha does not fit the matrix");
-    check_f32(alpha, alpha.numel(), "alpha");
+    if (alpha.scalar_type() == at::kByte) {  // cpu-lut4k: the alpha slot holds the block-scale codes
+      check(packed.dim() == 4, "packed must be [Mt, NB, q, 128]");
+      l.q = static_cast<int>(packed.size(2));
+      check(alpha.is_cpu() && alpha.is_contiguous() && alpha.dim() == 2 &&
+                alpha.size(0) == (m + QG_TILE_ROWS - 1) / QG_TILE_ROWS && alpha.size(1) == 128 + 48 * ((k + gs - 1) / gs),
+            "cpu-lut4k block scales do not fit the matrix");
+      check(!(offset.has_value() && offset->defined()), "cpu-lut4k weights carry their offsets in the block scales");
+      l.kscales = true;
+    } else {
+      check(alpha.dim() == 4, "alpha must be [Mt, G, q, 32]");
+      l.q = static_cast<int>(alpha.size(2));
+      check(qg_biqgemm_alpha_floats(m, k, l.q, gs) == alpha.numel(), "alpha does not fit the matrix");
+      check_f32(alpha, alpha.numel(), "alpha");
+    }
     check(qg_biqgemm_packed_bytes(m, k, l.q, gs) == packed.numel(), "packed does not fit the matrix");
     if (offset.has_value() && offset->defined()) {
       check_f32(*offset, qg_biqgemm_offset_floats(m, k, gs), "offset");
@@ -312,12 +323,21 @@ class DecodePlan : public torch::CustomClassHolder {
     if (kind == "float") {
       check_f32(table, vocab_ * hidden_, "embedding table");
     } else {
-      check(kind == "cpu-lut4" || kind == "planes", "embedding kind must be 'float', 'cpu-lut4' or 'planes'");
+      check(kind == "cpu-lut4" || kind == "cpu-lut4k" || kind == "planes",
+            "embedding kind must be 'float', 'cpu-lut4', 'cpu-lut4k' or 'planes'");
       check(alpha.defined() && table.is_cpu() && table.scalar_type() == at::kByte && table.is_contiguous(),
             "a BCQ embedding needs contiguous uint8 CPU codes and alpha");
       check(gs >= 1 && gs <= hidden_, "embedding group size out of range");
       const int64_t g = (hidden_ + gs - 1) / gs;
-      if (kind == "cpu-lut4") {
+      if (kind == "cpu-lut4k") {
+        check(table.dim() == 4, "cpu-lut4k codes must be [Mt, NB, q, 128]");
+        q = table.size(2);
+        check(q >= 1 && q <= 8 && qg_biqgemm_packed_bytes(vocab_, hidden_, q, gs) == table.numel(),
+              "embedding codes do not fit");
+        check(alpha.scalar_type() == at::kByte && alpha.is_contiguous() && alpha.dim() == 2 &&
+                  alpha.size(0) == (vocab_ + QG_TILE_ROWS - 1) / QG_TILE_ROWS && alpha.size(1) == 128 + 48 * g,
+              "embedding block scales do not fit");
+      } else if (kind == "cpu-lut4") {
         check(alpha.dim() == 4, "cpu-lut4 alpha must be [Mt, G, q, 32]");
         q = alpha.size(2);
         check(q >= 1 && q <= 8 && qg_biqgemm_packed_bytes(vocab_, hidden_, q, gs) == table.numel(),
@@ -410,10 +430,10 @@ class DecodePlan : public torch::CustomClassHolder {
     const int64_t tiles = (l.m + QG_TILE_ROWS - 1) / QG_TILE_ROWS;
     const int64_t t0 = tiles * tid / nt, t1 = tiles * (tid + 1) / nt;
     if (l.bcq) {
-      const int rc = qg_biqgemm_lut_tiles(x, l.k, l.packed.data_ptr(), l.alpha.data_ptr<float>(),
+      const int rc = qg_biqgemm_lut_tiles(x, l.k, l.packed.data_ptr(), static_cast<const float*>(l.alpha.data_ptr()),
                                           l.offset.defined() ? l.offset.data_ptr<float>() : nullptr,
                                           l.bias.defined() ? l.bias.data_ptr<float>() : nullptr, l.m, l.q, l.gs,
-                                          l.mode, t0, t1, y);
+                                          l.mode | (l.kscales ? QG_MODE_KSCALES : 0), t0, t1, y);
       if (rc != QG_OK) failed_.store(rc, std::memory_order_relaxed);
       return;
     }
@@ -480,6 +500,27 @@ class DecodePlan : public torch::CustomClassHolder {
     }
     const int64_t gs = emb_gs_, G = (H + gs - 1) / gs, q = emb_q_;
     const uint8_t* codes = emb_.data_ptr<uint8_t>();
+    if (emb_kind_ == "cpu-lut4k") {  // w = d c - m, c = sum_i bit_i 2^i (qgraph.quant.block_scaled)
+      const int64_t t = token / QG_TILE_ROWS, r = token % QG_TILE_ROWS;
+      const int64_t bpg = (gs + QG_BLOCK_K - 1) / QG_BLOCK_K, nb = G * bpg;
+      const uint8_t* kt = emb_alpha_.data_ptr<uint8_t>() + t * (128 + 48 * G);
+      const uint16_t* sup = reinterpret_cast<const uint16_t*>(kt);
+      const float D = c10::detail::fp16_ieee_to_fp32_value(sup[r]);
+      const float M = c10::detail::fp16_ieee_to_fp32_value(sup[QG_TILE_ROWS + r]);
+      for (int64_t c = 0; c < H; ++c) {
+        const int64_t g = c / gs, within = c % gs, b = g * bpg + within / QG_BLOCK_K, col = within % QG_BLOCK_K;
+        const uint8_t* gb = kt + 128 + 48 * g;
+        const int h = (gb[32 + (r & 15)] >> (4 * (r >> 4))) & 15;
+        const float d = D * static_cast<float>((gb[r] & 15) | ((h & 3) << 4));
+        const float mn = M * static_cast<float>((gb[r] >> 4) | ((h >> 2) << 4));
+        int code = 0;
+        for (int64_t i = 0; i < q; ++i)
+          code |= ((codes[((t * nb + b) * q + i) * 4 * QG_TILE_ROWS + (col / 8) * QG_TILE_ROWS + r] >> (col % 8)) & 1)
+                  << i;
+        out[c] = d * static_cast<float>(code) - mn;
+      }
+      return;
+    }
     const float* alpha = emb_alpha_.data_ptr<float>();
     const float* off = emb_offset_.defined() ? emb_offset_.data_ptr<float>() : nullptr;
     if (emb_kind_ == "planes") {  // planes [q, V, ceil(H/8)] LSB-first, alpha [q, V, G], offset [V, G]

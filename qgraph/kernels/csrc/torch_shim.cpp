@@ -36,6 +36,7 @@ using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 
 constexpr const char* kLayout = "cpu-lut4";
+constexpr const char* kLayoutK = "cpu-lut4k";  // block scales (mode | QG_MODE_KSCALES)
 std::atomic<bool> g_native_layout{true};  // false once Python replaces the cpu-lut4 implementation
 
 [[noreturn]] void kernel_error(const std::string& msg) {
@@ -92,6 +93,26 @@ void check_tensor(const char* name, const Tensor& t) {
     kernel_error(std::string("cpu-lut4 ") + name + " must be contiguous (repack with qgraph.kernels.cpu.pack)");
 }
 
+// Mirrors qgraph.kernels.cpu._check_packed_k (layout cpu-lut4k: the alpha slot holds the block-scale codes).
+int check_packed_k(const Tensor& packed, const Tensor& kscales, const OptTensor& offset, int64_t m, int64_t k,
+                   int64_t gs) {
+  const int64_t tiles = (m + QG_TILE_ROWS - 1) / QG_TILE_ROWS, groups = (k + gs - 1) / gs;
+  const int64_t blocks = groups * ((gs + QG_BLOCK_K - 1) / QG_BLOCK_K);
+  const std::string geo = std::to_string(m) + "x" + std::to_string(k);
+  if (offset.has_value() && offset->defined())
+    kernel_error("cpu-lut4k weights carry their offsets in the block-scale buffer; pass offset=None");
+  const std::vector<int64_t> want{tiles, 128 + 48 * groups};
+  if (kscales.sizes() != c10::IntArrayRef(want))
+    kernel_error("cpu-lut4k block scales must be uint8 " + shape_str(want) + " for a " + geo +
+                 " matrix with group_size=" + std::to_string(gs) + ", got " + shape_str(kscales.sizes()));
+  if (packed.scalar_type() != at::kByte || packed.dim() != 4 || packed.size(0) != tiles || packed.size(1) != blocks ||
+      packed.size(2) < 1 || packed.size(2) > 8 || packed.size(3) != 4 * QG_TILE_ROWS)
+    kernel_error("cpu-lut4k packed must be uint8 [" + std::to_string(tiles) + ", " + std::to_string(blocks) +
+                 ", q, 128] with q in 1..8 for a " + geo + " matrix, got " + dtype_str(packed.scalar_type()) + " " +
+                 shape_str(packed.sizes()));
+  return static_cast<int>(packed.size(2));
+}
+
 // Mirrors qgraph.kernels.cpu.check_packed; returns q.
 int check_packed(const Tensor& packed, const Tensor& alpha, const OptTensor& offset, int64_t m, int64_t k,
                  int64_t gs) {
@@ -101,6 +122,7 @@ int check_packed(const Tensor& packed, const Tensor& alpha, const OptTensor& off
     kernel_error("group_size must be in 1..in_features=" + std::to_string(k) + ", got " + std::to_string(gs));
   check_tensor("packed", packed);
   check_tensor("alpha", alpha);
+  if (alpha.scalar_type() == at::kByte) return check_packed_k(packed, alpha, offset, m, k, gs);
   if (alpha.scalar_type() != at::kFloat || alpha.dim() != 4)
     kernel_error("cpu-lut4 alpha must be float32 [Mt, G, q, 32], got " + dtype_str(alpha.scalar_type()) + " " +
                  shape_str(alpha.sizes()));
@@ -158,7 +180,7 @@ Tensor call_python_impl(const Tensor& x, const Tensor& packed, const Tensor& alp
 Tensor biqgemm_cpu(const Tensor& x, const Tensor& packed, const Tensor& alpha, const OptTensor& offset,
                    const OptTensor& bias, int64_t m, int64_t k, int64_t gs, c10::string_view layout,
                    c10::string_view mode) {
-  if (layout != kLayout || !g_native_layout.load(std::memory_order_relaxed))
+  if ((layout != kLayout && layout != kLayoutK) || !g_native_layout.load(std::memory_order_relaxed))
     return call_python_impl(x, packed, alpha, offset, bias, m, k, gs, layout, mode);
   int mode_id;
   if (mode == "exact") {
@@ -175,6 +197,10 @@ Tensor biqgemm_cpu(const Tensor& x, const Tensor& packed, const Tensor& alpha, c
   if (x.device().type() != c10::DeviceType::CPU)
     kernel_error("x is on " + x.device().str() + " but this kernel runs on cpu; move it there");
   const int q = check_packed(packed, alpha, offset, m, k, gs);
+  if ((alpha.scalar_type() == at::kByte) != (layout == kLayoutK))
+    kernel_error("layout '" + std::string(layout) + "' does not match its alpha tensor (" +
+                 dtype_str(alpha.scalar_type()) + ")");
+  if (layout == kLayoutK) mode_id |= QG_MODE_KSCALES;
   Tensor b;
   if (bias.has_value() && bias->defined()) {
     b = *bias;
@@ -192,7 +218,8 @@ Tensor biqgemm_cpu(const Tensor& x, const Tensor& packed, const Tensor& alpha, c
   const int64_t n = x2.size(0);
   Tensor y = at::empty({n, m}, x2.options());
   if (n) {
-    const int rc = qg_biqgemm_f32(x2.data_ptr<float>(), n, k, packed.data_ptr(), alpha.data_ptr<float>(),
+    const int rc = qg_biqgemm_f32(x2.data_ptr<float>(), n, k, packed.data_ptr(),
+                                  static_cast<const float*>(alpha.data_ptr()),
                                   offset.has_value() && offset->defined() ? offset->data_ptr<float>() : nullptr,
                                   b.defined() ? b.data_ptr<float>() : nullptr, m, q, gs, mode_id,
                                   y.data_ptr<float>());
@@ -229,7 +256,9 @@ struct BiqgemmFunction : public torch::autograd::Function<BiqgemmFunction> {
     ctx->saved_data["gs"] = gs;
     ctx->saved_data["layout"] = std::string(layout);
     ctx->saved_data["x_dtype"] = static_cast<int64_t>(x.scalar_type());
-    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    // flags, not needs_input_grad(i): a missing optional (offset None) shifts the autograd input indices
+    ctx->saved_data["need_gx"] = x.requires_grad();
+    ctx->saved_data["need_gb"] = bias.has_value() && bias->defined() && bias->requires_grad();
     return y;
   }
 
@@ -245,11 +274,11 @@ struct BiqgemmFunction : public torch::autograd::Function<BiqgemmFunction> {
     const auto x_dtype = static_cast<c10::ScalarType>(ctx->saved_data["x_dtype"].toInt());
     const Tensor& grad = grads[0];
     Tensor gx, gb;
-    if (ctx->needs_input_grad(0)) {
+    if (ctx->saved_data["need_gx"].toBool()) {
       const OptTensor offset = saved.size() > 2 ? OptTensor(saved[2]) : OptTensor();
       gx = grad_op.call(grad, saved[0], saved[1], offset, m, k, gs, layout).to(x_dtype);
     }
-    if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(4)) gb = grad.reshape({-1, m}).sum(0);
+    if (ctx->saved_data["need_gb"].toBool()) gb = grad.reshape({-1, m}).sum(0);
     return {gx, Tensor(), Tensor(), Tensor(), gb, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
@@ -326,7 +355,7 @@ TORCH_LIBRARY_IMPL(qgraph, AutogradCPU, m) { m.impl("biqgemm", biqgemm_autograd_
 
 extern "C" {
 // Version of this shim's contract with qgraph/kernels/native.py.
-__attribute__((visibility("default"))) int qg_torch_shim_version(void) { return 3; }
+__attribute__((visibility("default"))) int qg_torch_shim_version(void) { return 4; }
 // 0: "cpu-lut4" calls go to the Python implementation (it was replaced with register_layout(replace=True)).
 __attribute__((visibility("default"))) void qg_torch_shim_set_native_layout(int on) { g_native_layout = on != 0; }
 }
