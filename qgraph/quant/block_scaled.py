@@ -63,10 +63,12 @@ class BlockScaledWeight:
 
     @property
     def nbytes(self) -> int:
-        """Stored bytes: packed codes, the two scale codes per group, two fp16 per row."""
+        """Stored bytes (`tensors`): packed codes, the two scale codes of a group (12 bits up to 6-bit codes, else
+        16), two fp16 per row."""
         m, k = self.shape
-        sb = self.spec.scale_bits
-        return (m * k * self.bits + 7) // 8 + (2 * self.scale_codes.numel() * sb + 7) // 8 + 4 * m
+        g = self.scale_codes.shape[1]
+        scales = m * (g + (g + 1) // 2) if self.spec.scale_bits <= 6 else 2 * m * g
+        return m * ((k + 7) // 8) * self.bits + scales + 4 * m
 
     def scales(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``d``, ``m`` ``[M, G]`` in fp32, computed the one way every backend uses."""
@@ -105,10 +107,22 @@ class BlockScaledWeight:
         return BlockScaledWeight(*(torch.cat([getattr(p, n) for p in parts]) for n in _TENSORS), parts[0].spec)
 
     def tensors(self, prefix: str = "") -> dict[str, torch.Tensor]:
-        """Stored tensors (codes as little-endian bit-planes ``[b, M, ceil(K/8)]``)."""
+        """Stored tensors: codes as little-endian bit-planes ``[b, M, ceil(K/8)]``; up to 6-bit scale codes as
+        ``scale_lo`` ``[M, G]`` = (sc & 15) | (mc & 15) << 4 and ``scale_hi`` ``[M, ceil(G/2)]`` holding
+        (sc >> 4) | (mc >> 4) << 2 of group 2j in its low nibble and of group 2j + 1 in its high one; wider
+        codes as they are; the row scales."""
         planes = torch.stack([(self.codes >> i) & 1 for i in range(self.bits)])
-        out = {prefix + "codes": pack_signs(planes)}
-        out.update({prefix + n: getattr(self, n) for n in _TENSORS[1:]})
+        out = {prefix + "codes": pack_signs(planes), prefix + "super_scale": self.super_scale,
+               prefix + "super_min": self.super_min}
+        sc, mc = self.scale_codes.to(torch.int32), self.min_codes.to(torch.int32)
+        if self.spec.scale_bits > 6:
+            out.update({prefix + "scale_codes": self.scale_codes, prefix + "min_codes": self.min_codes})
+            return out
+        hi = (sc >> 4) | ((mc >> 4) << 2)
+        if hi.shape[1] % 2:
+            hi = torch.cat([hi, hi.new_zeros(hi.shape[0], 1)], 1)
+        out[prefix + "scale_lo"] = ((sc & 15) | ((mc & 15) << 4)).to(torch.uint8)
+        out[prefix + "scale_hi"] = (hi[:, 0::2] | (hi[:, 1::2] << 4)).to(torch.uint8)
         return out
 
     @classmethod
@@ -121,7 +135,19 @@ class BlockScaledWeight:
         if tuple(planes.shape) != (spec.bits, m, k):
             raise SpecError(f"{prefix}codes holds {tuple(planes.shape)} bit-planes, expected {(spec.bits, m, k)}")
         codes = sum(((planes[i] > 0).to(torch.int32) << i) for i in range(spec.bits)).to(torch.uint8)
-        return cls(codes, *(tensors[prefix + n] for n in _TENSORS[1:]), spec)
+        if spec.scale_bits > 6:
+            sc, mc = tensors[prefix + "scale_codes"], tensors[prefix + "min_codes"]
+        else:
+            g = k // spec.group_size
+            lo, hi = tensors[prefix + "scale_lo"].to(torch.int32), tensors[prefix + "scale_hi"].to(torch.int32)
+            if tuple(lo.shape) != (m, g) or tuple(hi.shape) != (m, (g + 1) // 2):
+                raise SpecError(f"{prefix}scale_lo / scale_hi are {tuple(lo.shape)} / {tuple(hi.shape)}, expected "
+                                f"{(m, g)} / {(m, (g + 1) // 2)}")
+            h = torch.stack([hi & 15, hi >> 4], 2).reshape(m, -1)[:, :g]
+            sc = ((lo & 15) | ((h & 3) << 4)).to(torch.uint8)
+            mc = ((lo >> 4) | ((h >> 2) << 4)).to(torch.uint8)
+        return cls(codes, sc.contiguous(), mc.contiguous(), tensors[prefix + "super_scale"],
+                   tensors[prefix + "super_min"], spec)
 
 
 _TENSORS = ("codes", "scale_codes", "min_codes", "super_scale", "super_min")

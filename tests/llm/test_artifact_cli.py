@@ -17,6 +17,7 @@ from tests.llm.conftest import tiny_llama, tiny_tokenizer
     LMRecipe(bits=3, group_size=32, optimizer="gptq"),
     LMRecipe(scheme="uniform", bits=4, group_size=16, optimizer="rtn"),
     LMRecipe(scheme="uniform", bits=3, group_size=None, optimizer="rtn", offset=False, head_bits=0),
+    LMRecipe(scheme="uniform", bits=4, group_size=32, optimizer="gptq", head_group_size=32, scale_bits=6),
 ], ids=lambda r: r.name)
 def test_artifact_reloads_into_the_same_generating_model(tmp_path, tiny, calib, recipe):
     lw = quantize_lm(tiny, recipe, calib)
@@ -32,6 +33,8 @@ def test_artifact_reloads_into_the_same_generating_model(tmp_path, tiny, calib, 
     b = manifest["bytes"]
     assert b["quantized"] == lw.nbytes  # codes, scales and zero points stored at their stated size
     assert b["total"] < sum(p.numel() * 4 for p in tiny.parameters())
+    if recipe.scale_bits:  # block scales run on their own layout, the tied table included
+        assert q2.lm_head.layout == "cpu-lut4k" and q2.model.embed_tokens.tied
     if recipe.head_bits == 0:  # float tied table: stored once, the head aliases it
         assert manifest["aliases"] == {"lm_head.weight": "model.embed_tokens.weight"}
         assert q2.lm_head.weight.data_ptr() == q2.model.embed_tokens.weight.data_ptr()

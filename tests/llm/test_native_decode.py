@@ -20,8 +20,10 @@ transformers = pytest.importorskip("transformers")
 REL = 2e-5  # max |Δ| / max |logit| over the vocabulary: fp32 sums in another order
 
 
-def _quantized(model, bits=3, group_size=32, fuse=True, head_bits=None):
-    lw = quantize_lm(model, LMRecipe(bits=bits, group_size=group_size, optimizer="rtn", head_bits=head_bits))
+def _quantized(model, bits=3, group_size=32, fuse=True, head_bits=None, scale_bits=None):
+    scheme = "uniform" if scale_bits else "bcq"
+    lw = quantize_lm(model, LMRecipe(scheme=scheme, bits=bits, group_size=group_size, optimizer="rtn",
+                                     head_bits=head_bits, head_group_size=group_size, scale_bits=scale_bits))
     q = apply_weights(copy.deepcopy(model), lw, mode="exact")
     if fuse:
         fuse_shared_inputs(q)
@@ -62,6 +64,14 @@ def threads(request):
 @pytest.mark.parametrize("tied", [True, False])
 def test_native_logits_match_hugging_face(fuse, tied, threads):
     model = _quantized(tiny_llama(tied=tied), fuse=fuse)
+    assert _worst_step_error(model, torch.tensor([[5, 9, 33, 7]])) < REL
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_native_logits_match_with_block_scales(tied, threads):
+    """cpu-lut4k Linears (fused q/k/v and gate/up) and a block-scaled tied table."""
+    model = _quantized(tiny_llama(tied=tied), bits=4, scale_bits=6)
+    assert model.lm_head.layout == "cpu-lut4k"
     assert _worst_step_error(model, torch.tensor([[5, 9, 33, 7]])) < REL
 
 

@@ -55,6 +55,7 @@ def _greedy(model, ids, n=64):
     LMRecipe(bits=3, group_size=32, optimizer="gptq"),
     LMRecipe(scheme="uniform", bits=4, group_size=32, optimizer="rtn"),
     LMRecipe(bits=2, group_size=None, optimizer="aespa", offset=True, head_bits=4),
+    LMRecipe(scheme="uniform", bits=4, group_size=32, optimizer="aespa", head_group_size=32, scale_bits=6),
 ], ids=lambda r: r.name)
 def test_exact_mode_greedy_text_matches_the_simulation(tiny, calib, prompts, recipe, one_thread):
     lw = quantize_lm(tiny, recipe, calib)

@@ -50,10 +50,13 @@ def test_bits_per_weight_count_codes_scale_codes_and_row_scales():
     q = bs.quantize(torch.randn(64, 576), spec())
     assert q.nbytes == 64 * 576 // 2 + 64 * 18 * 12 // 8 + 64 * 4
     assert abs(q.nbytes * 8 / q.codes.numel() - 4.4306) < 1e-3
+    assert q.nbytes == sum(t.numel() * t.element_size() for t in q.tensors().values())
 
 
-def test_storage_round_trip_and_rows_cat():
-    q = bs.quantize(torch.randn(48, 96), spec(3))
+@pytest.mark.parametrize("sb, k", [(6, 96), (5, 160), (8, 96)])
+def test_storage_round_trip_and_rows_cat(sb, k):
+    q = bs.quantize(torch.randn(48, k), spec(3, sb=sb))
+    assert q.nbytes == sum(t.numel() * t.element_size() for t in q.tensors().values())
     back = bs.BlockScaledWeight.from_tensors(q.spec, q.shape, q.tensors("x."), "x.")
     for name in ("codes", "scale_codes", "min_codes", "super_scale", "super_min"):
         assert torch.equal(getattr(back, name), getattr(q, name))
