@@ -29,11 +29,10 @@ from qgraph.ir.inputs import batches
 from qgraph.ir.meta import ANNOTATION_KEY, QWEIGHT_KEY
 from qgraph.pass_base import NON_NEGATIVE, POSITIVE, POSITIVE_INT, Pass, PassResult, optional, validate
 from qgraph.progress import progress
-from qgraph.quant import uniform
+from qgraph.quant import block_scaled, uniform
 from qgraph.quant.bcq import quantize_bcq_spec
 from qgraph.quant.importance import ChannelMoments, activation_importance, output_errors
 from qgraph.quant.qspec import QSpec
-from qgraph.quant import block_scaled
 from qgraph.quant.qtensor import UniformWeight
 from qgraph.registry import register_pass
 
