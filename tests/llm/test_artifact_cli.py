@@ -178,3 +178,20 @@ def test_quantize_lm_rtn_bcq_weighs_by_calibration_statistics(tiny_folder, tmp_p
                  "--bits", "3", "--group-size", "32", "--optimizer", "rtn", "--calib-windows", "2",
                  "--window", "16"]) == 0
     assert bool(seen) == reads
+
+
+def test_quantize_lm_block_scales_from_the_command_line(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "k"
+    rc = main(["quantize-lm", str(tiny_folder), "--out", str(out), "--scheme", "uniform", "--bits", "4",
+               "--group-size", "32", "--head-group-size", "32", "--scale-bits", "6", "--optimizer", "rtn", "--json"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # 4-bit codes, 12 bits of scale codes per group of 32, 32 bits of row scales per row: rows of 64 weights
+    # (q/k/v/o, gate/up: 28672 weights) and of 128 (down: 8192)
+    assert abs(summary["linear_bits_per_weight"] - (4 + 12 / 32 + (28672 * 32 / 64 + 8192 * 32 / 128) / 36864)) < 1e-3
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {e["kind"] for e in manifest["modules"].values()} == {"block_scaled"}
+    capsys.readouterr()
+    rc = main(["quantize-lm", str(tiny_folder), "--out", str(tmp_path / "bad"), "--scheme", "bcq", "--scale-bits", "6"])
+    err = capsys.readouterr().err.strip()
+    assert rc != 0 and len(err.splitlines()) == 1 and "scale_bits applies to scheme='uniform'" in err
