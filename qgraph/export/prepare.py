@@ -22,6 +22,7 @@ from qgraph.errors import ExportError
 from qgraph.export import markers
 from qgraph.ir.meta import FQ_KEY, QWEIGHT_KEY
 from qgraph.quant.bcq_weight import BCQWeight
+from qgraph.quant.block_scaled import BlockScaledWeight
 from qgraph.quant.qtensor import UniformWeight
 
 
@@ -108,6 +109,8 @@ def check_qweight(name: str, q) -> None:
 
 def _quantized_weight(g, node: fx.Node, q, out: Prepared) -> bool:
     name, op = g.qualname(node), g.op_type(node)
+    if isinstance(q, BlockScaledWeight):  # exported as its exact BCQ form (ai.qgraph::BiQGEMM)
+        q = q.to_bcq()
     check_qweight(name, q)
     if not g.meta(node).get(FQ_KEY):
         raise ExportError(

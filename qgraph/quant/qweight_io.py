@@ -14,11 +14,12 @@ import torch
 
 from qgraph.errors import SpecError
 from qgraph.quant.bcq_weight import BCQWeight
+from qgraph.quant.block_scaled import BlockScaledWeight
 from qgraph.quant.multipoint import MultipointWeight
 from qgraph.quant.qspec import QSpec
 from qgraph.quant.qtensor import UniformWeight
 
-KINDS = ("bcq", "multipoint", "uniform")
+KINDS = ("bcq", "block_scaled", "multipoint", "uniform")
 _INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 
 
@@ -28,6 +29,9 @@ def qweight_parts(q: Any, prefix: str = "") -> tuple[dict[str, Any], dict[str, t
         return {"kind": "bcq", "prefix": prefix, "manifest": q.manifest()}, q.tensors(prefix)
     if isinstance(q, MultipointWeight):
         return {"kind": "multipoint", "prefix": prefix, "manifest": q.manifest()}, q.tensors(prefix)
+    if isinstance(q, BlockScaledWeight):
+        entry = {"kind": "block_scaled", "prefix": prefix, "spec": q.spec.to_dict(), "shape": list(q.shape)}
+        return entry, q.tensors(prefix)
     if isinstance(q, UniformWeight):
         return ({"kind": "uniform", "prefix": prefix, "spec": q.spec.to_dict()},
                 {prefix + "codes": q.codes, prefix + "scale": q.scale, prefix + "zero_point": q.zero_point})
@@ -39,6 +43,10 @@ def tensor_names(entry: dict[str, Any]) -> set[str]:
     p = entry.get("prefix", "")
     if entry.get("kind") == "bcq":
         return {p + "planes", p + "alpha"} | ({p + "offset"} if entry["manifest"].get("has_offset") else set())
+    if entry.get("kind") == "block_scaled":
+        wide = int(entry["spec"].get("scale_bits") or 0) > 6
+        return {p + n for n in ("codes", "super_scale", "super_min")} | (
+            {p + "scale_codes", p + "min_codes"} if wide else {p + "scale_lo", p + "scale_hi"})
     if entry.get("kind") == "multipoint":
         extra = {f"{p}point{j + 2}.{n}" for j in range(int(entry["manifest"]["levels"])) for n in ("codes", "scale")}
         return {p + "codes", p + "scale", p + "zero_point", p + "counts"} | extra
@@ -64,6 +72,11 @@ def qweight_from_parts(entry: Any, tensors: dict[str, torch.Tensor]) -> Any:
             _finite(q.alpha, "alpha")
             if q.offset is not None:
                 _finite(q.offset, "offset")
+            return q
+        if entry["kind"] == "block_scaled":
+            q = BlockScaledWeight.from_tensors(QSpec.from_dict(entry["spec"]), tuple(entry["shape"]), tensors, prefix)
+            _finite(q.super_scale, "super_scale")
+            _finite(q.super_min, "super_min")
             return q
         if entry["kind"] == "multipoint":
             q = MultipointWeight.from_parts(entry["manifest"], tensors, prefix=prefix)

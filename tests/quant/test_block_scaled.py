@@ -105,3 +105,17 @@ def test_bad_specs_are_refused(kw, match):
 def test_spec_text_round_trips():
     s = spec()
     assert str(s) == "uint4/g32/asym/sb=6" and QSpec.parse(str(s)) == s and QSpec.from_dict(s.to_dict()) == s
+
+
+@pytest.mark.parametrize("sb", [6, 8])
+def test_graph_artifact_entries_round_trip(sb):
+    from qgraph.quant.qweight_io import qweight_from_parts, qweight_parts, tensor_names
+
+    q = bs.quantize(torch.randn(40, 64), spec(sb=sb))
+    entry, tensors = qweight_parts(q, "layer.")
+    assert tensor_names(entry) == set(tensors)
+    back = qweight_from_parts(entry, tensors)
+    assert torch.equal(back.dequantize(), q.dequantize())
+    tensors["layer.super_scale"] = torch.full_like(q.super_scale, float("nan"))
+    with pytest.raises(SpecError, match="NaN"):
+        qweight_from_parts(entry, tensors)
