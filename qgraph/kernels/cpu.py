@@ -277,7 +277,7 @@ def pack_block_scaled(w: BlockScaledWeight) -> CpuPackedWeight:
     m, k = w.shape
     q, gs = w.bits, w.group_size
     geo = Geometry(m, k, gs)
-    planes = w.tensors()["codes"].contiguous()
+    planes = w.packed_planes().contiguous()
     packed = torch.empty(geo.packed_shape(q), dtype=torch.uint8)
     if lib.qg_biqgemm_pack(planes.data_ptr(), m, k, q, gs, packed.data_ptr()) != 0:
         raise KernelError(f"packing a {m}x{k} q={q} group_size={gs} block-scaled weight failed")

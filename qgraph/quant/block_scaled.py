@@ -11,7 +11,7 @@ Arithmetic is fixed so that every backend computes the same values: ``d = float3
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -31,6 +31,7 @@ class BlockScaledWeight:
     super_scale: torch.Tensor
     super_min: torch.Tensor
     spec: QSpec
+    planes: torch.Tensor | None = field(default=None, repr=False)  # the stored bit-planes, when read from them
 
     def __post_init__(self) -> None:
         spec = self.spec
@@ -85,10 +86,9 @@ class BlockScaledWeight:
         """The BCQ code that stands for exactly this matrix (up to fp32 rounding of the offset)."""
         d, mn = self.scales()
         b = self.bits
-        planes = torch.stack([(self.codes >> i) & 1 for i in range(b)])
         alpha = torch.stack([d * float(2 ** (i - 1)) for i in range(b)])
         offset = d * ((2 ** b - 1) / 2) - mn
-        return BCQWeight(pack_signs(planes).contiguous(), alpha.contiguous(), offset.contiguous(), self.shape,
+        return BCQWeight(self.packed_planes().contiguous(), alpha.contiguous(), offset.contiguous(), self.shape,
                          self.group_size)
 
     def with_codes(self, codes: torch.Tensor) -> BlockScaledWeight:
@@ -111,8 +111,7 @@ class BlockScaledWeight:
         ``scale_lo`` ``[M, G]`` = (sc & 15) | (mc & 15) << 4 and ``scale_hi`` ``[M, ceil(G/2)]`` holding
         (sc >> 4) | (mc >> 4) << 2 of group 2j in its low nibble and of group 2j + 1 in its high one; wider
         codes as they are; the row scales."""
-        planes = torch.stack([(self.codes >> i) & 1 for i in range(self.bits)])
-        out = {prefix + "codes": pack_signs(planes), prefix + "super_scale": self.super_scale,
+        out = {prefix + "codes": self.packed_planes(), prefix + "super_scale": self.super_scale,
                prefix + "super_min": self.super_min}
         sc, mc = self.scale_codes.to(torch.int32), self.min_codes.to(torch.int32)
         if self.spec.scale_bits > 6:
@@ -125,16 +124,30 @@ class BlockScaledWeight:
         out[prefix + "scale_hi"] = (hi[:, 0::2] | (hi[:, 1::2] << 4)).to(torch.uint8)
         return out
 
+    def packed_planes(self) -> torch.Tensor:
+        """Bit ``i`` of every code as LSB-first bytes ``[b, M, ceil(K/8)]`` (the BCQ planes of `to_bcq`)."""
+        if self.planes is not None:
+            return self.planes
+        return torch.cat([pack_signs(torch.stack([(c >> i) & 1 for i in range(self.bits)]))
+                          for c in self.codes.split(_ROWS)], 1)
+
     @classmethod
     def from_tensors(cls, spec: QSpec, shape: tuple[int, int], tensors: dict[str, torch.Tensor],
                      prefix: str = "") -> BlockScaledWeight:
         from qgraph.quant.bcq_weight import unpack_signs
 
         m, k = shape
-        planes = unpack_signs(tensors[prefix + "codes"], k)
-        if tuple(planes.shape) != (spec.bits, m, k):
-            raise SpecError(f"{prefix}codes holds {tuple(planes.shape)} bit-planes, expected {(spec.bits, m, k)}")
-        codes = sum(((planes[i] > 0).to(torch.int32) << i) for i in range(spec.bits)).to(torch.uint8)
+        packed = tensors[prefix + "codes"]
+        if packed.dim() != 3 or tuple(packed.shape[:2]) != (spec.bits, m) or packed.shape[2] != (k + 7) // 8:
+            raise SpecError(f"{prefix}codes holds bit-planes {tuple(packed.shape)}, expected "
+                            f"{(spec.bits, m, (k + 7) // 8)}")
+        codes = torch.empty(m, k, dtype=torch.uint8)
+        for r0 in range(0, m, _ROWS):  # a few rows at a time: the ±1 planes take 4 bytes per weight
+            planes = unpack_signs(packed[:, r0:r0 + _ROWS], k)
+            c = codes[r0:r0 + _ROWS]
+            c.zero_()
+            for i in range(spec.bits):
+                c |= (planes[i] > 0).to(torch.uint8) << i
         if spec.scale_bits > 6:
             sc, mc = tensors[prefix + "scale_codes"], tensors[prefix + "min_codes"]
         else:
@@ -147,10 +160,11 @@ class BlockScaledWeight:
             sc = ((lo & 15) | ((h & 3) << 4)).to(torch.uint8)
             mc = ((lo >> 4) | ((h >> 2) << 4)).to(torch.uint8)
         return cls(codes, sc.contiguous(), mc.contiguous(), tensors[prefix + "super_scale"],
-                   tensors[prefix + "super_min"], spec)
+                   tensors[prefix + "super_min"], spec, packed)
 
 
 _TENSORS = ("codes", "scale_codes", "min_codes", "super_scale", "super_min")
+_ROWS = 4096  # rows unpacked / packed at a time
 
 
 @dataclass(frozen=True)
