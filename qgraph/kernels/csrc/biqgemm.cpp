@@ -633,6 +633,25 @@ QG_AVX512 void tile_exact_k_avx512(const Ctx& c, int64_t t, float* ybuf) {
   }
 }
 
+// fp32 alpha [G][q][32] and offset [G][32] of row tile t (the GEMM path's per-call expansion).
+QG_AVX512 void expand_tile_kscales_avx512(const Ctx& c, int64_t t, float* alpha, float* offset) {
+  const Geometry& g = c.g;
+  const uint8_t* kg = c.kscales + t * kscale_tile_bytes(g) + kKHead;
+  const KTileAvx512 kt = ktile_avx512(c, t);
+  for (int64_t grp = 0; grp < g.g; ++grp) {
+    __m512 d0, d1, z0, z1;
+    kscale_dz_avx512(kg + grp * kKGroup, kt.ds0, kt.ds1, kt.ms0, kt.ms1, kt.hq, &d0, &d1, &z0, &z1);
+    float* a = alpha + grp * g.q * kRows;
+    for (int i = 0; i < g.q; ++i) {
+      const __m512 pw = _mm512_set1_ps(0.5f * static_cast<float>(1 << i));
+      _mm512_storeu_ps(a + i * kRows, _mm512_mul_ps(d0, pw));
+      _mm512_storeu_ps(a + i * kRows + 16, _mm512_mul_ps(d1, pw));
+    }
+    _mm512_storeu_ps(offset + grp * kRows, z0);
+    _mm512_storeu_ps(offset + grp * kRows + 16, z1);
+  }
+}
+
 // Fast mode, q <= 4: the planes' int16 sums are combined as sum_i 2^i s_i (|.| <= 15 * 8 * 127, no overflow).
 QG_AVX512 void tile_fast_k_avx512(const Ctx& c, int64_t t, float* ybuf) {
   const Geometry& g = c.g;
@@ -1643,19 +1662,40 @@ struct ExpandedScales {
 };
 thread_local ExpandedScales t_kscale_expanded;
 
-// fp32 alpha [Mt][G][q][32] and offset [Mt][G][32] of a whole block-scaled matrix.
-void expand_all_kscales(const Geometry& g, const uint8_t* kscales, float* alpha, float* offset) {
-  Ctx c{};
-  c.g = g;
-  c.kscales = kscales;
-  for (int64_t t = 0; t < g.mt; ++t) {
-    TileAlpha ta(c, t);
-    for (int64_t grp = 0; grp < g.g; ++grp) {
-      const float* a = ta.get(grp);
-      std::memcpy(alpha + (t * g.g + grp) * g.q * kRows, a, sizeof(float) * g.q * kRows);
-      std::memcpy(offset + (t * g.g + grp) * kRows, ta.z, sizeof(float) * kRows);
-    }
+// fp32 alpha [Mt][G][q][32] and offset [Mt][G][32] of a whole block-scaled matrix, tiles split over the pool.
+struct ExpandCtx {
+  Ctx c;
+  float* alpha;
+  float* offset;
+  bool avx512;
+};
+
+void expand_tile_chunk(void* ctx, int, int64_t t) {
+  const ExpandCtx& e = *static_cast<const ExpandCtx*>(ctx);
+  const Geometry& g = e.c.g;
+  float* a = e.alpha + t * g.g * g.q * kRows;
+  float* z = e.offset + t * g.g * kRows;
+#ifdef QG_X86
+  if (e.avx512) {
+    expand_tile_kscales_avx512(e.c, t, a, z);
+    return;
   }
+#endif
+  TileAlpha ta(e.c, t);
+  for (int64_t grp = 0; grp < g.g; ++grp) {
+    std::memcpy(a + grp * g.q * kRows, ta.get(grp), sizeof(float) * g.q * kRows);
+    std::memcpy(z + grp * kRows, ta.z, sizeof(float) * kRows);
+  }
+}
+
+void expand_all_kscales(const Geometry& g, int isa, const uint8_t* kscales, float* alpha, float* offset) {
+  ExpandCtx e{};
+  e.c.g = g;
+  e.c.kscales = kscales;
+  e.alpha = alpha;
+  e.offset = offset;
+  e.avx512 = isa == ISA_AVX512;
+  qg::ThreadPool::instance().run(static_cast<int>(std::min<int64_t>(num_threads(), g.mt)), g.mt, expand_tile_chunk, &e);
 }
 
 }  // namespace
@@ -1785,7 +1825,7 @@ QG_API int qg_biqgemm_f32_path(const float* x, int64_t n, int64_t k, const void*
     if (kscales) {  // the GEMM path decodes whole tiles: expand the block scales to fp32 alpha / z once per call
       float* ex = t_kscale_expanded.get(g);
       if (!ex) return QG_ENOMEM;
-      expand_all_kscales(g, kscales, ex, ex + g.mt * g.g * q * kRows);
+      expand_all_kscales(g, isa, kscales, ex, ex + g.mt * g.g * q * kRows);
       return run_gemm(g, isa, fast, x, n, static_cast<const uint8_t*>(packed), ex, ex + g.mt * g.g * q * kRows,
                       bias, y);
     }
