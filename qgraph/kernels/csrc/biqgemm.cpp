@@ -423,6 +423,48 @@ QG_AVX2 void tile_fast_avx2(const Ctx& c, int64_t t, float* ybuf) {
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #define QG_AVX512 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vbmi")))
 
+// 32 rows x 32 columns of one (block, plane): the eight chunk lookups summed, rows 0-15 / 16-31.
+QG_AVX512 inline void lookup_exact_avx512(const uint8_t* kp, const float* tab, __m512* acc) {
+#pragma GCC unroll 2
+  for (int h = 0; h < 2; ++h) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+#pragma GCC unroll 4
+    for (int p = 0; p < 4; ++p) {
+      const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kp + p * kRows + h * 16)));
+      // vpermps on 16 lanes reads index bits 0-3: the low nibble directly, the high one shifted.
+      a0 = _mm512_add_ps(a0, _mm512_permutexvar_ps(v, _mm512_load_ps(tab + 32 * p)));
+      a1 = _mm512_add_ps(a1, _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), _mm512_load_ps(tab + 32 * p + 16)));
+    }
+    acc[h] = _mm512_add_ps(a0, a1);
+  }
+}
+
+// The same in int8 tables (ta: chunks 0-3, tb: chunks 4-7): int16 sums of 16 rows each, in the order
+// a = rows 0-7 | 16-23, bb = rows 8-15 | 24-31.
+QG_AVX512 inline void lookup_fast_avx512(const uint8_t* kp, __m512i ta, __m512i tb, __m256i* a, __m256i* bb) {
+  const __m512i m0f = _mm512_set1_epi8(0x0f);
+  const __m512i ones = _mm512_set1_epi8(1);
+  // Byte offsets that point each 32-byte half of a key vector at its table inside a 64-byte register
+  // holding four chunk tables: low nibbles -> tables 0 / 2, high nibbles -> tables 1 / 3.
+  const __m512i off_lo = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi8(32), 1);
+  const __m512i off_hi = _mm512_inserti64x4(_mm512_set1_epi8(16), _mm256_set1_epi8(48), 1);
+  __m512i sa = _mm512_setzero_si512(), sb = _mm512_setzero_si512();
+#pragma GCC unroll 2
+  for (int h = 0; h < 2; ++h) {
+    const __m512i kv = _mm512_loadu_si512(kp + 64 * h);
+    const __m512i lo = _mm512_or_si512(_mm512_and_si512(kv, m0f), off_lo);
+    const __m512i hi = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(kv, 4), m0f), off_hi);
+    const __m512i tt = h ? tb : ta;
+    const __m512i r0 = _mm512_permutexvar_epi8(lo, tt);
+    const __m512i r1 = _mm512_permutexvar_epi8(hi, tt);
+    sa = _mm512_add_epi16(sa, _mm512_maddubs_epi16(ones, _mm512_unpacklo_epi8(r0, r1)));
+    sb = _mm512_add_epi16(sb, _mm512_maddubs_epi16(ones, _mm512_unpackhi_epi8(r0, r1)));
+  }
+  // The upper 256 bits hold the same rows for the other two chunks: fold them.
+  *a = _mm256_add_epi16(_mm512_castsi512_si256(sa), _mm512_extracti64x4_epi64(sa, 1));
+  *bb = _mm256_add_epi16(_mm512_castsi512_si256(sb), _mm512_extracti64x4_epi64(sb, 1));
+}
+
 QG_AVX512 void tile_exact_avx512(const Ctx& c, int64_t t, float* ybuf) {
   const Geometry& g = c.g;
   const int q = g.q;
@@ -443,20 +485,7 @@ QG_AVX512 void tile_exact_avx512(const Ctx& c, int64_t t, float* ybuf) {
           _mm_prefetch(reinterpret_cast<const char*>(kp + kPrefetchBytes + 64), _MM_HINT_T0);
           const float* al = at.get(grp) + i * kRows;
           __m512 acc[2];
-#pragma GCC unroll 2
-          for (int h = 0; h < 2; ++h) {
-            __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-#pragma GCC unroll 4
-            for (int p = 0; p < 4; ++p) {
-              const __m512i v = _mm512_cvtepu8_epi32(
-                  _mm_loadu_si128(reinterpret_cast<const __m128i*>(kp + p * kRows + h * 16)));
-              // vpermps on 16 lanes reads index bits 0-3: the low nibble directly, the high one shifted.
-              a0 = _mm512_add_ps(a0, _mm512_permutexvar_ps(v, _mm512_load_ps(tab + 32 * p)));
-              a1 = _mm512_add_ps(a1, _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4),
-                                                            _mm512_load_ps(tab + 32 * p + 16)));
-            }
-            acc[h] = _mm512_add_ps(a0, a1);
-          }
+          lookup_exact_avx512(kp, tab, acc);
           y0 = _mm512_fmadd_ps(_mm512_loadu_ps(al), acc[0], y0);
           y1 = _mm512_fmadd_ps(_mm512_loadu_ps(al + 16), acc[1], y1);
         }
@@ -472,12 +501,6 @@ QG_AVX512 void tile_fast_avx512(const Ctx& c, int64_t t, float* ybuf) {
   const int q = g.q;
   const uint8_t* wt = c.packed + t * g.nb * q * kBlockBytes;
   TileAlpha at(c, t);
-  const __m512i m0f = _mm512_set1_epi8(0x0f);
-  const __m512i ones = _mm512_set1_epi8(1);
-  // Byte offsets that point each 32-byte half of a key vector at its table inside a 64-byte register
-  // holding four chunk tables: low nibbles -> tables 0 / 2, high nibbles -> tables 1 / 3.
-  const __m512i off_lo = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi8(32), 1);
-  const __m512i off_hi = _mm512_inserti64x4(_mm512_set1_epi8(16), _mm256_set1_epi8(48), 1);
   std::memset(ybuf, 0, sizeof(float) * c.n * kRows);
   for (int64_t kb0 = 0; kb0 < g.nb; kb0 += c.blocks_per_step) {
     const int64_t kb1 = std::min<int64_t>(g.nb, kb0 + c.blocks_per_step);
@@ -497,21 +520,8 @@ QG_AVX512 void tile_fast_avx512(const Ctx& c, int64_t t, float* ybuf) {
           const uint8_t* kp = wt + (b * q + i) * kBlockBytes;
           _mm_prefetch(reinterpret_cast<const char*>(kp + kPrefetchBytes), _MM_HINT_T0);
           _mm_prefetch(reinterpret_cast<const char*>(kp + kPrefetchBytes + 64), _MM_HINT_T0);
-          __m512i sa = _mm512_setzero_si512(), sb = _mm512_setzero_si512();
-#pragma GCC unroll 2
-          for (int h = 0; h < 2; ++h) {
-            const __m512i kv = _mm512_loadu_si512(kp + 64 * h);
-            const __m512i lo = _mm512_or_si512(_mm512_and_si512(kv, m0f), off_lo);
-            const __m512i hi = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(kv, 4), m0f), off_hi);
-            const __m512i tt = h ? tb : ta;
-            const __m512i r0 = _mm512_permutexvar_epi8(lo, tt);
-            const __m512i r1 = _mm512_permutexvar_epi8(hi, tt);
-            sa = _mm512_add_epi16(sa, _mm512_maddubs_epi16(ones, _mm512_unpacklo_epi8(r0, r1)));
-            sb = _mm512_add_epi16(sb, _mm512_maddubs_epi16(ones, _mm512_unpackhi_epi8(r0, r1)));
-          }
-          // The upper 256 bits hold the same rows for the other two chunks: fold them.
-          const __m256i a = _mm256_add_epi16(_mm512_castsi512_si256(sa), _mm512_extracti64x4_epi64(sa, 1));
-          const __m256i bb = _mm256_add_epi16(_mm512_castsi512_si256(sb), _mm512_extracti64x4_epi64(sb, 1));
+          __m256i a, bb;
+          lookup_fast_avx512(kp, ta, tb, &a, &bb);
           __m256 f[4];
           f[0] = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(a)));
           f[1] = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(bb)));
@@ -607,19 +617,7 @@ QG_AVX512 void tile_exact_k_avx512(const Ctx& c, int64_t t, float* ybuf) {
           _mm_prefetch(reinterpret_cast<const char*>(kp + kPrefetchBytes), _MM_HINT_T0);
           _mm_prefetch(reinterpret_cast<const char*>(kp + kPrefetchBytes + 64), _MM_HINT_T0);
           __m512 acc[2];
-#pragma GCC unroll 2
-          for (int h = 0; h < 2; ++h) {
-            __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-#pragma GCC unroll 4
-            for (int p = 0; p < 4; ++p) {
-              const __m512i v = _mm512_cvtepu8_epi32(
-                  _mm_loadu_si128(reinterpret_cast<const __m128i*>(kp + p * kRows + h * 16)));
-              a0 = _mm512_add_ps(a0, _mm512_permutexvar_ps(v, _mm512_load_ps(tab + 32 * p)));
-              a1 = _mm512_add_ps(a1, _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4),
-                                                            _mm512_load_ps(tab + 32 * p + 16)));
-            }
-            acc[h] = _mm512_add_ps(a0, a1);
-          }
+          lookup_exact_avx512(kp, tab, acc);
           const __m512 pw = _mm512_set1_ps(0.5f * static_cast<float>(1 << i));
           c0 = _mm512_fmadd_ps(pw, acc[0], c0);
           c1 = _mm512_fmadd_ps(pw, acc[1], c1);
@@ -659,10 +657,6 @@ QG_AVX512 void tile_fast_k_avx512(const Ctx& c, int64_t t, float* ybuf) {
   const uint8_t* wt = c.packed + t * g.nb * q * kBlockBytes;
   const uint8_t* kg = c.kscales + t * kscale_tile_bytes(g) + kKHead;
   const KTileAvx512 kt = ktile_avx512(c, t);
-  const __m512i m0f = _mm512_set1_epi8(0x0f);
-  const __m512i ones = _mm512_set1_epi8(1);
-  const __m512i off_lo = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi8(32), 1);
-  const __m512i off_hi = _mm512_inserti64x4(_mm512_set1_epi8(16), _mm256_set1_epi8(48), 1);
   std::memset(ybuf, 0, sizeof(float) * c.n * kRows);
   alignas(64) float dh[kRows], zz[kRows];
   for (int64_t kb0 = 0; kb0 < g.nb; kb0 += c.blocks_per_step) {
@@ -695,20 +689,8 @@ QG_AVX512 void tile_fast_k_avx512(const Ctx& c, int64_t t, float* ybuf) {
           const uint8_t* kp = wt + (b * q + i) * kBlockBytes;
           _mm_prefetch(reinterpret_cast<const char*>(kp + kPrefetchBytes), _MM_HINT_T0);
           _mm_prefetch(reinterpret_cast<const char*>(kp + kPrefetchBytes + 64), _MM_HINT_T0);
-          __m512i sa = _mm512_setzero_si512(), sb = _mm512_setzero_si512();
-#pragma GCC unroll 2
-          for (int h = 0; h < 2; ++h) {
-            const __m512i kv = _mm512_loadu_si512(kp + 64 * h);
-            const __m512i lo = _mm512_or_si512(_mm512_and_si512(kv, m0f), off_lo);
-            const __m512i hi = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(kv, 4), m0f), off_hi);
-            const __m512i tt = h ? tb : ta;
-            const __m512i r0 = _mm512_permutexvar_epi8(lo, tt);
-            const __m512i r1 = _mm512_permutexvar_epi8(hi, tt);
-            sa = _mm512_add_epi16(sa, _mm512_maddubs_epi16(ones, _mm512_unpacklo_epi8(r0, r1)));
-            sb = _mm512_add_epi16(sb, _mm512_maddubs_epi16(ones, _mm512_unpackhi_epi8(r0, r1)));
-          }
-          const __m256i a = _mm256_add_epi16(_mm512_castsi512_si256(sa), _mm512_extracti64x4_epi64(sa, 1));
-          const __m256i bb = _mm256_add_epi16(_mm512_castsi512_si256(sb), _mm512_extracti64x4_epi64(sb, 1));
+          __m256i a, bb;
+          lookup_fast_avx512(kp, ta, tb, &a, &bb);
           A = _mm256_add_epi16(A, _mm256_sll_epi16(a, _mm_cvtsi32_si128(i)));
           B = _mm256_add_epi16(B, _mm256_sll_epi16(bb, _mm_cvtsi32_si128(i)));
         }
