@@ -1,6 +1,7 @@
 """Quantization numerics: specs, uniform and binary-coding quantizers, observers."""
 from qgraph.quant.bcq import bcq_importance, bcq_objective, bcq_round, quantize_bcq, quantize_bcq_spec
 from qgraph.quant.bcq_weight import BCQWeight, pack_signs, unpack_signs
+from qgraph.quant.block_scaled import BlockScaledWeight
 from qgraph.quant.observers import OBSERVERS, Observer, make_observer, observer_for
 from qgraph.quant.qspec import Annotation, QSpec
 from qgraph.quant.uniform import (
@@ -16,6 +17,7 @@ __all__ = [
     "OBSERVERS",
     "Annotation",
     "BCQWeight",
+    "BlockScaledWeight",
     "Observer",
     "QSpec",
     "bcq_importance",

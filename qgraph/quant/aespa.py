@@ -60,7 +60,8 @@ ZETA, GAMMA = 1.1, -0.1
 @dataclass
 class LevelGrid:
     """``levels [M, G, n]`` (ascending per row-group), ``rank [M, K]`` (index into its group's levels), and
-    what is needed to rebuild the quantized weight from new ranks (``kind`` ``"uniform"`` or ``"bcq"``)."""
+    what is needed to rebuild the quantized weight from new ranks (``kind`` ``"uniform"``, ``"bcq"`` or
+    ``"block"``)."""
 
     levels: torch.Tensor
     rank: torch.Tensor
@@ -109,7 +110,7 @@ class LevelGrid:
         return LevelGrid(cat("levels"), cat("rank"), p0.group_size, p0.kind, p0.spec, cat("scale"),
                          cat("zero_point"), cat("alpha", 1), cat("offset"), cat("perm"), block)
 
-    def to_qweight(self, rank: torch.Tensor | None = None) -> UniformWeight | BCQWeight:
+    def to_qweight(self, rank: torch.Tensor | None = None) -> UniformWeight | BCQWeight | BlockScaledWeight:
         r = self.rank if rank is None else rank
         if self.kind == "block":
             return self.block.with_codes(r)

@@ -17,9 +17,10 @@ Math (``W [M, K]``: rows are output channels; ``X [N, K]``: calibration inputs o
   without ``act_order``.
 
 The quantizer is a parameter: a uniform QSpec (``tensor`` / ``channel`` / ``group``, axis 0; optional Lp clip
-search per group) or a BCQ QSpec (per group, α fitted by `quantize_bcq`, then each column rounded to the
-nearest level of its row's level set). The result is a `UniformWeight` or `BCQWeight`, the same kind
-``quantize-weights`` produces. Arithmetic is float64 on CPU.
+search per group), a block-scaled uniform QSpec (``scale_bits``: its grid is fitted once, on the whole weight,
+before the sweep, since its row scales need every group; `qgraph.quant.block_scaled`) or a BCQ QSpec (per group,
+α fitted by `quantize_bcq`, then each column rounded to the nearest level of its row's level set). The result is a
+`UniformWeight`, `BlockScaledWeight` or `BCQWeight`, the same kind ``quantize-weights`` produces. Arithmetic is float64 on CPU.
 """
 from __future__ import annotations
 
@@ -107,7 +108,7 @@ class GPTQResult:
     energy); ``damp``: the damping fraction finally used; ``rtn_kept``: round-to-nearest had the lower output
     error, so it is the result."""
 
-    qweight: UniformWeight | BCQWeight
+    qweight: UniformWeight | BCQWeight | block_scaled.BlockScaledWeight
     w_hat: torch.Tensor
     error: float
     rel_error: float
@@ -212,8 +213,8 @@ def _sweep(wt: torch.Tensor, u: torch.Tensor, perm: torch.Tensor, pos_of: torch.
         wt[i2:].sub_(u[i1:i2, i2:].T @ e1)
 
 
-def round_to_nearest(w: torch.Tensor, spec: QSpec) -> UniformWeight | BCQWeight:
-    """Plain round-to-nearest (uniform min/max, or BCQ by the spec's method)."""
+def round_to_nearest(w: torch.Tensor, spec: QSpec) -> UniformWeight | BCQWeight | block_scaled.BlockScaledWeight:
+    """Plain round-to-nearest (uniform min/max, the block-scaled grid, or BCQ by the spec's method)."""
     if spec.scale_bits is not None:
         return block_scaled.quantize(w, spec)
     if spec.scheme == "uniform":
