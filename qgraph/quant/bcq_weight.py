@@ -150,6 +150,17 @@ class BCQWeight:
     def from_parts(cls, manifest: dict, tensors: dict[str, torch.Tensor], prefix: str = "") -> BCQWeight:
         if manifest.get("format") != _FORMAT:
             raise SpecError(f"not a qgraph BCQ weight manifest (format={manifest.get('format')!r})")
+        # exact JSON types: a manifest that loads means what it says (0 for false, "32" for 32 are refused)
+        if "has_offset" in manifest and not isinstance(manifest["has_offset"], bool):
+            raise SpecError(f"BCQ manifest has_offset must be true or false, got {manifest['has_offset']!r}")
+        for key in ("bits", "group_size"):
+            v = manifest.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+                raise SpecError(f"BCQ manifest {key} must be an integer, got {v!r}")
+        shape = manifest.get("shape")
+        if shape is not None and (not isinstance(shape, list)
+                                  or any(isinstance(d, bool) or not isinstance(d, int) for d in shape)):
+            raise SpecError(f"BCQ manifest shape must be a list of integers, got {shape!r}")
         try:
             return cls(
                 planes=tensors[f"{prefix}planes"],
