@@ -15,7 +15,7 @@ from qgraph.quant.qspec import QSpec
 from tests.kernels.test_cpu_kernel import forced_isa
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="the CPU kernel is not built")
-TOL = {"exact": 2e-6, "fast": 3e-2}  # max |Δ| / max |y|: fp32 reordering; int8 tables (one scale per 32 x)
+TOL = {"exact": 1e-5, "fast": 3e-2}  # max |Δ| / max |y|: fp32 reordering; int8 tables (one scale per 32 x)
 
 
 def weight(m, k, gs, bits, seed=0):
@@ -38,9 +38,11 @@ def _check_parity(m, groups, gs, bits, n, seed):
     x = torch.randn(n, groups * gs, generator=torch.Generator().manual_seed(seed + 1))
     ref = (x.double() @ q.dequantize().double().T)
     scale = float(ref.abs().max()) + 1e-12
+    # exact: fp32 sums in another order, bounded by the sum of |x||w| (a single output row can cancel to ~0)
+    exact_bound = 1e-5 * (x.abs().double() @ q.dequantize().abs().double().T) + 1e-7
     for path in ("lut", "gemm"):
         y = cpu.biqgemm(x, p, mode="exact", path=path)
-        assert float((y - ref).abs().max()) / scale < TOL["exact"], path
+        assert bool(((y - ref).abs() <= exact_bound).all()), path
         # fast: within the kernel's worst-case bound for the same code in its BCQ form (+ fp32 slack)
         y = cpu.biqgemm(x, p, mode="fast", path=path)
         bound = cpu.fast_error_bound(x, q.to_bcq(), path).double() + 1e-5 * scale
