@@ -41,7 +41,9 @@ def test_reference_is_x_times_dequantized(shape, seed):
     y = biqgemm_reference(x, w, bias)
     dense = x.double() @ w.dequantize().double().t() + (0 if bias is None else bias.double())
     assert y.dtype == torch.float32 and y.shape == (n, m)
-    assert rel_err(y, dense) <= 1e-5
+    # fp32 sums, bounded by the sum of |x||w| (+ |bias|): one output row can cancel to ~0 (CI drew k=173, m=1)
+    mag = x.abs().double() @ w.dequantize().abs().double().t() + (0 if bias is None else bias.abs().double())
+    assert bool(((y.double() - dense).abs() <= 1e-5 * mag + 1e-7).all())
 
 
 @settings(max_examples=40, deadline=None)
