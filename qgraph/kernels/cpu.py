@@ -296,18 +296,22 @@ def pack_block_scaled(w: BlockScaledWeight) -> CpuPackedWeight:
     return CpuPackedWeight(packed, kscales, None, (m, k), gs, LAYOUT_K)
 
 
-def kscale_rows(kscales: torch.Tensor, rows: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``d``, ``m`` ``[N, G]`` (fp32, the kernel's arithmetic) of matrix ``rows`` from a ``cpu-lut4k`` buffer."""
+def _kscale_codes(kscales: torch.Tensor, rows: torch.Tensor, groups: int):
+    """Scale codes ``sc``, ``mc`` ``[N, G]`` (int32) and row scales ``D``, ``M`` ``[N]`` (fp16) of matrix ``rows``
+    in a ``cpu-lut4k`` buffer (layout in ``csrc/biqgemm.h``)."""
     t, r = rows // TILE_ROWS, rows % TILE_ROWS
     head = kscales[:, :K_HEAD].contiguous().view(torch.float16).view(-1, 2, TILE_ROWS)  # [Mt, 2, 32]
-    sup_d, sup_m = head[t, 0, r].float(), head[t, 1, r].float()
     gb = kscales[t, K_HEAD:].view(-1, groups, K_GROUP).to(torch.int32)  # [N, G, 48]
     lo = gb.gather(2, r.view(-1, 1, 1).expand(-1, groups, 1)).squeeze(2)
     hb = gb.gather(2, (TILE_ROWS + r % 16).view(-1, 1, 1).expand(-1, groups, 1)).squeeze(2)
     h = (hb >> (4 * (r // 16)).view(-1, 1)) & 15
-    sc = (lo & 15) | ((h & 3) << 4)
-    mc = (lo >> 4) | ((h >> 2) << 4)
-    return sup_d[:, None] * sc.float(), sup_m[:, None] * mc.float()
+    return (lo & 15) | ((h & 3) << 4), (lo >> 4) | ((h >> 2) << 4), head[t, 0, r], head[t, 1, r]
+
+
+def kscale_rows(kscales: torch.Tensor, rows: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``d``, ``m`` ``[N, G]`` (fp32, the kernel's arithmetic) of matrix ``rows`` from a ``cpu-lut4k`` buffer."""
+    sc, mc, sup_d, sup_m = _kscale_codes(kscales, rows, groups)
+    return sup_d.float()[:, None] * sc.float(), sup_m.float()[:, None] * mc.float()
 
 
 def unpack_block_scaled(p: CpuPackedWeight) -> BlockScaledWeight:
@@ -320,17 +324,11 @@ def unpack_block_scaled(p: CpuPackedWeight) -> BlockScaledWeight:
     by = p.packed.reshape(geo.tiles, geo.blocks, q, 4, TILE_ROWS).permute(2, 0, 4, 1, 3).reshape(q, mp, -1)
     bits = (unpack_signs(by, geo.blocks * BLOCK_K)[:, :m][:, :, _real_columns(geo)] > 0).to(torch.int32)
     codes = sum(bits[i] << i for i in range(q)).to(torch.uint8)
-    g = geo.groups
-    gb = p.alpha[:, K_HEAD:].view(geo.tiles, g, K_GROUP).to(torch.int32)
-    lo = gb[:, :, :TILE_ROWS].permute(0, 2, 1).reshape(mp, g)
-    hb = gb[:, :, TILE_ROWS:].permute(0, 2, 1)  # [Mt, 16, G]
-    h = torch.cat([hb & 15, hb >> 4], 1).reshape(mp, g)
-    sc, mc = (lo & 15) | ((h & 3) << 4), (lo >> 4) | ((h >> 2) << 4)
-    head = p.alpha[:, :K_HEAD].contiguous().view(torch.float16).view(geo.tiles, 2, TILE_ROWS)
+    sc, mc, sup_d, sup_m = _kscale_codes(p.alpha, torch.arange(m), geo.groups)
     spec = QSpec.uniform(q, signed=False, symmetric=False, granularity="group", group_size=p.group_size,
                          scale_bits=6)
-    return BlockScaledWeight(codes, sc[:m].to(torch.uint8).contiguous(), mc[:m].to(torch.uint8).contiguous(),
-                             head[:, 0].reshape(-1)[:m].contiguous(), head[:, 1].reshape(-1)[:m].contiguous(), spec)
+    return BlockScaledWeight(codes, sc.to(torch.uint8), mc.to(torch.uint8), sup_d.contiguous(), sup_m.contiguous(),
+                             spec)
 
 
 # ------------------------------------------------------------------------------------------ checks

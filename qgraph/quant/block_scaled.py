@@ -73,9 +73,7 @@ class BlockScaledWeight:
 
     def scales(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``d``, ``m`` ``[M, G]`` in fp32, computed the one way every backend uses."""
-        d = self.super_scale.float()[:, None] * self.scale_codes.float()
-        mn = self.super_min.float()[:, None] * self.min_codes.float()
-        return d, mn
+        return _coded(self.super_scale, self.scale_codes), _coded(self.super_min, self.min_codes)
 
     def dequantize(self) -> torch.Tensor:
         d, mn = self.scales()
@@ -179,8 +177,7 @@ class BlockGrid:
     spec: QSpec
 
     def scales(self) -> tuple[torch.Tensor, torch.Tensor]:
-        d = self.super_scale.float()[:, None] * self.scale_codes.float()
-        return d, self.super_min.float()[:, None] * self.min_codes.float()
+        return _coded(self.super_scale, self.scale_codes), _coded(self.super_min, self.min_codes)
 
     def round(self, w: torch.Tensor, cols: slice | None = None) -> torch.Tensor:
         """Nearest codes ``[M, K]`` of ``w`` (or of its columns ``cols``, a whole number of groups)."""
@@ -194,6 +191,11 @@ class BlockGrid:
     def weight(self, codes: torch.Tensor) -> BlockScaledWeight:
         return BlockScaledWeight(codes.to(torch.uint8).contiguous(), self.scale_codes, self.min_codes,
                                  self.super_scale, self.super_min, self.spec)
+
+
+def _coded(row_scale: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """``float32(row_scale) · code`` ``[M, G]``: a group's d or m from its code."""
+    return row_scale.float()[:, None] * codes.float()
 
 
 def _round(w: torch.Tensor, d: torch.Tensor, mn: torch.Tensor, gs: int, qmax: int) -> torch.Tensor:
@@ -239,13 +241,13 @@ def fit_grid(w: torch.Tensor, spec: QSpec, importance: torch.Tensor | None = Non
 
     sc, mc = codes_of(d, sup_d), codes_of(mn, sup_m)
     imp = None if importance is None else importance.detach().float().cpu().reshape(1, k).expand(m_rows, k)
-    best = _group_error(w, sup_d.float()[:, None] * sc, sup_m.float()[:, None] * mc, gs, qmax, imp)
+    best = _group_error(w, _coded(sup_d, sc), _coded(sup_m, mc), gs, qmax, imp)
     for ds in (-1, 0, 1):
         for ms in (-1, 0, 1):
             if ds == 0 and ms == 0:
                 continue
             sc2, mc2 = (sc + ds).clamp(0, smax), (mc + ms).clamp(0, smax)
-            e = _group_error(w, sup_d.float()[:, None] * sc2, sup_m.float()[:, None] * mc2, gs, qmax, imp)
+            e = _group_error(w, _coded(sup_d, sc2), _coded(sup_m, mc2), gs, qmax, imp)
             take = e < best
             best = torch.where(take, e, best)
             sc, mc = torch.where(take, sc2, sc), torch.where(take, mc2, mc)
